@@ -1,0 +1,46 @@
+"""jupyter_llm: run local language models from a notebook.
+
+``%load_ext jupyter_llm`` adds the ``%llm`` line magic and the ``%%chat`` cell magic; the same
+verbs are available as functions here. Everything not listed in ``__all__`` is private.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .api import Model, cp, devices, estimate, list_models, load, ps, pull, rm, show, unload
+from .errors import JupyterLLMError
+
+__all__ = [
+    "JupyterLLMError",
+    "Model",
+    "__version__",
+    "cp",
+    "devices",
+    "estimate",
+    "list_models",
+    "load",
+    "load_ipython_extension",
+    "ps",
+    "pull",
+    "rm",
+    "show",
+    "unload",
+    "unload_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Called by ``%load_ext jupyter_llm``: registers the magics (nothing heavy is imported)."""
+    from .magics import LLMMagics
+
+    ipython.register_magics(LLMMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Called by ``%unload_ext jupyter_llm``: stops every worker this kernel started."""
+    from . import manager
+
+    if manager._manager is not None:
+        manager._manager.close()

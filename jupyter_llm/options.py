@@ -1,0 +1,85 @@
+"""The options a user gives for loading a model and for sampling, validated in one place.
+
+Shared by the estimate (what would this take?), the runtime (load it) and every front end
+(magics, widgets, the sidebar, the HTTP API), so that all of them mean the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
+AUTO = "auto"
+
+GpuLayers = int | Literal["auto"]
+Context = int | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model. ``"auto"`` asks the estimate to choose what fits."""
+
+    gpu_layers: GpuLayers = AUTO
+    """Layers offloaded to GPUs; 0 = CPU only; ``"auto"`` = as many as fit (0 without a GPU)."""
+    n_ctx: Context = 4096
+    """Context length in tokens shared by all slots; ``"auto"`` = largest that fits, capped at
+    the model's training context."""
+    kv_type: str = "f16"
+    """KV cache element type: f16, q8_0 or q4_0 (quantized V needs flash attention)."""
+    flash_attn: bool = False
+    threads: int | None = None
+    """CPU threads for generation; None = the number of cores."""
+    parallel: int = 1
+    """Slots: sequences decoded together in one batch (the HTTP API's concurrent requests)."""
+    n_batch: int = 512
+    n_ubatch: int = 512
+    keep_alive: float | None = 300.0
+    """Seconds idle before the model is unloaded; None = forever; 0 = right after use."""
+    tensor_split: tuple[float, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.gpu_layers != AUTO and (not isinstance(self.gpu_layers, int) or self.gpu_layers < 0):
+            raise ValueError(f"gpu_layers must be a whole number ≥ 0 or 'auto', not {self.gpu_layers!r}")
+        if self.n_ctx != AUTO and (not isinstance(self.n_ctx, int) or self.n_ctx < 16):
+            raise ValueError(f"n_ctx must be a whole number ≥ 16 or 'auto', not {self.n_ctx!r}")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {self.kv_type!r}")
+        if self.parallel < 1 or self.parallel > 64:
+            raise ValueError(f"parallel must be between 1 and 64, not {self.parallel!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be ≥ 1, not {self.threads!r}")
+        if self.n_ubatch < 1 or self.n_batch < self.n_ubatch:
+            raise ValueError("n_ubatch must be ≥ 1 and n_batch ≥ n_ubatch")
+
+    def with_(self, **changes: Any) -> LoadOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick tokens. ``seed=None`` draws a fresh seed (recorded with the output)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int | None = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError(f"temperature must be between 0 and 10, not {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be ≥ 1, not {self.max_tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

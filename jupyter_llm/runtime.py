@@ -1,0 +1,573 @@
+"""The kernel side of a worker process: start it, send requests, stream answers, survive crashes.
+
+A :class:`Runtime` owns one worker (``python -m jupyter_llm.worker``, see its docstring for the
+protocol) and one reader thread that receives everything the worker sends and routes it to the
+request waiting for it. Every public method is thread-safe, so the HTTP server may call from
+several threads while a notebook cell streams.
+
+If the worker dies (SIGSEGV, SIGABRT, the OOM killer's SIGKILL) every pending and later call
+raises :class:`~jupyter_llm.errors.WorkerCrashedError` naming the signal and llama.cpp's last
+words; no wait ever blocks on a dead process. llama.cpp's log arrives as messages (not on the
+kernel's stderr), is kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory
+breakdown of the load (:class:`LoadReport`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
+from .options import AUTO, LoadOptions, SamplingOptions
+
+LogCallback = Callable[[int, str], None]
+
+_LIVENESS_S = 0.5
+"""How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text and how many tokens it took (whole UTF-8 characters only)."""
+
+    text: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation and its timings."""
+
+    text: str
+    finish_reason: str
+    """``"stop"`` (end of turn or a stop string), ``"length"`` (max_tokens or a full slot) or
+    ``"cancelled"``."""
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    """Seconds from the request to the first text, as the caller saw it."""
+    gen_tok_per_s: float
+    prompt_tok_per_s: float
+    total_s: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What the worker actually loaded, measured: sizes, context, memory per device."""
+
+    name: str
+    path: str
+    pid: int
+    n_ctx: int
+    n_ctx_per_slot: int
+    """Context of one slot: ``n_ctx / parallel`` (each request's prompt plus answer)."""
+    n_ctx_train: int
+    n_layer: int
+    n_gpu_layers: int
+    parallel: int
+    n_batch: int
+    n_threads: int
+    load_s: float
+    rss_bytes: int
+    breakdown: dict[str, Any]
+    """Bytes per device from llama.cpp's own log: ``{"CPU": BufferSizes(weights, kv, compute, output)}``."""
+    metadata: dict[str, Any]
+    system_info: str
+    log: tuple[str, ...] = field(repr=False, default=())
+    """llama.cpp's log lines of the load (the breakdown is parsed from them)."""
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.metadata.get("chat_template"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (without the raw log)."""
+        out = {k: v for k, v in vars(self).items() if k not in ("log", "breakdown")}
+        out["breakdown"] = {dev: sizes.to_dict() for dev, sizes in self.breakdown.items()}
+        return out
+
+
+class Stream:
+    """Chunks of one generation as they come; ``.result`` is the :class:`Completion`.
+
+    Iterating blocks on the worker, never polls. A KeyboardInterrupt while iterating (the
+    notebook's stop button) cancels the generation in the worker, waits briefly for it to
+    stop, and is raised again. Dropping an unfinished stream cancels it too.
+    """
+
+    def __init__(self, runtime: Runtime, rid: int, inbox: queue.SimpleQueue[Any]) -> None:
+        self._rt, self._rid, self._inbox = runtime, rid, inbox
+        self._t0 = time.perf_counter()
+        self._ttft: float | None = None
+        self._parts: list[str] = []
+        self._result: Completion | None = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __next__(self) -> Chunk:
+        while True:
+            if self._result is not None:
+                raise StopIteration
+            if self._error is not None:
+                raise self._error
+            try:
+                msg = self._rt._wait(self._inbox)
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
+            chunk = self._take(msg)
+            if chunk is not None:
+                return chunk
+
+    def _take(self, msg: tuple[Any, ...]) -> Chunk | None:
+        kind = msg[0]
+        if kind == "tok":
+            if self._ttft is None:
+                self._ttft = time.perf_counter() - self._t0
+            self._parts.append(msg[2])
+            return Chunk(msg[2], msg[3])
+        self._rt._forget(self._rid)
+        if kind == "done":
+            s = msg[2]
+            ttft = self._ttft if self._ttft is not None else s.get("worker_ttft_s")
+            self._result = Completion(
+                "".join(self._parts), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
+                ttft, s["gen_tok_per_s"], s["prompt_tok_per_s"], time.perf_counter() - self._t0, s["seed"])
+        else:
+            self._error = _error_from(msg, self._rt)
+        return None
+
+    def _interrupted(self) -> None:
+        self.cancel()
+        deadline = time.monotonic() + 2.0
+        while self._result is None and self._error is None and time.monotonic() < deadline:
+            try:
+                self._take(self._inbox.get(timeout=0.1))
+            except queue.Empty:
+                if not self._rt.alive:
+                    return
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    @property
+    def result(self) -> Completion:
+        """The completion; reads the rest of the stream first if needed."""
+        for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this generation (returns at once; the stream ends "cancelled")."""
+        if not self.done:
+            self._rt._send_quietly(("cancel", self._rid))
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.cancel()
+
+    def __del__(self) -> None:
+        try:
+            if not self.done:
+                self.cancel()
+        except Exception:
+            pass
+
+
+class Runtime:
+    """One model in one worker process. Create with :meth:`start`; always :meth:`close`."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], conn: Any, errfile: Any,
+                 on_log: LogCallback | None) -> None:
+        self.name = name
+        self._proc = proc
+        self._conn = conn
+        self._errfile = errfile
+        self._on_log = on_log
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, queue.SimpleQueue[Any]] = {}
+        self._logs: deque[tuple[int, str]] = deque(maxlen=2000)
+        self._load_log: list[tuple[int, str]] | None = []
+        self._dead: JupyterLLMError | None = None
+        self._closing = False
+        self._start_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.report: LoadReport | None = None
+        self._reader = threading.Thread(target=self._read_loop, name=f"jupyter_llm-{name}", daemon=True)
+        self._reader.start()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
+              name: str | None = None, on_log: LogCallback | None = None,
+              _extra_bufts: bool = False) -> Runtime:
+        """Start a worker, load ``path`` there and return once it is ready to generate.
+
+        ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
+        receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
+        ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on; only tests use it, to
+        prove that the crash it causes on this CPU is survived. Raises ModelLoadError when
+        llama.cpp refuses the file or context, WorkerCrashedError when the worker dies.
+        """
+        options = options or LoadOptions(gpu_layers=0)
+        if options.gpu_layers == AUTO or options.n_ctx == AUTO:
+            raise ValueError("Runtime.start needs concrete gpu_layers and n_ctx; resolve 'auto' with the "
+                             "memory estimate first (ModelManager.load does)")
+        path = Path(path)
+        name = name or path.stem
+        parent, child = socket.socketpair()
+        errfile = tempfile.TemporaryFile(prefix="jupyter_llm-worker-")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyter_llm.worker", str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=errfile, stderr=errfile,
+                env=_worker_env(), start_new_session=True,  # the kernel's SIGINT is not the worker's
+            )
+        except BaseException:
+            parent.close()
+            errfile.close()
+            raise
+        finally:
+            child.close()
+        from multiprocessing.connection import Connection
+
+        rt = cls(name, proc, Connection(parent.detach()), errfile, on_log)
+        try:
+            rt._send(("load", str(path), options.to_dict(), bool(_extra_bufts)))
+            msg = rt._wait(rt._start_inbox)
+            if msg[0] == "crash":
+                raise msg[2]
+            if msg[0] == "load_error":
+                raise ModelLoadError(
+                    f"llama.cpp could not load {name} ({path}): {msg[1].strip()}. Check that the file is a "
+                    "complete GGUF model (`%llm show` verifies it; pull it again if not), or try a "
+                    "smaller --ctx.")
+            rt.report = rt._make_report(path, msg[1])
+            return rt
+        except BaseException:
+            rt._kill()
+            raise
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the worker to free everything and exit; kill it if it does not. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._send_quietly(("close",))
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout)
+        self._conn.close()
+        self._errfile.close()
+
+    def _kill(self) -> None:
+        with self._lock:
+            self._closing = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._reader.join(5)
+        self._conn.close()
+        self._errfile.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker process runs and has not been closed."""
+        return self._dead is None and not self._closing and self._proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """The worker's resident memory (VmRSS) in bytes; 0 once it is gone."""
+        from .worker import _rss
+
+        return _rss(self.pid) if self._proc.poll() is None else 0
+
+    def logs(self, n: int | None = None) -> list[tuple[int, str]]:
+        """The last ``n`` (default: all kept) llama.cpp log messages as (level, text)."""
+        items = list(self._logs)
+        return items if n is None else items[-n:]
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, sampling: SamplingOptions | None = None, *,
+                 grammar: str | None = None, json_schema: dict[str, Any] | None = None) -> Stream:
+        """Complete a raw prompt (special tokens in it are parsed). Starts at once; iterate to stream."""
+        return self._generate("prompt", prompt, sampling, grammar, json_schema)
+
+    def chat(self, messages: list[dict[str, Any]], sampling: SamplingOptions | None = None, *,
+             grammar: str | None = None, json_schema: dict[str, Any] | None = None) -> Stream:
+        """Answer a conversation, formatted with the model's own chat template.
+
+        ``json_schema`` constrains the answer to JSON matching the schema (``{}``: any JSON
+        object); ``grammar`` is a GBNF grammar with a ``root`` rule. Give at most one.
+        """
+        return self._generate("chat", messages, sampling, grammar, json_schema)
+
+    def _generate(self, kind: str, payload: Any, sampling: SamplingOptions | None,
+                  grammar: str | None, json_schema: dict[str, Any] | None) -> Stream:
+        if grammar is not None and json_schema is not None:
+            raise ValueError("give either grammar or json_schema, not both")
+        if json_schema is not None:
+            grammar = schema_grammar(json_schema)
+        sampling = sampling or SamplingOptions()
+        rid, inbox = self._register()
+        stream = Stream(self, rid, inbox)
+        self._send(("gen", rid, kind, payload, sampling.to_dict(), grammar))
+        return stream
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the chat template makes of ``messages`` (with the generation prompt)."""
+        return self._call("render", messages)
+
+    def count_tokens(self, messages_or_prompt: str | list[dict[str, Any]]) -> int:
+        """Tokens a prompt (a string) or a conversation (after its template) takes."""
+        kind = "prompt" if isinstance(messages_or_prompt, str) else "chat"
+        return self._call("count", kind, messages_or_prompt)
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` in the model's vocabulary."""
+        return self._call("tokenize", text, add_special, parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._call("detokenize", list(tokens))
+
+    def embed(self, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
+        """One pooled embedding per text (the model's pooling, MEAN if it has none)."""
+        rid, inbox = self._register()
+        self._send(("embed", rid, list(texts), normalize))
+        return self._reply(rid, inbox)
+
+    def stats(self) -> dict[str, Any]:
+        """Slots, busy slots, queued requests, token counters and the worker's RSS."""
+        return self._call("stats")
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, name: str, *args: Any) -> Any:
+        rid, inbox = self._register()
+        self._send(("call", rid, name, args))
+        return self._reply(rid, inbox)
+
+    def _reply(self, rid: int, inbox: queue.SimpleQueue[Any]) -> Any:
+        try:
+            msg = self._wait(inbox)
+        finally:
+            self._forget(rid)
+        if msg[0] == "reply":
+            return msg[2]
+        raise _error_from(msg, self)
+
+    def _register(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            if self._closing:
+                raise JupyterLLMError(f"{self.name} was unloaded; load it again with `%llm load {self.name}`")
+            rid = next(self._ids)
+            self._pending[rid] = inbox
+        return rid, inbox
+
+    def _forget(self, rid: int) -> None:
+        with self._lock:
+            self._pending.pop(rid, None)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError:
+            self._reader.join(5)  # the reader sees the EOF and works out why the worker died
+            raise self._dead or WorkerCrashedError(f"the worker running {self.name} is gone") from None
+
+    def _send_quietly(self, message: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):
+            pass
+
+    def _wait(self, inbox: queue.SimpleQueue[Any]) -> tuple[Any, ...]:
+        # Blocks on the queue (woken at once by the reader); the timeout only re-checks liveness.
+        while True:
+            try:
+                return inbox.get(timeout=_LIVENESS_S)
+            except queue.Empty:
+                if not self._reader.is_alive() and inbox.empty():
+                    raise self._dead or WorkerCrashedError(f"the worker running {self.name} is gone") from None
+
+    def _read_loop(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError, ValueError):
+                break
+            kind = msg[0]
+            if kind == "tok" or kind == "done" or kind == "reply" or kind == "error":
+                inbox = self._pending.get(msg[1])
+                if inbox is not None:
+                    inbox.put(msg)
+            elif kind == "log":
+                self._log(msg[1], msg[2])
+            elif kind in ("loaded", "load_error"):
+                self._start_inbox.put(msg)
+        self._died()
+
+    def _log(self, level: int, text: str) -> None:
+        if level == 5 and self._logs:  # ggml's continuation of the previous message
+            prev_level, prev = self._logs[-1]
+            self._logs[-1] = (prev_level, prev + text)
+        else:
+            self._logs.append((level, text))
+        if self._load_log is not None:
+            self._load_log.append((level, text))
+        if self._on_log is not None:
+            try:
+                self._on_log(level, text)
+            except Exception:
+                pass  # a broken log view must not stop the model
+
+    def _died(self) -> None:
+        try:
+            code = self._proc.wait(10)
+        except subprocess.TimeoutExpired:  # it closed the socket but lives on: end it
+            self._proc.kill()
+            code = self._proc.wait()
+        with self._lock:
+            if self._closing:
+                error: JupyterLLMError = JupyterLLMError(
+                    f"{self.name} was unloaded; load it again with `%llm load {self.name}`")
+            else:
+                error = self._crash_error(code)
+            self._dead = error
+            inboxes = [self._start_inbox, *self._pending.values()]
+        for inbox in inboxes:
+            inbox.put(("crash", 0, error))
+
+    def _crash_error(self, code: int) -> WorkerCrashedError:
+        last = self._last_words()
+        if code < 0:
+            sig = signal.Signals(-code).name
+            what = f"was killed by {sig}"
+            if sig == "SIGKILL":
+                what += " (often the out-of-memory killer)"
+        else:
+            what, sig = f"exited with code {code}", None
+        message = f"the worker running {self.name} {what}"
+        if last:
+            message += f"; llama.cpp's last message: {last}"
+        message += (f". The kernel is fine: load it again with `%llm load {self.name}`; if it keeps "
+                    "crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0).")
+        return WorkerCrashedError(message, signal=-code if code < 0 else None, last_log=last)
+
+    def _last_words(self) -> str | None:
+        """The last line the worker wrote to stderr (an assert, a traceback), else its last warning."""
+        try:
+            self._errfile.seek(0, os.SEEK_END)
+            size = self._errfile.tell()
+            self._errfile.seek(max(0, size - 8192))
+            tail = self._errfile.read().decode("utf-8", "replace").strip().splitlines()
+        except (OSError, ValueError):
+            tail = []
+        if tail:
+            return tail[-1].strip()
+        for level, text in reversed(self._logs):
+            if level in (3, 4) and text.strip():
+                return text.strip()
+        return None
+
+    def _make_report(self, path: Path, r: dict[str, Any]) -> LoadReport:
+        from .llama_log import MemoryLog
+
+        memory = MemoryLog()
+        lines = self._load_log or []
+        self._load_log = None  # later lines (e.g. the embedding context) are not the load's
+        for level, text in lines:
+            memory.feed(level, text)
+        offloaded = memory.layers_offloaded
+        return LoadReport(
+            name=self.name, path=str(path), pid=r["pid"], n_ctx=r["n_ctx"], n_ctx_per_slot=r["n_ctx_per_slot"],
+            n_ctx_train=r["n_ctx_train"], n_layer=r["n_layer"],
+            n_gpu_layers=offloaded[0] if offloaded else r["n_gpu_layers"], parallel=r["parallel"],
+            n_batch=r["n_batch"], n_threads=r["n_threads"], load_s=r["load_s"], rss_bytes=r["rss_bytes"],
+            breakdown=memory.breakdown(), metadata=r["metadata"], system_info=r["system_info"],
+            log=tuple("".join(t for _, t in lines).splitlines()),
+        )
+
+
+def schema_grammar(json_schema: dict[str, Any]) -> str:
+    """A GBNF grammar for JSON matching ``json_schema``; ``{}`` means any JSON object."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if not json_schema:
+        return JSON_GBNF
+    return json_schema_to_gbnf(json.dumps(json_schema))
+
+
+def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:
+    if msg[0] == "crash":
+        return msg[2]
+    _, _, kind, message, extra = msg
+    if kind == "ContextOverflowError":
+        return ContextOverflowError(message, extra.get("n_tokens"), extra.get("n_ctx"))
+    if kind == "ValueError":
+        return ValueError(message)
+    return JupyterLLMError(f"{runtime.name}: {message}")
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["GGML_NO_BACKTRACE"] = "1"  # otherwise ggml forks gdb on abort (NOTES §2)
+    # Idle OpenMP threads sleep instead of spinning: on a small machine spinning threads starve
+    # the kernel and the worker's own Python threads between decodes.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+__all__ = ["Chunk", "Completion", "LoadReport", "Runtime", "Stream", "schema_grammar"]

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test gets its own empty store, HF cache and Ollama store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# huggingface_hub reads these at import time, so they are set before any test imports it.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point all of jupyter_llm's state (and the HF and Ollama caches) at a fresh temp dir."""
+    root = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("JUPYTER_LLM_HOME", str(root / "home"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
+    monkeypatch.setenv("OLLAMA_MODELS", str(root / "ollama"))
+    for name in ("JUPYTER_LLM_HF_ENDPOINT", "HF_ENDPOINT", "JUPYTER_LLM_OLLAMA_REGISTRY", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real default model (SmolLM2-135M-Instruct Q4_1), fetched once per machine."""
+    from tests.model import default_model
+
+    return default_model()

@@ -1,0 +1,170 @@
+"""The magics in a real kernel: streaming, history, interrupt, faults that leave the kernel alive."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ggufs import truncate, write_not_gguf, write_tiny_llama
+from tests.kernel import Kernel
+from tests.model import SHA256
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Kernel]:
+    root = tmp_path_factory.mktemp("kernel")
+    env = {"JUPYTER_LLM_HOME": str(root / "home"), "HF_HOME": str(root / "hf"),
+           "HF_HUB_CACHE": str(root / "hf" / "hub"), "OLLAMA_MODELS": str(root / "ollama"),
+           "JUPYTER_LLM_HF_ENDPOINT": "http://127.0.0.1:9", "OMP_WAIT_POLICY": "PASSIVE"}
+    k = Kernel(env)
+    k.ok("%load_ext jupyter_llm")
+    # Register the real default model under its alias, with its verified sha256.
+    k.ok(f"""
+from pathlib import Path
+from jupyter_llm.manager import get_manager
+from jupyter_llm.sources import Pulled
+get_manager().store.put("smollm2", Pulled("pip", [Path({str(smollm2_path)!r})], sha256={SHA256!r}, owned=[]))
+""")
+    yield k
+    k.close()
+
+
+def test_chat_streams_into_the_cell_in_several_steps(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1")
+    run = kernel.ok("%%chat --new --temperature 0 --max-tokens 80 --seed 7\nWrite four short lines about the sea.")
+    updates = run.updates()
+    texts = [u["content"]["data"]["text/markdown"] for u in updates]
+    assert len(set(texts)) >= 3, f"expected several distinct redraws, got {len(set(texts))}"
+    final = updates[-1]
+    meta = final["content"]["metadata"]["jupyter_llm"]
+    assert meta["model"] == "smollm2" and meta["sha256"] == SHA256
+    assert meta["seed"] == 7 and meta["sampling"]["temperature"] == 0
+    assert meta["completion_tokens"] > 0
+    assert "tok/s" in texts[-1] and "first token" in texts[-1]
+    assert "▌" not in texts[-1], "the final redraw has no cursor"
+
+
+def test_history_is_kept_and_new_starts_over(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1")
+    kernel.ok("%%chat --new --session h --temperature 0 --max-tokens 20\nMy name is Ada.")
+    kernel.ok("name = 'Ada'")
+    kernel.ok("%%chat --session h --temperature 0 --max-tokens 20\nWhat is my name? Is it {name}?")
+    run = kernel.ok("import json; from jupyter_llm.manager import get_manager; "
+                    "print(json.dumps(get_manager().session('h').messages))")
+    messages = json.loads(run.texts()[-1])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[2]["content"] == "What is my name? Is it Ada?"
+    kernel.ok("%%chat --new --session h --temperature 0 --max-tokens 5\nHello")
+    run = kernel.ok("print(len(get_manager().session('h').messages))")
+    assert run.texts()[-1].strip() == "2"
+
+
+def test_context_overflow_drops_old_turns_visibly_or_refuses(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 512 --keep-alive -1")
+    kernel.ok("filler = 'The quick brown fox jumps over the lazy dog. ' * 12")
+    notices = []
+    for _ in range(4):
+        run = kernel.ok("%%chat -m smollm2 --session o --temperature 0 --max-tokens 60\n"
+                        "Summarise: {filler}")
+        notices += [t for t in run.texts() if "dropped" in t]
+    assert notices, "old turns must be dropped with a visible notice"
+    assert "512-token context" in notices[0]
+    run = kernel.run("%%chat -m smollm2 --session o --max-tokens 60\n{filler}{filler}{filler}{filler}")
+    assert run.status == "error" and "ContextOverflowError" in (run.error or "")
+    assert "--ctx 1024" in (run.error or "") or "--ctx 2048" in (run.error or "")
+    kernel.alive_check()
+
+
+def test_interrupt_during_a_long_prompt_stops_and_the_model_stays_usable(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 8192 --keep-alive -1")
+    kernel.ok("long_text = 'The quick brown fox jumps over the lazy dog. ' * 250")
+    started = threading.Event()
+
+    def interrupt_soon() -> None:
+        started.wait(60)
+        time.sleep(0.5)  # well inside the prompt evaluation (~2750 tokens)
+        kernel.km.interrupt_kernel()
+
+    threading.Thread(target=interrupt_soon, daemon=True).start()
+
+    def on_message(msg: dict) -> None:
+        if msg["msg_type"] == "display_data":
+            started.set()
+
+    t0 = time.perf_counter()
+    run = kernel.run("%%chat --new --session i --max-tokens 50\n{long_text}", on_message=on_message)
+    elapsed = time.perf_counter() - t0
+    assert run.status == "error" and run.reply["content"]["ename"] == "KeyboardInterrupt"
+    # The prompt alone takes ~40 s here; stopping must be prompt (exact latency: bench/).
+    assert elapsed < 20
+    final = run.updates()[-1]["content"]
+    assert final["metadata"]["jupyter_llm"]["stopped"] is True
+    run = kernel.ok("%%chat --new --session i --temperature 0 --max-tokens 8\nSay hi.")
+    assert run.updates()[-1]["content"]["metadata"]["jupyter_llm"]["completion_tokens"] > 0
+
+
+def test_faults_are_reported_and_the_kernel_lives_on(kernel: Kernel, tmp_path: Path, smollm2_path: Path) -> None:
+    truncated = truncate(write_tiny_llama(tmp_path / "trunc.gguf"), 4096)
+    not_gguf = write_not_gguf(tmp_path / "notgguf.gguf")
+    deep = write_tiny_llama(tmp_path / "deep.gguf", block_count=1000)
+    kernel.ok("precious = [1, 2, 3]")
+
+    run = kernel.run(f"%llm load {truncated}")
+    assert run.status == "error" and "Truncated" in (run.error or "")
+    kernel.alive_check()
+
+    run = kernel.run(f"%llm load {not_gguf}")
+    assert run.status == "error" and "not a GGUF" in (run.error or "")
+    kernel.alive_check()
+
+    run = kernel.run(f"%llm load {deep} --ctx 256")
+    assert run.status == "error", "a GGUF claiming 1000 blocks must not load"
+    assert any(word in (run.error or "") for word in ("SIGABRT", "block", "1000")), run.error
+    kernel.alive_check()
+
+    run = kernel.run("%llm load smollm2 --ctx 4000000 --keep-alive -1")
+    assert run.status == "error" and "WontFitError" in (run.error or "")
+    assert "--ctx" in (run.error or "") or "context" in (run.error or "")
+    run = kernel.run("%llm load smollm2 --ctx 4000000 --force")
+    assert run.status == "error", "a KV cache far beyond RAM must fail cleanly"
+    kernel.alive_check()
+
+    # The crash this CPU has with llama.cpp's default extra buffer types, forced on.
+    run = kernel.run(f"""
+from jupyter_llm.runtime import Runtime
+from jupyter_llm.options import LoadOptions, SamplingOptions
+rt = Runtime.start({str(smollm2_path)!r}, LoadOptions(gpu_layers=0, n_ctx=512), _extra_bufts=True)
+story = [{{"role": "user", "content": "Tell me a story about a cat"}}]
+print(rt.chat(story, SamplingOptions(max_tokens=8)).result.text)
+""")
+    if run.status == "error":
+        assert "WorkerCrashedError" in (run.error or "") and "SIG" in (run.error or "")
+    kernel.alive_check()
+
+    run = kernel.ok("print(precious)")
+    assert run.texts()[-1].strip() == "[1, 2, 3]"
+    kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
+    run = kernel.ok("%%chat --new --temperature 0 --max-tokens 8\nSay hi.")
+    assert run.updates()[-1]["content"]["metadata"]["jupyter_llm"]["completion_tokens"] > 0
+
+
+def test_keep_alive_expiry_unloads_and_frees_the_worker(kernel: Kernel) -> None:
+    kernel.ok("%llm unload --all")
+    run = kernel.ok("%llm load smollm2 --ctx 512 --keep-alive 1s\n"
+                    "from jupyter_llm.manager import get_manager\n"
+                    "print(get_manager().get('smollm2').runtime.pid)")
+    pid = int(run.texts()[-1].strip())
+    assert Path(f"/proc/{pid}").exists()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not Path(f"/proc/{pid}").exists(), "keep_alive expiry must stop the worker"
+    run = kernel.ok("%llm ps")
+    assert "No model is loaded" in run.texts()[-1]

@@ -1,0 +1,83 @@
+"""`%llm` parsing: quotes work, bad values give usage errors that say what to type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import get_ipython
+
+from jupyter_llm.chatcell import extract_code, substitute
+from jupyter_llm.magics import LLMMagics, _build_parser, load_options, parse_duration
+from jupyter_llm.sources import Pulled
+from tests.ggufs import write_tiny_llama
+
+
+@pytest.fixture
+def magics() -> LLMMagics:
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "jupyter_llm")
+    return ip.magics_manager.registry["LLMMagics"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5m", 300), ("30s", 30), ("1h", 3600), ("0", 0), ("-1", None),
+                                              ("250ms", 0.25), ("45", 45)])
+def test_keep_alive_durations_follow_ollama(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_bad_duration_says_what_to_type() -> None:
+    with pytest.raises(UsageError, match="5m, 30s"):
+        parse_duration("soon")
+
+
+def test_load_flags_become_options() -> None:
+    args = _build_parser().parse_args(["load", "m", "--gpu-layers", "0", "--ctx", "auto", "--kv-type", "q8_0",
+                                       "--flash-attn", "--parallel", "2", "--keep-alive", "-1"])
+    options = load_options(args)
+    assert (options.gpu_layers, options.n_ctx, options.kv_type, options.flash_attn) == (0, "auto", "q8_0", True)
+    assert options.parallel == 2 and options.keep_alive is None
+
+
+@pytest.mark.parametrize("line", ["load m --ctx lots", "load m --kv-type q3", "load m --parallel 0", "frobnicate"])
+def test_invalid_input_is_a_usage_error(magics: LLMMagics, line: str) -> None:
+    with pytest.raises(UsageError):
+        magics.llm(line)
+
+
+def test_help_lists_every_verb(magics: LLMMagics) -> None:
+    text = repr(magics.llm("help"))
+    for verb in ("pull", "list", "show", "rm", "cp", "devices", "estimate", "load", "ps", "unload", "%%chat"):
+        assert verb in text
+
+
+def test_quoted_paths_with_spaces_work(magics: LLMMagics, tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "my models" / "tiny one.gguf")
+    result = magics.llm(f'pull "{path}"')
+    assert result.data.files == [str(path)]
+    listing = magics.llm("list")
+    assert listing.rows[0][0] == "tiny one"
+    shown = magics.llm('show "tiny one"')
+    assert ["layers", "2"] in shown.rows
+
+
+def test_rm_and_cp_through_the_magic(magics: LLMMagics, tmp_path: Path) -> None:
+    from jupyter_llm.manager import get_manager
+
+    blob = write_tiny_llama(tmp_path / "blob.gguf")
+    get_manager().store.put("tiny", Pulled("pip", [blob], owned=[blob]))
+    magics.llm("cp tiny other")
+    assert "still used" in repr(magics.llm("rm tiny"))
+    assert "deleted 1 file" in repr(magics.llm("rm other"))
+    assert not blob.exists()
+
+
+def test_variables_are_substituted_but_code_braces_stay() -> None:
+    text = substitute("Tell me about {topic}; keep {unknown} and {{literal}} and {'a': 1}", {"topic": "moons"})
+    assert text == "Tell me about moons; keep {unknown} and {{literal}} and {'a': 1}"
+
+
+def test_code_format_extracts_the_first_fence() -> None:
+    assert extract_code("Here:\n```python\nprint(1)\n```\nmore") == "print(1)\n"
+    assert extract_code("x = 1") == "x = 1\n"

@@ -1,0 +1,52 @@
+"""The public surface is small and pinned, and `%load_ext jupyter_llm` stays instant."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jupyter_llm
+
+PINNED = [
+    "JupyterLLMError", "Model", "__version__", "cp", "devices", "estimate", "list_models", "load",
+    "load_ipython_extension", "ps", "pull", "rm", "show", "unload", "unload_ipython_extension",
+]
+
+
+def test_exports_are_pinned() -> None:
+    assert sorted(jupyter_llm.__all__) == sorted(PINNED)
+    for name in PINNED:
+        assert hasattr(jupyter_llm, name), name
+
+
+def test_every_public_function_has_a_docstring() -> None:
+    for name in PINNED:
+        obj = getattr(jupyter_llm, name)
+        if callable(obj):
+            assert obj.__doc__, f"{name} has no docstring"
+
+
+HEAVY = ("llama_cpp", "huggingface_hub", "httpx", "gguf", "numpy", "pynvml", "ipywidgets", "tqdm", "uvicorn")
+
+PROBE = """
+import json, sys, time
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+before = set(sys.modules)
+t = time.perf_counter()
+ip.run_line_magic("load_ext", "jupyter_llm")
+elapsed = time.perf_counter() - t
+usage = ip.run_line_magic("llm", "")
+print(json.dumps({"elapsed": elapsed, "new": sorted(set(sys.modules) - before), "usage": repr(usage)}))
+"""
+
+
+def test_load_ext_is_instant_and_imports_nothing_heavy() -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = [m for m in probe["new"] if m.split(".")[0] in HEAVY]
+    assert heavy == [], f"%load_ext imported {heavy}"
+    # Generous bound: the target is < 300 ms; this only catches a heavy import sneaking in.
+    assert probe["elapsed"] < 1.0
+    assert "%llm pull NAME" in probe["usage"]
