@@ -14,10 +14,6 @@ Nothing is cached: widgets poll :func:`list_devices`, which takes a few millisec
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,29 +146,9 @@ def llama_devices(timeout: float = DEVICE_QUERY_TIMEOUT) -> list[dict[str, Any]]
     Returns ``[]`` when the query fails (llama-cpp-python missing or broken): callers still have
     /proc/meminfo and NVML.
     """
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "jupyter_llm.dryrun", "devices"],
-            capture_output=True, text=True, timeout=timeout, env=_subprocess_env(),
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if proc.returncode != 0:
-        return []
-    try:
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return []
-    return list(data.get("devices", []))
+    from .dryrun import query
 
-
-def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("GGML_NO_BACKTRACE", "1")  # otherwise ggml forks gdb on abort (NOTES §2)
-    # the subprocess imports jupyter_llm from wherever this process did, installed or not
-    here = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env
+    return list(query(["devices"], timeout).get("devices", []))
 
 
 def _merge_llama(devices: list[Device], found: list[dict[str, Any]]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 MiB = 1024 * 1024
+BUFFERS = ("weights", "kv", "compute", "output")
 
 
 def human_bytes(n: float | None) -> str:
@@ -180,7 +181,7 @@ def load_report(model: Any) -> Table:
     rows = []
     for device, sizes in measured.items():
         e = est.get(device) or (est.get("CPU") if device.startswith("CPU") else None)
-        for part in ("weights", "kv", "compute", "output"):
+        for part in BUFFERS:
             m = sizes.get(part, 0) or 0
             p = getattr(e, part, None) if e is not None else None
             err = f"{(p - m) / m * 100:+.1f} %" if p is not None and m else "—"
@@ -198,7 +199,7 @@ def ps_table(models: Sequence[Any]) -> Table:
     for m in models:
         d = m.to_dict()
         placement = ", ".join(
-            f"{dev} {human_bytes(sum(v for v in sizes.values() if isinstance(v, (int, float))))}"
+            f"{dev} {human_bytes(sum(sizes.get(part, 0) for part in BUFFERS))}"
             for dev, sizes in d["measured"].items()
         ) or "—"
         expires = "never" if m.expires_at is None else (

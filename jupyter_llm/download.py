@@ -41,7 +41,7 @@ ByteCallback = Callable[[int, "int | None"], None]
 T = TypeVar("T")
 
 CHUNK = 1 << 20
-"""Bytes gathered before one write and one hash update (fewer syscalls than per packet)."""
+"""Read size when hashing a partial; also the progress that renews the retry budget."""
 _PROGRESS_INTERVAL = 0.05  # at most ~20 progress calls per second: views redraw, not the network
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
@@ -240,24 +240,19 @@ class _Download:
             self.total = self.offset  # no length given: a clean end of the body is the end
 
     def _stream(self, resp: httpx.Response) -> None:
-        # iter_raw() without a chunk size: httpx's own chunker drops what it buffered when the
-        # connection breaks, and every received byte must reach the partial to be resumable.
-        buf = bytearray()
-        with open(self.partial, "ab") as f:
-            try:
-                for piece in resp.iter_raw():
-                    buf += piece
-                    if len(buf) >= CHUNK:
-                        self._write(f, buf)
-                        buf = bytearray()
-                    self._report(received=len(buf))
-            finally:
-                if buf:
-                    self._write(f, buf)
+        # iter_raw() without a chunk size, each piece written at once: httpx's own chunker drops
+        # what it buffered when the connection breaks, and every received byte must reach the
+        # partial to be resumable. An unbuffered file: the pieces are already ~64 KiB.
+        with open(self.partial, "ab", buffering=0) as f:
+            for piece in resp.iter_raw():
+                self._write(f, piece)
+                self._report()
 
-    def _write(self, f: Any, data: bytearray) -> None:
+    def _write(self, f: Any, data: bytes) -> None:
         try:
-            f.write(data)
+            view = memoryview(data)
+            while view:  # an unbuffered write may be short
+                view = view[f.write(view):]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise InsufficientSpaceError(
@@ -315,14 +310,13 @@ class _Download:
                 "point JUPYTER_LLM_HOME / HF_HUB_CACHE at a larger disk, then pull again"
             )
 
-    def _report(self, force: bool = False, received: int = 0) -> None:
-        """Call ``on_bytes`` with the bytes written plus ``received`` (buffered, not yet written)."""
+    def _report(self, force: bool = False) -> None:
         if self.on_bytes is None:
             return
         now = time.monotonic()
         if force or now - self._last_report >= _PROGRESS_INTERVAL:
             self._last_report = now
-            self.on_bytes(self.offset + received, self.total)
+            self.on_bytes(self.offset, self.total)
 
 
 # -- retries and error mapping -------------------------------------------------------------------

@@ -5,6 +5,7 @@
     JupyterLLMError
     ├── ModelNotFoundError (+ LookupError)      unknown name; lists the nearest matches
     ├── AmbiguousModelError (+ LookupError)     a quant tag matches several files; lists them
+    ├── AliasFileError (+ ValueError)           the user's alias file is malformed; names the problem
     ├── PullError
     │   ├── HostUnreachableError (+ ConnectionError)   DNS/connect failed: fails fast, never retried long
     │   ├── RemoteError (+ ConnectionError)     the server answered with an error we cannot retry
@@ -50,6 +51,10 @@ class AmbiguousModelError(JupyterLLMError, LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class AliasFileError(JupyterLLMError, ValueError):
+    """The user's alias file is not valid JSON of the documented shape."""
 
 
 class PullError(JupyterLLMError):
@@ -123,6 +128,7 @@ class ServerError(JupyterLLMError):
 
 
 __all__ = [
+    "AliasFileError",
     "AmbiguousModelError",
     "ContextOverflowError",
     "GGUFError",

@@ -94,6 +94,19 @@ class SplitInfo:
     tensors_count: int | None
 
 
+class _Meta:
+    """A read-only attribute backed by one metadata key; None when the file lacks it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get__(self, obj: GGUFInfo | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        arch = obj.metadata.get("general.architecture")
+        return obj.metadata.get(self.key.replace("{arch}", str(arch)))
+
+
 @dataclass
 class GGUFInfo:
     """Everything in a GGUF header, plus the facts the rest of jupyter_llm derives from it."""
@@ -122,47 +135,19 @@ class GGUFInfo:
                 return t
         return None
 
-    # -- identity ------------------------------------------------------------------------------
-    @property
-    def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
-
-    @property
-    def model_name(self) -> str | None:
-        return self.metadata.get("general.name")
-
-    @property
-    def license(self) -> str | None:
-        return self.metadata.get("general.license")
-
-    @property
-    def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.metadata.get("tokenizer.ggml.bos_token_id")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.metadata.get("tokenizer.ggml.eos_token_id")
-
-    # -- shape ---------------------------------------------------------------------------------
-    @property
-    def block_count(self) -> int | None:
-        return self.arch_get("block_count")
-
-    @property
-    def context_length(self) -> int | None:
-        return self.arch_get("context_length")
-
-    @property
-    def embedding_length(self) -> int | None:
-        return self.arch_get("embedding_length")
-
-    @property
-    def feed_forward_length(self) -> int | list[int] | None:
-        return self.arch_get("feed_forward_length")
+    # -- identity and shape: plain metadata values ({arch} = the architecture prefix) ------------
+    architecture = _Meta("general.architecture")
+    model_name = _Meta("general.name")
+    license = _Meta("general.license")
+    chat_template = _Meta("tokenizer.chat_template")
+    bos_token_id = _Meta("tokenizer.ggml.bos_token_id")
+    eos_token_id = _Meta("tokenizer.ggml.eos_token_id")
+    block_count = _Meta("{arch}.block_count")
+    context_length = _Meta("{arch}.context_length")
+    embedding_length = _Meta("{arch}.embedding_length")
+    feed_forward_length = _Meta("{arch}.feed_forward_length")
+    """An int, or a per-layer list for models whose layers differ."""
+    sliding_window = _Meta("{arch}.attention.sliding_window")
 
     @property
     def head_count(self) -> int | None:
@@ -217,10 +202,6 @@ class GGUFInfo:
             return int(explicit)
         embd = self.tensor("token_embd.weight")
         return embd.shape[1] if embd is not None and len(embd.shape) > 1 else None
-
-    @property
-    def sliding_window(self) -> int | None:
-        return self.arch_get("attention.sliding_window")
 
     @property
     def attention(self) -> dict[str, Any]:

@@ -187,6 +187,8 @@ class MemoryLog:
             "kv_size": self.kv_size,
             "n_ctx": self.n_ctx,
             "n_ctx_per_seq": self.n_ctx_per_seq,
+            "n_batch": self._int("n_batch"),
+            "n_ubatch": self._int("n_ubatch"),
             "layers_offloaded": list(self.layers_offloaded) if self.layers_offloaded else None,
         }
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .errors import JupyterLLMError, ModelNotFoundError
+from .errors import AliasFileError, ModelNotFoundError
 
 HF_PREFIX = "hf.co/"
 """The user-facing prefix of Hugging Face references (Ollama uses the same)."""
@@ -301,7 +301,7 @@ def aliases() -> dict[str, AliasEntry]:
         try:
             raw = json.loads(user_file.read_text("utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise JupyterLLMError(
+            raise AliasFileError(
                 f"cannot read the alias file {user_file}: {e}; fix the JSON or delete the file"
             ) from None
         table.update(_entries(raw, str(user_file)))
@@ -309,8 +309,8 @@ def aliases() -> dict[str, AliasEntry]:
 
 
 def _entries(raw: Any, origin: str) -> dict[str, AliasEntry]:
-    def bad(problem: str) -> JupyterLLMError:
-        return JupyterLLMError(
+    def bad(problem: str) -> AliasFileError:
+        return AliasFileError(
             f"alias file {origin}: {problem}; each entry looks like "
             f'{{"name": {{"repo": "USER/REPO", "quant": "Q4_K_M", "description": "..."}}}}'
         )

@@ -36,7 +36,7 @@ from .options import AUTO, LoadOptions, SamplingOptions
 
 LogCallback = Callable[[int, str], None]
 
-_LIVENESS_S = 0.5
+_LIVENESS_S = 0.2
 """How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
 
 
@@ -245,7 +245,8 @@ class Runtime:
         path = Path(path)
         name = name or path.stem
         parent, child = socket.socketpair()
-        errfile = tempfile.TemporaryFile(prefix="jupyter_llm-worker-")
+        # the worker's stdout and stderr (asserts, tracebacks): read back to explain a crash
+        errfile = tempfile.TemporaryFile(prefix="jupyter_llm-worker-")  # noqa: SIM115 (owned by the Runtime)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "jupyter_llm.worker", str(child.fileno())],
@@ -267,10 +268,13 @@ class Runtime:
             if msg[0] == "crash":
                 raise msg[2]
             if msg[0] == "load_error":
-                raise ModelLoadError(
-                    f"llama.cpp could not load {name} ({path}): {msg[1].strip()}. Check that the file is a "
-                    "complete GGUF model (`%llm show` verifies it; pull it again if not), or try a "
-                    "smaller --ctx.")
+                if msg[2] == "model":
+                    advice = ("Check that the file is a complete GGUF model (`%llm show` verifies it; pull "
+                              "it again if not).")
+                else:
+                    advice = (f"The context did not fit (n_ctx {options.n_ctx}, {options.parallel} slot(s)): "
+                              "try a smaller --ctx, a smaller KV type (--kv-type q8_0) or fewer slots.")
+                raise ModelLoadError(f"llama.cpp could not load {name} ({path}): {msg[1].strip()}. {advice}")
             rt.report = rt._make_report(path, msg[1])
             return rt
         except BaseException:
@@ -488,23 +492,26 @@ class Runtime:
             inbox.put(("crash", 0, error))
 
     def _crash_error(self, code: int) -> WorkerCrashedError:
-        last = self._last_words()
+        last, said = self._last_words()
         if code < 0:
             sig = signal.Signals(-code).name
             what = f"was killed by {sig}"
             if sig == "SIGKILL":
                 what += " (often the out-of-memory killer)"
         else:
-            what, sig = f"exited with code {code}", None
+            what = f"exited with code {code}"
+        if self.report is None:
+            what += " while loading"
         message = f"the worker running {self.name} {what}"
         if last:
-            message += f"; llama.cpp's last message: {last}"
+            message += f"; {said}: {last}"
         message += (f". The kernel is fine: load it again with `%llm load {self.name}`; if it keeps "
                     "crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0).")
         return WorkerCrashedError(message, signal=-code if code < 0 else None, last_log=last)
 
-    def _last_words(self) -> str | None:
-        """The last line the worker wrote to stderr (an assert, a traceback), else its last warning."""
+    def _last_words(self) -> tuple[str | None, str]:
+        """The last line the worker wrote to stderr (an assert, a traceback), else its last
+        error or warning log line; with how to introduce it."""
         try:
             self._errfile.seek(0, os.SEEK_END)
             size = self._errfile.tell()
@@ -513,11 +520,12 @@ class Runtime:
         except (OSError, ValueError):
             tail = []
         if tail:
-            return tail[-1].strip()
-        for level, text in reversed(self._logs):
-            if level in (3, 4) and text.strip():
-                return text.strip()
-        return None
+            return tail[-1].strip(), "its last words"
+        for wanted, said in ((4, "llama.cpp's last error"), (3, "llama.cpp's last warning")):
+            for level, text in reversed(self._logs):
+                if level == wanted and text.strip():
+                    return text.strip(), said
+        return None, ""
 
     def _make_report(self, path: Path, r: dict[str, Any]) -> LoadReport:
         from .llama_log import MemoryLog

@@ -34,6 +34,7 @@ import ctypes
 import os
 import queue
 import random
+import re
 import signal
 import sys
 import threading
@@ -46,7 +47,11 @@ _POOLING_MEAN = 1
 
 
 class _LoadFailed(Exception):
-    """llama.cpp refused the model or context cleanly (it returned NULL)."""
+    """llama.cpp refused the model or the context cleanly (it returned NULL)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class RequestError(Exception):
@@ -159,14 +164,18 @@ class Worker:
     def _on_log(self, level: int, text: bytes, _user: Any) -> None:
         try:
             line = text.decode("utf-8", "replace")
-            if level in (3, 4) and line.strip():  # WARN, ERROR: kept to explain failures
+            if level == 4 and line.strip():  # ERROR: kept to explain failures
                 self.recent_errors.append(line.strip())
             self.channel.send(("log", level, line))
         except BaseException:
             pass  # an exception must never unwind into C
 
     def _llama_said(self, default: str) -> str:
-        return self.recent_errors[-1] if self.recent_errors else default
+        """llama.cpp's own explanation: its first and last error lines since the errors were cleared."""
+        lines = [re.sub(r"^[\w:]+: ", "", line) for line in self.recent_errors]
+        if not lines:
+            return default
+        return lines[0] if len(lines) == 1 or lines[0] == lines[-1] else f"{lines[0]}; {lines[-1]}"
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -184,9 +193,10 @@ class Worker:
         if split:
             self._split = (ctypes.c_float * L.llama_max_devices())(*split)  # referenced while loading
             mp.tensor_split = self._split
+        self.recent_errors.clear()
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
-            raise _LoadFailed(self._llama_said("llama.cpp could not load the model"))
+            raise _LoadFailed("model", self._llama_said("llama.cpp could not load the model"))
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_threads = int(opts.get("threads") or os.cpu_count() or 1)
         self.parallel = int(opts["parallel"])
@@ -195,10 +205,10 @@ class Worker:
         cp.flash_attn_type = 1 if opts.get("flash_attn") else 0
         cp.type_k = cp.type_v = {"f16": 1, "q8_0": 8, "q4_0": 2}[opts.get("kv_type", "f16")]
         cp.kv_unified = False  # one KV stream per slot: n_ctx / parallel cells each
+        self.recent_errors.clear()
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise _LoadFailed(self._llama_said("llama.cpp could not create the context")
-                              + f" (n_ctx {opts['n_ctx']}); try a smaller --ctx")
+            raise _LoadFailed("context", self._llama_said("llama.cpp could not create the context"))
         self.mem = L.llama_get_memory(self.ctx)
         self.n_batch = L.llama_n_batch(self.ctx)
         self.n_ctx_seq = L.llama_n_ctx_seq(self.ctx)
@@ -225,7 +235,7 @@ class Worker:
         rc = self.L.llama_decode(self.ctx, self._batch_of(2))
         self.L.llama_memory_clear(self.mem, True)
         if rc != 0:
-            raise _LoadFailed(self._llama_said(f"the first decode failed (llama_decode returned {rc})"))
+            raise _LoadFailed("context", self._llama_said(f"the first decode failed (llama_decode returned {rc})"))
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -328,7 +338,8 @@ class Worker:
         seed = sampling.get("seed")
         seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
         chain = self._chain(sampling, grammar, seed)
-        req = _Request(rid, tokens, chain, sampling.get("max_tokens"), _TextOut(tuple(sampling.get("stop") or ())), seed)
+        stop = _TextOut(tuple(sampling.get("stop") or ()))
+        req = _Request(rid, tokens, chain, sampling.get("max_tokens"), stop, seed)
         self.requests[rid] = req
         self.inbox.put(req)
 
@@ -338,7 +349,7 @@ class Worker:
         params.no_perf = True
         chain = L.llama_sampler_chain_init(params)
         if grammar:
-            self.recent_errors.clear()
+            self.recent_errors.clear()  # (a log line of another thread may slip in: harmless)
             g = L.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
             if not g:
                 L.llama_sampler_free(chain)
@@ -402,7 +413,7 @@ class Worker:
             else:
                 self._run_embed(*item)
             item = None
-        for i, req in enumerate(self.slots):
+        for req in self.slots:
             if req is not None and req.cancelled:
                 self._finish(req, "cancelled")
         for req in [r for r in self.pending if r.cancelled]:
@@ -690,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = worker.load(path, opts, extra_bufts)
     except _LoadFailed as exc:
-        worker.channel.send(("load_error", str(exc)))
+        worker.channel.send(("load_error", str(exc), exc.stage))
         os._exit(0)
     worker.channel.send(("loaded", report))
     worker.serve()

@@ -31,10 +31,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 _PIECE = 64 * 1024
+S = TypeVar("S", bound="LoopbackServer")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class LoopbackServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> LoopbackServer:
+    def start(self: S) -> S:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -113,7 +114,7 @@ class LoopbackServer:
             server.shutdown()
             server.server_close()
 
-    def __enter__(self) -> LoopbackServer:
+    def __enter__(self: S) -> S:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

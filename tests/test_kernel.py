@@ -111,7 +111,7 @@ def test_interrupt_during_a_long_prompt_stops_and_the_model_stays_usable(kernel:
 
 
 def test_faults_are_reported_and_the_kernel_lives_on(kernel: Kernel, tmp_path: Path, smollm2_path: Path) -> None:
-    truncated = truncate(write_tiny_llama(tmp_path / "trunc.gguf"), 4096)
+    truncated = truncate(write_tiny_llama(tmp_path / "trunc.gguf"), -1000)  # cut into the tensor data
     not_gguf = write_not_gguf(tmp_path / "notgguf.gguf")
     deep = write_tiny_llama(tmp_path / "deep.gguf", block_count=1000)
     kernel.ok("precious = [1, 2, 3]")

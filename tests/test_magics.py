@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import get_ipython
+import IPython
+from IPython.testing.globalipapp import start_ipython
 
 from jupyter_llm.chatcell import extract_code, substitute
 from jupyter_llm.magics import LLMMagics, _build_parser, load_options, parse_duration
@@ -16,7 +17,7 @@ from tests.ggufs import write_tiny_llama
 
 @pytest.fixture
 def magics() -> LLMMagics:
-    ip = get_ipython()
+    ip = start_ipython() or IPython.get_ipython()
     ip.run_line_magic("load_ext", "jupyter_llm")
     return ip.magics_manager.registry["LLMMagics"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_llm.display import human_bytes, ps_table
 from jupyter_llm.errors import ModelNotFoundError, WontFitError
 from jupyter_llm.manager import ModelManager
 from jupyter_llm.options import LoadOptions, SamplingOptions
@@ -76,6 +77,9 @@ def test_unload_stops_the_worker_and_returns_its_memory(manager: ModelManager) -
     model = manager.load("a", _opts(keep_alive=None))
     pid = model.runtime.pid
     assert model.runtime.rss_bytes() > 0
+    measured = model.to_dict()["measured"]["CPU"]
+    row = ps_table(manager.ps()).rows[0]
+    assert row[2] == "CPU " + human_bytes(sum(measured[p] for p in ("weights", "kv", "compute", "output")))
     assert manager.unload("a") == ["a"]
     assert not Path(f"/proc/{pid}").exists()
     with pytest.raises(ModelNotFoundError, match="not loaded"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_llm import config
-from jupyter_llm.errors import JupyterLLMError, ModelNotFoundError
+from jupyter_llm.errors import AliasFileError, ModelNotFoundError
 from jupyter_llm.names import (
     HF_PREFIX,
     AliasRef,
@@ -281,6 +281,6 @@ def test_user_alias_with_a_fallback_package() -> None:
 ])
 def test_malformed_user_alias_file_names_the_file_and_the_problem(content: object, problem: str) -> None:
     path = _write_user_aliases(content)
-    with pytest.raises(JupyterLLMError) as e:
+    with pytest.raises(AliasFileError) as e:
         aliases()
     assert str(path) in str(e.value) and problem in str(e.value)

@@ -17,6 +17,7 @@ The endpoint is always passed explicitly (``config.hf_endpoint()``): huggingface
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -245,7 +246,7 @@ def pull(ref: HFRef, *, name: str, progress: ProgressFanout) -> Pulled:
     for filename in chosen:
         url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
         meta = _hub_call(
-            lambda url=url: get_hf_file_metadata(url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
+            functools.partial(get_hf_file_metadata, url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
             repo=repo, revision=revision, endpoint=endpoint, filename=filename,
         )
         if not meta.etag or not meta.commit_hash:
@@ -266,9 +267,9 @@ def pull(ref: HFRef, *, name: str, progress: ProgressFanout) -> Pulled:
         )
         progress(PullProgress(name, "verifying sha256 digest", filename, sha256, meta.size, meta.size or 0))
         snapshot = _hub_call(
-            lambda filename=filename: hf_hub_download(
-                repo, filename, revision=revision, cache_dir=cache, endpoint=endpoint, token=token,
-                etag_timeout=_hub_timeout(),
+            functools.partial(
+                hf_hub_download, repo, filename, revision=revision, cache_dir=cache, endpoint=endpoint,
+                token=token, etag_timeout=_hub_timeout(),
             ),
             repo=repo, revision=revision, endpoint=endpoint, filename=filename,
         )

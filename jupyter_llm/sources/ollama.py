@@ -143,7 +143,7 @@ def pull(ref: OllamaRef, *, name: str, progress: ProgressFanout) -> Pulled:
         source="ollama",
         files=[model_blob],
         sha256=_hex(model_layer["digest"]),
-        owned=[*(_blob_path(_home(), layer["digest"]) for layer in layers), manifest_path],
+        owned=[*dict.fromkeys(_blob_path(_home(), layer["digest"]) for layer in layers), manifest_path],
         details=details,
     )
 
@@ -184,12 +184,12 @@ def list_local_store(root: str | os.PathLike[str] | None = None) -> list[LocalOl
     """
     store = Path(root) if root is not None else config.ollama_store()
     manifests = store / "manifests"
-    if not manifests.is_dir():
+    try:
+        paths = sorted(p for p in manifests.glob("*/*/*/*") if p.is_file())
+    except OSError:  # another user's store we may not read: it simply has nothing for us
         return []
     found: list[tuple[str, str, str, str, Path, Pulled]] = []
-    for path in sorted(manifests.glob("*/*/*/*")):
-        if not path.is_file():
-            continue
+    for path in paths:
         host, namespace, model, tag = path.relative_to(manifests).parts
         pulled = _local_pulled(store, path, host, namespace, model, tag)
         if pulled is not None:

@@ -1,0 +1,316 @@
+/**
+ * Unit tests of the comm client against a fake kernel connection that behaves like JupyterLab's
+ * for the parts the client uses: comm targets, comm open/close, execute, status signals.
+ * The real kernel side is tested in tests/test_comm.py and, end to end, in the browser test.
+ */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import { Signal } from '@lumino/signaling';
+
+import { ICommLike, IKernelLike, LLMClient, RequestError } from '../src/client';
+import { COMM_TARGET, IState } from '../src/protocol';
+
+const STATE: IState = {
+  models: [{ name: 'smollm2', source: 'pip', files: ['/m.gguf'], size: 98362432 }],
+  loaded: [],
+  pulls: [],
+  devices: [],
+  server: null
+};
+
+class FakeComm implements ICommLike {
+  constructor(
+    readonly kernel: FakeKernel,
+    readonly commId: string,
+    readonly openedByKernel: boolean
+  ) {}
+  onMsg: ICommLike['onMsg'] = () => undefined;
+  onClose: ICommLike['onClose'] = () => undefined;
+  opened: unknown[] = [];
+  sent: any[] = [];
+  closed = false;
+  get isDisposed(): boolean {
+    return this.closed;
+  }
+  open(data?: unknown): void {
+    this.opened.push(data);
+    this.kernel.opens.push(this);
+  }
+  send(data: unknown): void {
+    this.sent.push(data);
+  }
+  close(): void {
+    this.closed = true;
+  }
+  /** The kernel sends a comm message. */
+  receive(data: unknown): void {
+    void this.onMsg({ content: { data } });
+  }
+  /** The kernel closes the comm. */
+  closeFromKernel(): void {
+    this.closed = true;
+    void this.onClose({ content: { data: {} } });
+  }
+  hello(state: IState = STATE, refresh = 2): void {
+    this.receive({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [{ name: 'mistral', description: 'd' }],
+      refresh, state });
+  }
+}
+
+class FakeKernel implements IKernelLike {
+  id = 'kernel-1';
+  status = 'idle';
+  connectionStatus = 'connected';
+  isDisposed = false;
+  statusChanged = new Signal<any, string>(this);
+  connectionStatusChanged = new Signal<any, string>(this);
+  targets = new Map<string, (comm: any, msg: any) => void>();
+  opens: FakeComm[] = [];
+  executed: string[] = [];
+  executeResult: { error?: { ename: string; evalue: string } } = {};
+  private n = 0;
+
+  registerCommTarget(name: string, cb: (comm: any, msg: any) => void): void {
+    this.targets.set(name, cb);
+  }
+  removeCommTarget(name: string): void {
+    this.targets.delete(name);
+  }
+  createComm(): FakeComm {
+    return new FakeComm(this, `c${++this.n}`, false);
+  }
+  /** The kernel opens a comm to the front end (as `%load_ext jupyter_llm` does). */
+  openFromKernel(data: unknown): FakeComm {
+    const comm = new FakeComm(this, `k${++this.n}`, true);
+    this.targets.get(COMM_TARGET)!(comm, { content: { data } });
+    return comm;
+  }
+  requestExecute(content: { code: string }) {
+    this.executed.push(content.code);
+    const future = {
+      onIOPub: (_msg: any): void => undefined,
+      done: Promise.resolve().then(() => {
+        const error = this.executeResult.error;
+        if (error) {
+          future.onIOPub({ header: { msg_type: 'error' }, content: error });
+          return { content: { status: 'error', ...error } };
+        }
+        return { content: { status: 'ok' } };
+      })
+    };
+    return future;
+  }
+  setStatus(status: string): void {
+    this.status = status;
+    this.statusChanged.emit(status);
+  }
+  setConnection(status: string): void {
+    this.connectionStatus = status;
+    this.connectionStatusChanged.emit(status);
+  }
+}
+
+function ids(): () => string {
+  let n = 0;
+  return () => `r${++n}`;
+}
+
+describe('LLMClient attaching', () => {
+  it('registers the comm target and opens one comm with a hello on start', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel, { refresh: 3 });
+    assert.ok(kernel.targets.has(COMM_TARGET));
+    assert.equal(kernel.opens.length, 1);
+    assert.deepEqual(kernel.opens[0].opened[0], { kind: 'hello', protocol: 1, refresh: 3 });
+    assert.equal(client.status, 'connecting');
+  });
+
+  it('is attached with the state and aliases after the kernel says hello', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    const states: IState[] = [];
+    client.stateChanged.connect((_, s) => states.push(s));
+    kernel.opens[0].hello();
+    assert.equal(client.status, 'attached');
+    assert.deepEqual(client.state, STATE);
+    assert.deepEqual(client.aliases.map(a => a.name), ['mistral']);
+    assert.equal(client.kernelVersion, '0.1.0');
+    assert.equal(states.length, 1);
+  });
+
+  it('says not-loaded when the kernel closes the open (no comm target) and does not retry on idle', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].closeFromKernel();
+    assert.equal(client.status, 'not-loaded');
+    for (let i = 0; i < 5; i++) {
+      kernel.setStatus('busy');
+      kernel.setStatus('idle');
+    }
+    assert.equal(kernel.opens.length, 1, 'an open on every idle loops forever (NOTES §7)');
+  });
+
+  it('waits for the websocket before opening', () => {
+    const kernel = new FakeKernel();
+    kernel.connectionStatus = 'connecting';
+    const client = new LLMClient(kernel);
+    assert.equal(kernel.opens.length, 0);
+    kernel.setConnection('connected');
+    assert.equal(kernel.opens.length, 1);
+    kernel.opens[0].hello();
+    assert.equal(client.status, 'attached');
+  });
+
+  it('adopts a comm the kernel opens itself, closing its own pending open', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    const own = kernel.opens[0];
+    const fromKernel = kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2,
+      state: STATE });
+    assert.equal(client.status, 'attached');
+    assert.ok(own.closed, 'the redundant comm is closed so the kernel forgets its view');
+    assert.ok(!fromKernel.closed);
+  });
+
+  it('re-opens exactly once after a kernel restart', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].hello();
+    kernel.setStatus('restarting');
+    assert.equal(client.status, 'restarting');
+    kernel.setStatus('starting');
+    kernel.setStatus('idle');
+    assert.equal(kernel.opens.length, 2);
+    kernel.opens[1].closeFromKernel(); // the new kernel has not loaded the extension
+    assert.equal(client.status, 'not-loaded');
+    kernel.setStatus('busy');
+    kernel.setStatus('idle');
+    assert.equal(kernel.opens.length, 2);
+  });
+
+  it('goes not-loaded when the kernel closes an attached comm (%unload_ext)', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].hello();
+    kernel.opens[0].closeFromKernel();
+    assert.equal(client.status, 'not-loaded');
+  });
+
+  it('reports a dead kernel', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.setStatus('dead');
+    assert.equal(client.status, 'dead');
+  });
+});
+
+describe('LLMClient enabling', () => {
+  it('runs %load_ext jupyter_llm and attaches to the comm the kernel then opens', async () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].closeFromKernel();
+    const done = client.enable();
+    assert.equal(client.status, 'enabling');
+    assert.deepEqual(kernel.executed, ['%load_ext jupyter_llm']);
+    kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2, state: STATE });
+    await done;
+    assert.equal(client.status, 'attached');
+    assert.equal(kernel.opens.length, 1, 'no extra open once the kernel opened its comm');
+  });
+
+  it('opens once more when the extension was already loaded (no comm comes)', async () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].closeFromKernel();
+    await client.enable();
+    assert.equal(kernel.opens.length, 2);
+    kernel.opens[1].hello();
+    assert.equal(client.status, 'attached');
+  });
+
+  it('keeps the kernel error when the extension cannot be imported', async () => {
+    const kernel = new FakeKernel();
+    kernel.executeResult.error = { ename: 'ModuleNotFoundError', evalue: "No module named 'jupyter_llm'" };
+    const client = new LLMClient(kernel);
+    kernel.opens[0].closeFromKernel();
+    await client.enable();
+    assert.equal(client.status, 'not-loaded');
+    assert.match(client.lastError ?? '', /ModuleNotFoundError: No module named 'jupyter_llm'/);
+  });
+});
+
+describe('LLMClient requests', () => {
+  function attached(): { kernel: FakeKernel; client: LLMClient; comm: FakeComm } {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel, { newId: ids() });
+    const comm = kernel.opens[0];
+    comm.hello();
+    return { kernel, client, comm };
+  }
+
+  it('sends a request and resolves with the reply of the same id', async () => {
+    const { client, comm } = attached();
+    const pending = client.request('load', { name: 'smollm2' });
+    assert.deepEqual(comm.sent.at(-1), { kind: 'request', id: 'r1', action: 'load', args: { name: 'smollm2' } });
+    comm.receive({ kind: 'reply', id: 'other-tab', ok: true, result: 'not mine' });
+    comm.receive({ kind: 'reply', id: 'r1', ok: true, result: { name: 'smollm2', pid: 7 } });
+    assert.deepEqual(await pending, { name: 'smollm2', pid: 7 });
+  });
+
+  it('rejects with the kernel error type, message and details', async () => {
+    const { client, comm } = attached();
+    const pending = client.request('load', { name: 'big' });
+    comm.receive({ kind: 'reply', id: 'r1', ok: false,
+      error: { type: 'WontFitError', message: 'big will not fit', estimate: { fits: false, devices: [] } } });
+    await assert.rejects(pending, (e: RequestError) => {
+      assert.equal(e.type, 'WontFitError');
+      assert.equal(e.message, 'big will not fit');
+      assert.deepEqual(e.details.estimate, { fits: false, devices: [] });
+      return true;
+    });
+  });
+
+  it('rejects pending requests when the kernel restarts', async () => {
+    const { kernel, client } = attached();
+    const pending = client.request('pull', { name: 'smollm2' });
+    kernel.setStatus('restarting');
+    await assert.rejects(pending, /pull: the kernel restarted/);
+  });
+
+  it('refuses requests while not attached', async () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    await assert.rejects(client.request('unload', { name: 'x' }), /not loaded in this kernel/);
+  });
+
+  it('pushes states and notices from the kernel', () => {
+    const { client, comm } = attached();
+    const notices: unknown[] = [];
+    client.noticed.connect((_, n) => notices.push(n));
+    const next = { ...STATE, pulls: [{ name: 'smollm2', status: 'downloading', completed: 5, total: 10 }] };
+    comm.receive({ kind: 'state', state: next });
+    comm.receive({ kind: 'event', event: { type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' } });
+    assert.deepEqual(client.state, next);
+    assert.deepEqual(notices, [{ type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' }]);
+  });
+
+  it('tells the kernel its refresh rate when the kernel uses another one', () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel, { refresh: 5, newId: ids() });
+    const comm = kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2,
+      state: STATE });
+    assert.equal(client.status, 'attached');
+    assert.deepEqual(comm.sent, [{ kind: 'request', id: 'r1', action: 'configure', args: { refresh: 5 } }]);
+    client.setRefresh(0);
+    assert.deepEqual(comm.sent.at(-1), { kind: 'request', id: 'r2', action: 'configure', args: { refresh: 0 } });
+  });
+
+  it('closes its own comm and forgets the target on dispose', () => {
+    const { kernel, client, comm } = attached();
+    client.dispose();
+    assert.ok(comm.closed);
+    assert.ok(!kernel.targets.has(COMM_TARGET));
+    assert.equal(client.status, 'disposed');
+  });
+});

@@ -1,0 +1,117 @@
+/** Unit tests of the pure drawing logic: sizes, bar segments, predicted against measured. */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import {
+  compareModel,
+  deviceSegments,
+  estimateSegments,
+  humanBytes,
+  parseOptions,
+  visibleDevices
+} from '../src/memory';
+import { IDevice, ILoadedModel } from '../src/protocol';
+
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+
+const CPU: IDevice = {
+  id: 'CPU', kind: 'cpu', name: 'Xeon', total_bytes: 24 * GiB, free_bytes: 20 * GiB, used_bytes: 4 * GiB,
+  backend: 'CPU'
+};
+const GPU: IDevice = {
+  id: 'GPU0', kind: 'gpu', name: 'L4', total_bytes: 24 * GiB, free_bytes: 23 * GiB, used_bytes: 1 * GiB,
+  backend: 'CUDA0'
+};
+
+function model(measured: ILoadedModel['measured']): ILoadedModel {
+  return {
+    name: 'smollm2', size: 98 * MiB, options: { gpu_layers: 0, n_ctx: 4096, kv_type: 'f16', flash_attn: false,
+      parallel: 1 }, n_ctx: 4096, pid: 42, loaded_at: 0, expires_at: null, active: 0,
+    estimate: { fits: true, devices: [{ device_id: 'CPU', weights: 92 * MiB, kv: 90 * MiB, compute: 98 * MiB,
+      output: 0, total: 280 * MiB, free: 20 * GiB, fits: true }] },
+    measured
+  };
+}
+
+describe('humanBytes', () => {
+  it('uses binary units like llama.cpp logs', () => {
+    assert.equal(humanBytes(98362432), '93.8 MiB');
+    assert.equal(humanBytes(512), '512 B');
+    assert.equal(humanBytes(24 * GiB), '24.0 GiB');
+    assert.equal(humanBytes(null), '?');
+  });
+});
+
+describe('deviceSegments', () => {
+  it('shows a loaded model by its measured buffers, the rest as other processes, then free', () => {
+    const m = model({ CPU: { weights: 92 * MiB, kv: 90 * MiB, compute: 98 * MiB, output: 1 * MiB,
+      total: 281 * MiB } });
+    const segs = deviceSegments(CPU, [m]);
+    assert.deepEqual(segs.map(s => s.kind), ['weights', 'kv', 'compute', 'other', 'free']);
+    assert.equal(segs[2].bytes, 99 * MiB, 'output buffers are drawn with the graph');
+    assert.equal(segs[3].bytes, 4 * GiB - 281 * MiB);
+    assert.equal(segs[4].fraction, 20 / 24);
+  });
+
+  it('falls back to the estimate when nothing was measured, and matches llama.cpp device names', () => {
+    const m = model({});
+    assert.equal(deviceSegments(CPU, [m])[0].bytes, 92 * MiB);
+    const onGpu = model({ CUDA0: { weights: 1 * GiB, kv: 0, compute: 0, output: 0, total: 1 * GiB } });
+    assert.equal(deviceSegments(GPU, [onGpu])[0].bytes, 1 * GiB);
+  });
+
+  it('never draws a negative "other" when mmapped weights are not counted as used', () => {
+    const tiny = { ...CPU, used_bytes: 10 * MiB };
+    const segs = deviceSegments(tiny, [model({})]);
+    assert.ok(!segs.some(s => s.kind === 'other'));
+  });
+});
+
+describe('estimateSegments', () => {
+  it('draws the need against the free memory', () => {
+    const segs = estimateSegments({ device_id: 'CPU', weights: 100, kv: 50, compute: 50, output: 0, total: 200,
+      free: 1000, fits: true });
+    assert.deepEqual(segs.map(s => s.kind), ['weights', 'kv', 'compute', 'free']);
+    assert.equal(segs[3].bytes, 800);
+  });
+
+  it('marks what does not fit as over', () => {
+    const segs = estimateSegments({ device_id: 'GPU0', weights: 800, kv: 300, compute: 100, output: 0,
+      total: 1200, free: 1000, fits: false });
+    assert.equal(segs.at(-1)!.kind, 'over');
+    assert.equal(segs.at(-1)!.bytes, 200);
+    assert.ok(Math.abs(segs.reduce((s, x) => s + x.fraction, 0) - 1) < 1e-9);
+  });
+});
+
+describe('compareModel', () => {
+  it('pairs predicted and measured per device with the relative error', () => {
+    const rows = compareModel(model({ CPU: { weights: 92 * MiB, kv: 90 * MiB, compute: 98 * MiB, output: 0,
+      total: 308 * MiB } }));
+    assert.equal(rows.length, 1);
+    assert.equal(rows[0].predicted, 280 * MiB);
+    assert.equal(rows[0].measured, 308 * MiB);
+    assert.ok(Math.abs(rows[0].error! - 0.1) < 1e-9);
+  });
+});
+
+describe('parseOptions', () => {
+  const form = { gpuLayers: 'auto', context: '4096', kvType: 'q8_0', flashAttn: true, parallel: '2' };
+  it('turns the form into load options', () => {
+    assert.deepEqual(parseOptions(form), { gpu_layers: 'auto', n_ctx: 4096, kv_type: 'q8_0', flash_attn: true,
+      parallel: 2 });
+  });
+  it('says what to type instead of a bad value', () => {
+    assert.match(parseOptions({ ...form, context: '8' }) as string, /context: give a whole number ≥ 16/);
+    assert.match(parseOptions({ ...form, gpuLayers: '-1' }) as string, /GPU layers/);
+    assert.match(parseOptions({ ...form, parallel: '0' }) as string, /parallel/);
+  });
+});
+
+describe('visibleDevices', () => {
+  it('shows all devices by default and the chosen ones otherwise', () => {
+    assert.equal(visibleDevices([CPU, GPU], []).length, 2);
+    assert.deepEqual(visibleDevices([CPU, GPU], ['CUDA0']).map(d => d.id), ['GPU0']);
+  });
+});

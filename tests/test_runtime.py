@@ -1,0 +1,285 @@
+"""The worker runtime with real llama.cpp: the real default model, and tiny GGUF models."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyter_llm.errors import ContextOverflowError, JupyterLLMError
+from jupyter_llm.options import LoadOptions, SamplingOptions
+from jupyter_llm.runtime import Chunk, Runtime
+from jupyter_llm.worker import _TextOut
+from tests import ggufs
+
+GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def rt(smollm2_path: Path):
+    """One worker with the real model for the tests that leave it usable: 2 slots of 4096."""
+    runtime = Runtime.start(smollm2_path, LoadOptions(gpu_layers=0, n_ctx=8192, parallel=2), name="smollm2")
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return ggufs.write_tiny_llama(tmp_path / "tiny.gguf")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def test_load_report_describes_the_model_and_measured_memory(rt: Runtime) -> None:
+    report = rt.report
+    assert report is not None
+    assert report.pid == rt.pid and rt.alive
+    assert (report.n_ctx, report.n_ctx_per_slot, report.parallel) == (8192, 4096, 2)
+    assert (report.n_ctx_train, report.n_layer, report.n_gpu_layers) == (8192, 30, 0)
+    assert report.has_chat_template and report.metadata["architecture"] == "llama"
+    cpu = report.breakdown["CPU"]
+    assert abs(cpu.weights - 96_576_768) < 64 * 1024  # = the GGUF's tensor bytes (NOTES §1)
+    assert abs(cpu.kv - 180 * 1024 * 1024) < 64 * 1024  # 8192 cells × 30 layers × 3 × 64 × 2 × f16
+    assert cpu.compute > 0 and cpu.output > 0
+    assert any("KV buffer size" in line for line in report.log)
+    assert report.rss_bytes > 50_000_000 and rt.rss_bytes() > 50_000_000
+    assert "CPU" in report.system_info and report.load_s > 0
+
+
+def test_llama_cpp_log_goes_to_the_runtime_not_the_kernels_stderr(
+    tiny: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[tuple[int, str]] = []
+    options = LoadOptions(gpu_layers=0, n_ctx=256)
+    with Runtime.start(tiny, options, on_log=lambda lvl, text: seen.append((lvl, text))) as runtime:
+        runtime.generate("hello", SamplingOptions(temperature=0, max_tokens=4)).result  # noqa: B018
+        kept = runtime.logs()
+    out, err = capfd.readouterr()
+    assert "llama" not in out + err
+    assert any("model buffer size" in text for _, text in seen)
+    assert any("model buffer size" in text for _, text in kept)
+
+
+def test_auto_options_are_refused_before_starting_a_worker(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="estimate"):
+        Runtime.start(tiny, LoadOptions(gpu_layers="auto", n_ctx=256))
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_is_deterministic(rt: Runtime) -> None:
+    first = rt.generate("The capital of France is", GREEDY).result
+    second = rt.generate("The capital of France is", GREEDY).result
+    assert first.text == second.text and first.text.strip()
+    assert first.completion_tokens == second.completion_tokens > 0
+    assert first.prompt_tokens == rt.count_tokens("The capital of France is")
+
+
+def test_same_seed_gives_same_sample(rt: Runtime) -> None:
+    sampling = SamplingOptions(temperature=1.0, seed=1234, max_tokens=16)
+    a, b = rt.chat(QUESTION, sampling).result, rt.chat(QUESTION, sampling).result
+    assert a.text == b.text and a.seed == b.seed == 1234
+
+
+def test_chat_uses_the_chatml_template_and_streams_chunks(rt: Runtime) -> None:
+    prompt = rt.render(QUESTION)
+    assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system turn
+    # the special tokens are parsed: <|im_start|> is one token, not a dozen
+    assert rt.count_tokens(QUESTION) == len(rt.tokenize(prompt)) < len(prompt) // 2
+    stream = rt.chat(QUESTION, SamplingOptions(temperature=0.0, max_tokens=30))
+    chunks = list(stream)
+    result = stream.result
+    assert len(chunks) >= 3 and all(isinstance(c, Chunk) and c.text for c in chunks)
+    assert "".join(c.text for c in chunks) == result.text
+    assert "Paris" in result.text or result.completion_tokens > 0
+    assert result.ttft_s is not None and 0 < result.ttft_s < result.total_s
+    assert result.gen_tok_per_s > 0 and result.prompt_tok_per_s > 0
+
+
+def test_stop_string_ends_generation_without_emitting_it(rt: Runtime) -> None:
+    free = rt.generate("1, 2, 3, 4, 5,", SamplingOptions(temperature=0.0, max_tokens=20)).result
+    assert " 8," in free.text  # the model counts on; stop at the 8
+    stopped = rt.generate("1, 2, 3, 4, 5,", SamplingOptions(temperature=0.0, max_tokens=20, stop=(" 8",))).result
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.index(" 8")]
+
+
+def test_max_tokens_finishes_with_length(rt: Runtime) -> None:
+    result = rt.generate("Once upon a time", SamplingOptions(temperature=0.0, max_tokens=5)).result
+    assert result.finish_reason == "length" and result.completion_tokens == 5
+
+
+def test_json_schema_output_parses_and_matches_the_schema(rt: Runtime) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    ask = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
+    result = rt.chat(ask, SamplingOptions(temperature=0.0, max_tokens=80), json_schema=schema).result
+    value = json.loads(result.text)
+    assert set(value) == {"name", "age"}
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    any_json = rt.chat(ask, SamplingOptions(temperature=0.0, max_tokens=80), json_schema={}).result
+    assert isinstance(json.loads(any_json.text), dict)
+
+
+def test_a_grammar_that_does_not_parse_is_a_value_error(rt: Runtime) -> None:
+    with pytest.raises(ValueError, match="grammar"):
+        rt.generate("x", GREEDY, grammar="root ::= (").result  # noqa: B018
+    assert rt.generate("x", SamplingOptions(temperature=0.0, max_tokens=2)).result.completion_tokens
+
+
+def test_a_prompt_longer_than_a_slot_is_a_context_overflow(rt: Runtime) -> None:
+    with pytest.raises(ContextOverflowError) as info:
+        rt.generate("hello " * 5000, GREEDY).result  # noqa: B018
+    assert info.value.n_ctx == 4096 and info.value.n_tokens > 4096
+    assert "--ctx" in str(info.value)
+
+
+def test_tokenize_and_detokenize_round_trip(rt: Runtime) -> None:
+    tokens = rt.tokenize("Hello, world! ünïcödé")
+    assert tokens and rt.detokenize(tokens) == "Hello, world! ünïcödé"
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+
+
+def test_embeddings_are_normalized_and_independent_of_batching(rt: Runtime) -> None:
+    a, b = "The cat sat on the mat.", "Quantum chromodynamics describes the strong interaction."
+    alone = rt.embed([a])[0]
+    both = rt.embed([b, a])
+    assert len(both) == 2 and len(alone) == 576
+    assert abs(sum(x * x for x in alone) - 1.0) < 1e-5
+    assert max(abs(x - y) for x, y in zip(alone, both[1], strict=True)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(both[0], both[1], strict=True)) > 1e-2  # different texts, different vectors
+    raw = rt.embed([a], normalize=False)[0]
+    assert abs(sum(x * x for x in raw) - 1.0) > 1e-3
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+def test_cancel_during_a_long_prompt_stops_fast_and_the_model_stays_usable(rt: Runtime) -> None:
+    before = rt.generate("The capital of France is", GREEDY).result.text
+    stream = rt.generate("hello " * 3000, GREEDY)  # ~3000 tokens: tens of seconds to evaluate here
+    time.sleep(0.4)
+    t0 = time.perf_counter()
+    stream.cancel()
+    result = stream.result
+    elapsed = time.perf_counter() - t0
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+    assert elapsed < 1.0  # fail-fast bound; the bench measures the real latency (~10 ms)
+    # the aborted decode left nothing behind: the same greedy answer as before
+    assert rt.generate("The capital of France is", GREEDY).result.text == before
+    assert rt.stats()["busy"] == 0
+
+
+def test_keyboard_interrupt_while_iterating_cancels_and_reraises(rt: Runtime) -> None:
+    stream = rt.generate("Once upon a time", SamplingOptions(temperature=0.0, max_tokens=400))
+    chunks = 0
+    with pytest.raises(KeyboardInterrupt):
+        for _ in stream:
+            chunks += 1
+            if chunks == 1:
+                # what the notebook's stop button does to the thread running the cell
+                threading.Timer(0.2, _thread.interrupt_main).start()
+    assert stream.done and stream.result.finish_reason == "cancelled"
+    assert stream.result.completion_tokens < 400
+    assert rt.generate("The capital of France is", GREEDY).result.completion_tokens > 0
+
+
+def test_dropping_an_unfinished_stream_cancels_it(rt: Runtime) -> None:
+    stream = rt.generate("Once upon a time", SamplingOptions(temperature=0.0, max_tokens=400))
+    next(iter(stream))
+    del stream
+    deadline = time.monotonic() + 5
+    while rt.stats()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rt.stats()["busy"] == 0
+
+
+# -- parallel slots --------------------------------------------------------------------------------
+
+
+def test_two_slots_decode_together_and_match_sequential_greedy_runs(rt: Runtime) -> None:
+    sampling = SamplingOptions(temperature=0.0, max_tokens=40)
+    asks = [[{"role": "user", "content": "Write a poem about the sea."}],
+            [{"role": "user", "content": "List three fruits and say why they are healthy."}]]
+    sequential = [rt.chat(ask, sampling).result.text for ask in asks]
+    first = rt.chat(asks[0], sampling)
+    next(iter(first))  # the second request joins while the first one is generating
+    second = rt.chat(asks[1], sampling)
+    busy, deadline = 0, time.monotonic() + 1.0
+    while busy < 2 and time.monotonic() < deadline:  # the engine takes it at its next step
+        busy = rt.stats()["busy"]
+    together = [first.result.text, second.result.text]
+    assert together == sequential
+    assert busy == 2  # both slots were in use at once
+    # and from several client threads at the same time
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, rt.chat(asks[i], sampling).result.text))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[0], results[1]] == sequential
+
+
+def test_stats_count_requests_and_tokens(rt: Runtime) -> None:
+    before = rt.stats()
+    result = rt.generate("Hello", SamplingOptions(temperature=0.0, max_tokens=3)).result
+    after = rt.stats()
+    assert after["slots"] == 2 and after["busy"] == 0 and after["queued"] == 0
+    assert after["requests"] == before["requests"] + 1
+    assert after["tokens_out"] - before["tokens_out"] == result.completion_tokens
+    assert after["tokens_in"] - before["tokens_in"] == result.prompt_tokens
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+def test_close_ends_the_worker_process(tiny: Path) -> None:
+    runtime = Runtime.start(tiny, LoadOptions(gpu_layers=0, n_ctx=256))
+    pid = runtime.pid
+    assert runtime.generate("hello", SamplingOptions(temperature=0, max_tokens=2)).result.completion_tokens
+    runtime.close()
+    assert not runtime.alive and runtime.rss_bytes() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(JupyterLLMError, match="load it again"):
+        runtime.generate("hello", GREEDY)
+    runtime.close()  # idempotent
+
+
+# -- text assembly (unit) --------------------------------------------------------------------------
+
+
+def test_text_out_never_splits_a_utf8_character() -> None:
+    out = _TextOut(())
+    data = "é€😀".encode()
+    pieces = [out.feed(data[i:i + 1])[0] for i in range(len(data))]
+    assert "".join(pieces) == "é€😀"
+    assert all(p == "" or p in ("é", "€", "😀") for p in pieces)
+
+
+def test_text_out_holds_back_a_possible_stop_string_prefix() -> None:
+    out = _TextOut(("STOP",))
+    assert out.feed(b"hello ST") == ("hello ", False)
+    assert out.feed(b"O") == ("", False)
+    assert out.feed(b"P and more") == ("", True)
+    out = _TextOut(("STOP",))
+    assert out.feed(b"a ST") == ("a ", False)
+    assert out.feed(b"ay") == ("STay", False)
+    assert out.feed(b" ST") == (" ", False)
+    assert out.flush() == "ST"  # at the end a held prefix is just text

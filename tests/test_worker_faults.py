@@ -1,0 +1,98 @@
+"""Every way llama.cpp can fail on this machine (NOTES §2) ends in a clear error, never in a dead
+or hung kernel; and after each, the real model loads and generates again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyter_llm.errors import ModelLoadError, WorkerCrashedError
+from jupyter_llm.options import LoadOptions, SamplingOptions
+from jupyter_llm.runtime import Runtime
+from tests import ggufs
+
+SMALL = LoadOptions(gpu_layers=0, n_ctx=512)
+
+
+def assert_real_model_works(smollm2_path: Path) -> None:
+    """The recovery half of every test: load the real model afresh and generate."""
+    with Runtime.start(smollm2_path, SMALL, name="smollm2") as rt:
+        result = rt.generate("The capital of France is", SamplingOptions(temperature=0.0, max_tokens=4)).result
+        assert result.completion_tokens > 0 and result.text.strip()
+
+
+def test_forced_extra_buffer_types_segfault_is_survived(smollm2_path: Path) -> None:
+    # NOTES §2: with llama.cpp's default CPU extra buffer types a quantized model segfaults in its
+    # first multi-token decode; the worker's warm-up decode makes that a failed load.
+    with pytest.raises(WorkerCrashedError) as info:
+        Runtime.start(smollm2_path, SMALL, name="smollm2", _extra_bufts=True)
+    err = info.value
+    assert err.signal == signal.SIGSEGV
+    assert "the worker running smollm2 was killed by SIGSEGV while loading" in str(err)
+    assert "`%llm load smollm2`" in str(err) and "--ctx" in str(err)
+    assert_real_model_works(smollm2_path)
+
+
+def test_absurd_block_count_aborts_the_worker_with_llama_cpps_assert(tmp_path: Path, smollm2_path: Path) -> None:
+    path = ggufs.write_tiny_llama(tmp_path / "layers.gguf", block_count=1000)
+    with pytest.raises(WorkerCrashedError) as info:
+        Runtime.start(path, SMALL)
+    assert info.value.signal == signal.SIGABRT
+    assert "SIGABRT" in str(info.value)
+    assert info.value.last_log and "GGML_ASSERT" in info.value.last_log and "n_layer" in info.value.last_log
+    assert_real_model_works(smollm2_path)
+
+
+def test_truncated_file_is_a_clean_load_error(tmp_path: Path, smollm2_path: Path) -> None:
+    path = ggufs.truncate(ggufs.write_tiny_llama(tmp_path / "cut.gguf"), -1000)
+    with pytest.raises(ModelLoadError) as info:
+        Runtime.start(path, SMALL)
+    assert "not within the file bounds" in str(info.value)  # llama.cpp's own words
+    assert "pull it again" in str(info.value)
+    assert_real_model_works(smollm2_path)
+
+
+def test_non_gguf_file_is_a_clean_load_error(tmp_path: Path, smollm2_path: Path) -> None:
+    path = ggufs.write_not_gguf(tmp_path / "page.gguf")
+    with pytest.raises(ModelLoadError, match="invalid magic"):
+        Runtime.start(path, SMALL)
+    assert_real_model_works(smollm2_path)
+
+
+def test_context_far_beyond_ram_is_a_clean_load_error(smollm2_path: Path) -> None:
+    # 10M cells of SmolLM2 want a 220 GB KV buffer: malloc refuses it at once. (A KV cache just
+    # *under* physical RAM would be zeroed page by page until the OOM killer strikes; and the tiny
+    # model's 10M-cell KV, 2.5 GB, would be allocated before its 100 GB compute buffer fails.)
+    with pytest.raises(ModelLoadError) as info:
+        Runtime.start(smollm2_path, LoadOptions(gpu_layers=0, n_ctx=10_000_000), name="smollm2")
+    message = str(info.value)
+    assert "kv cache" in message and "insufficient memory" in message
+    assert "smaller --ctx" in message
+    assert_real_model_works(smollm2_path)
+
+
+def test_worker_killed_mid_generation_raises_on_the_stream_and_later_calls(smollm2_path: Path) -> None:
+    rt = Runtime.start(smollm2_path, SMALL, name="smollm2")
+    try:
+        stream = rt.generate("Once upon a time", SamplingOptions(temperature=0.0, max_tokens=400))
+        next(iter(stream))
+        os.kill(rt.pid, signal.SIGKILL)  # what the OOM killer does
+        t0 = time.monotonic()
+        with pytest.raises(WorkerCrashedError) as info:
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 5  # never hangs
+        assert info.value.signal == signal.SIGKILL
+        assert "was killed by SIGKILL (often the out-of-memory killer)" in str(info.value)
+        assert not rt.alive
+        with pytest.raises(WorkerCrashedError):
+            rt.generate("hello")
+        with pytest.raises(WorkerCrashedError):
+            rt.count_tokens("hello")
+    finally:
+        rt.close()
+    assert_real_model_works(smollm2_path)
