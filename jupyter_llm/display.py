@@ -176,11 +176,14 @@ def estimate_table(name: str, estimate: Any) -> Table:
 
 def load_report(model: Any) -> Table:
     """Measured per-device buffers beside the estimate, with the error in percent."""
+    from .estimate import device_for_backend
+
     measured = model.to_dict()["measured"]
     est = {row.device_id: row for row in model.estimate.devices} if model.estimate else {}
     rows = []
     for device, sizes in measured.items():
-        e = est.get(device) or (est.get("CPU") if device.startswith("CPU") else None)
+        # llama.cpp names devices by backend ("CUDA0"); the estimate by ours ("GPU0").
+        e = est.get(device) or est.get(device_for_backend(device, []))
         for part in BUFFERS:
             m = sizes.get(part, 0) or 0
             p = getattr(e, part, None) if e is not None else None

@@ -17,7 +17,7 @@ Four buffers per device, as llama.cpp allocates them (NOTES §3):
       attention         mask + 4T × (n_kv × n_head + 5 n_embd + 2 n_embd_kv)
       attention, FA     mask + 4T × 8 n_embd
       feed-forward      mask + 4T × (3 n_ff + 3 n_embd + 2 n_embd_kv)
-      feed-forward, FA  mask + 4T × (3 n_ff + 4 n_embd)      (3 n_embd with a quantized KV cache)
+      feed-forward, FA  mask + 4T × (3 n_ff + 4 n_embd)
       mask              T × n_kv × (4 without, 2 with flash attention)
 
   (``n_embd_kv = n_head_kv × head_dim``; the n_embd terms are the activations that live beside
@@ -248,8 +248,8 @@ def _phases(info: GGUFInfo, opts: LoadOptions, n_cells: int, per_slot: int) -> _
     logits = n_out * n_vocab * 4 + 2 * n_embd * per_token
     if opts.flash_attn:
         attention = mask + 8 * n_embd * per_token
-        # one activation fewer lives beside a quantized cache (fitted, as the other terms)
-        feed_forward = mask + (3 * n_ff + (4 if opts.kv_type == "f16" else 3) * n_embd) * per_token
+        # (with a quantized cache llama.cpp needs up to 8 % less here: erring on the safe side)
+        feed_forward = mask + (3 * n_ff + 4 * n_embd) * per_token
     else:
         attention = mask + per_slot * n_head * per_token + (5 * n_embd + 2 * n_embd_kv) * per_token
         feed_forward = mask + (3 * n_ff + 3 * n_embd + 2 * n_embd_kv) * per_token

@@ -45,6 +45,9 @@ class LoadOptions:
             raise ValueError(f"n_ctx must be a whole number ≥ 16 or 'auto', not {self.n_ctx!r}")
         if self.kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {self.kv_type!r}")
+        if self.kv_type != "f16" and not self.flash_attn:
+            # llama.cpp refuses a quantized V cache without flash attention; say so before loading.
+            raise ValueError(f"kv_type {self.kv_type!r} needs flash attention: add --flash-attn (flash_attn=True)")
         if self.parallel < 1 or self.parallel > 64:
             raise ValueError(f"parallel must be between 1 and 64, not {self.parallel!r}")
         if self.threads is not None and self.threads < 1:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import IPython
 import pytest
 from IPython.core.error import UsageError
-import IPython
 from IPython.testing.globalipapp import start_ipython
 
 from jupyter_llm.chatcell import extract_code, substitute
@@ -82,3 +82,8 @@ def test_variables_are_substituted_but_code_braces_stay() -> None:
 def test_code_format_extracts_the_first_fence() -> None:
     assert extract_code("Here:\n```python\nprint(1)\n```\nmore") == "print(1)\n"
     assert extract_code("x = 1") == "x = 1\n"
+
+
+def test_quantized_kv_without_flash_attention_says_to_add_it(magics: LLMMagics) -> None:
+    with pytest.raises(UsageError, match="--flash-attn"):
+        magics.llm("estimate m --kv-type q8_0")

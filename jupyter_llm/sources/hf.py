@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_ETAG = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]*$")  # it becomes a file name in the cache
 _SPLIT = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _QUANT_TOKEN = re.compile(
     r"(?:^|[-./])(?P<quant>(?:I?Q|TQ)\d+(?:_[A-Z0-9]+)*|MXFP4(?:_MOE)?|BF16|F16|F32|FP16|FP32)(?=[-./])",
@@ -226,75 +227,78 @@ def pull(ref: HFRef, *, name: str, progress: ProgressFanout) -> Pulled:
     Files already in the cache (blob present, right size) are not downloaded again. The caller
     emits the final "success" event.
     """
+    from ..download import make_client
+
+    repo, revision = ref.repo, ref.revision or "main"
+    progress(PullProgress(name, "pulling manifest", message=f"{repo}@{revision}"))
+    listing = {f.path: f for f in list_gguf_files(repo, revision)}
+    chosen = choose_files(listing, ref.filename or ref.quant, sizes={p: f.size for p, f in listing.items()},
+                          repo=repo)
+    client = make_client()  # one connection pool for every part of a split model
+    try:
+        pulled = [_pull_file(repo, revision, filename, listing.get(filename), name, progress, client)
+                  for filename in chosen]
+    finally:
+        client.close()
+    first = chosen[0]
+    return Pulled(
+        source="hf",
+        files=[snapshot for snapshot, _, _, _ in pulled],
+        sha256=pulled[0][2],
+        # The snapshot links go with their blobs: a dangling link would confuse huggingface_hub.
+        owned=[*(blob for _, blob, _, _ in pulled), *(snapshot for snapshot, _, _, _ in pulled)],
+        details={
+            "repo": repo,
+            "revision": revision,
+            "commit": pulled[-1][3],
+            "filename": first,
+            "filenames": list(chosen),
+            "quant": _Candidate(first, (first,), None).quant,
+            "endpoint": config.hf_endpoint(),
+            "sha256": [sha for _, _, sha, _ in pulled],
+        },
+    )
+
+
+def _pull_file(
+    repo: str, revision: str, filename: str, listed: HFFile | None, name: str, progress: ProgressFanout,
+    client: Any,
+) -> tuple[Path, Path, str | None, str]:
+    """One file: metadata, our verified download into the blob, then huggingface_hub's links.
+
+    Returns (snapshot path, blob path, sha256, commit).
+    """
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     endpoint = config.hf_endpoint()
     token = config.hf_token()
-    repo, revision = ref.repo, ref.revision or "main"
-    progress(PullProgress(name, "pulling manifest", message=f"{repo}@{revision}"))
-    listing = {f.path: f for f in list_gguf_files(repo, revision)}
-    tag = ref.filename or ref.quant
-    chosen = choose_files(listing, tag, sizes={p: f.size for p, f in listing.items()}, repo=repo)
-
-    cache = config.hf_cache().expanduser().resolve()
-    storage = cache / ("models--" + repo.replace("/", "--"))
-    snapshots: list[Path] = []
-    blobs: list[Path] = []
-    digests: list[str | None] = []
-    commit: str | None = None
-    for filename in chosen:
-        url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-        meta = _hub_call(
-            functools.partial(get_hf_file_metadata, url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
-            repo=repo, revision=revision, endpoint=endpoint, filename=filename,
-        )
-        if not meta.etag or not meta.commit_hash:
-            raise RemoteError(
-                f"{endpoint} did not send the file metadata of {repo}/{filename} (commit, etag); check that "
-                "JUPYTER_LLM_HF_ENDPOINT / HF_ENDPOINT points at a Hugging Face Hub"
-            )
-        commit = meta.commit_hash
-        listed = listing.get(filename)
-        sha256 = meta.etag if _SHA256.match(meta.etag) else (listed.sha256 if listed else None)
-        blob = storage / "blobs" / meta.etag
-        headers = build_hf_headers(token=token)
-        if _origin(meta.location) != _origin(endpoint):
-            headers.pop("authorization", None)  # a signed CDN URL must not receive the token
-        fetch(
-            meta.location, blob, sha256=sha256, size=meta.size, headers=headers,
-            on_bytes=progress.bytes_callback(name, filename, sha256),
-        )
-        progress(PullProgress(name, "verifying sha256 digest", filename, sha256, meta.size, meta.size or 0))
-        snapshot = _hub_call(
-            functools.partial(
-                hf_hub_download, repo, filename, revision=revision, cache_dir=cache, endpoint=endpoint,
-                token=token, etag_timeout=_hub_timeout(),
-            ),
-            repo=repo, revision=revision, endpoint=endpoint, filename=filename,
-        )
-        snapshots.append(Path(str(snapshot)))
-        blobs.append(blob)
-        digests.append(sha256)
-
-    first = chosen[0]
-    return Pulled(
-        source="hf",
-        files=snapshots,
-        sha256=digests[0],
-        # The snapshot links go with their blobs: a dangling link would confuse huggingface_hub.
-        owned=[*blobs, *snapshots],
-        details={
-            "repo": repo,
-            "revision": revision,
-            "commit": commit,
-            "filename": first,
-            "filenames": list(chosen),
-            "quant": _Candidate(first, (first,), None).quant,
-            "endpoint": endpoint,
-            "sha256": digests,
-        },
+    where = {"repo": repo, "revision": revision, "endpoint": endpoint, "filename": filename}
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+    meta = _hub_call(
+        functools.partial(get_hf_file_metadata, url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
+        **where,
     )
+    if not meta.etag or not meta.commit_hash or not _SAFE_ETAG.match(meta.etag):
+        raise RemoteError(
+            f"{endpoint} did not send usable metadata for {repo}/{filename} (commit {meta.commit_hash!r}, "
+            f"etag {meta.etag!r}); check that JUPYTER_LLM_HF_ENDPOINT / HF_ENDPOINT points at a Hugging Face Hub"
+        )
+    sha256 = meta.etag if _SHA256.match(meta.etag) else (listed.sha256 if listed else None)
+    blob = config.hf_cache().expanduser().resolve() / ("models--" + repo.replace("/", "--")) / "blobs" / meta.etag
+    headers = build_hf_headers(token=token)
+    if _origin(meta.location) != _origin(endpoint):
+        headers.pop("authorization", None)  # a signed CDN URL must not receive the token
+    fetch(meta.location, blob, sha256=sha256, size=meta.size, headers=headers,
+          on_bytes=progress.bytes_callback(name, filename, sha256), client=client)
+    progress(PullProgress(name, "verifying sha256 digest", filename, sha256, meta.size, meta.size or 0))
+    # The blob is in place, so this only writes refs/<revision> and the snapshot symlink.
+    snapshot = _hub_call(
+        functools.partial(hf_hub_download, repo, filename, revision=revision, cache_dir=blob.parents[2],
+                          endpoint=endpoint, token=token, etag_timeout=_hub_timeout()),
+        **where,
+    )
+    return Path(str(snapshot)), blob, sha256, meta.commit_hash
 
 
 # -- talking to the Hub -----------------------------------------------------------------------------

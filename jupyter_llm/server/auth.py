@@ -1,0 +1,214 @@
+"""Safe by default: the bearer token, the Host check, the Origin/CORS policy — one ASGI layer.
+
+Every request passes :class:`Guard` before any route runs, in this order:
+
+1. **Host header** must name the bound address, ``localhost`` or a loopback address (plus any
+   names the user allowed). A web page that rebinds its own DNS name to 127.0.0.1 still sends
+   its own name as Host, so it is refused (DNS rebinding) — 403.
+2. **Origin**: browsers send it on cross-origin requests. Only origins in the configured list
+   are allowed (exact match, never a wildcard); they get CORS headers, and their preflight
+   ``OPTIONS`` is answered here. Any other Origin is refused with 403, even with no-auth, so
+   a page the user visits cannot drive the API (cross-site request forgery).
+3. **Bearer token** (``Authorization: Bearer …``), compared in constant time, on every route
+   but ``GET /health``; 401 otherwise.
+
+It also counts every request for the metrics (route template, status, duration), including
+the ones it refuses, and caps request bodies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .params import MAX_BODY_BYTES
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PUBLIC_PATHS = frozenset({"/health"})
+"""Routes that answer without a token (GET only)."""
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def new_token() -> str:
+    """A fresh random API token (32 URL-safe characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """Host header values (without port) that may reach a server bound to ``bound``."""
+    names = {bound.strip("[]").lower(), *LOOPBACK_NAMES, *(h.strip("[]").lower() for h in extra)}
+    if bound in ("0.0.0.0", "::"):
+        import socket
+
+        # A wildcard bind is reachable under the machine's own names and addresses.
+        hostname = socket.gethostname()
+        names.update({hostname.lower(), socket.getfqdn().lower()})
+        try:
+            names.update(info[4][0] for info in socket.getaddrinfo(hostname, None))
+        except OSError:
+            pass
+        names.discard("0.0.0.0")
+        names.discard("::")
+    return frozenset(names)
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header: ``[::1]:8080`` → ``::1``, ``localhost:80`` → ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class Guard:
+    """ASGI middleware: Host check, Origin/CORS, bearer token, body cap and request metrics."""
+
+    def __init__(self, app: ASGIApp, *, token: str | None, hosts: frozenset[str], origins: Iterable[str],
+                 route_of: Callable[[Scope], str], on_request: Callable[[str, str, int, float], None]) -> None:
+        self.app = app
+        self.token = token
+        self.hosts = hosts
+        self.origins = frozenset(o.rstrip("/") for o in origins)
+        self.route_of = route_of
+        self.on_request = on_request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":  # no websocket routes: refuse without a handshake
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        route = self.route_of(scope)
+        status = 500
+        headers = _headers(scope)
+        origin = headers.get("origin")
+        cors = origin is not None and origin.rstrip("/") in self.origins
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if cors:
+                    message = {**message, "headers": [*message.get("headers", []), *self._cors_headers(origin)]}
+            await send(message)
+
+        try:
+            problem = self._check(scope, headers, origin, cors)
+            if problem is not None:
+                await problem(scope, receive, send_counted)
+                return
+            await self.app(scope, _capped(receive, headers), send_counted)
+        finally:
+            self.on_request(route, scope["method"], status, time.perf_counter() - started)
+
+    def _check(self, scope: Scope, headers: dict[str, str], origin: str | None, cors: bool) -> ASGIApp | None:
+        path = scope["path"]
+        if _host_name(headers.get("host", "")) not in self.hosts:
+            return _error(path, 403, "this Host header is not allowed: the server answers only requests "
+                          "addressed to its own address or localhost (protection against DNS rebinding); "
+                          "add the name with serve(allowed_hosts=[...]) if you proxy to it", "host_not_allowed")
+        if origin is not None and not cors:
+            return _error(path, 403, f"requests from origin {origin!r} are not allowed; add it with "
+                          "`%llm serve --origin ORIGIN` (or serve(origins=[...])) to use the API from that page",
+                          "origin_not_allowed")
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            return _preflight  # cors is True here; the headers are added by send_counted
+        if self.token is None or (path in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")):
+            return None
+        given = headers.get("authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(credential.strip().encode(), self.token.encode()):
+            what = "a wrong token" if given else "no token"
+            return _error(path, 401, f"this server needs its API token and got {what}: send the header "
+                          "'Authorization: Bearer TOKEN' (the ollama client reads OLLAMA_API_KEY, the openai "
+                          "client its api_key); `%llm serve --status` shows the token",
+                          "invalid_api_key", {"www-authenticate": "Bearer"})
+        return None
+
+    def _cors_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"access-control-allow-origin", (origin or "").encode("latin-1")),
+            (b"access-control-allow-credentials", b"true"),
+            (b"access-control-allow-headers", b"authorization, content-type"),
+            (b"access-control-allow-methods", b"GET, POST, DELETE, HEAD, OPTIONS"),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin"),
+        ]
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+async def _preflight(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def error_body(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
+    """An error in the shape the caller's API uses: OpenAI's under /v1, Ollama's elsewhere."""
+    if path.startswith("/v1"):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 503: "server_overloaded"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+        return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+    return json.dumps({"error": message}).encode()
+
+
+def _error(path: str, status: int, message: str, code: str, extra: dict[str, str] | None = None) -> ASGIApp:
+    body = error_body(path, status, message, code)
+
+    async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return respond
+
+
+class BodyTooLarge(Exception):
+    """A request body beyond :data:`~jupyter_llm.server.params.MAX_BODY_BYTES` (answered 413)."""
+
+
+def _capped(receive: Receive, headers: dict[str, str]) -> Receive:
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        async def refuse() -> dict[str, Any]:
+            raise BodyTooLarge()
+
+        return refuse
+    seen = 0
+
+    async def counted() -> dict[str, Any]:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise BodyTooLarge()
+        return message
+
+    return counted
