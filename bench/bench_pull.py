@@ -4,6 +4,7 @@ Serves a file of random bytes (default 200 MB) from a server in a child process 
 server does not share the client's GIL), then downloads it several times with:
 
 - ``plain``: ``httpx.Client.stream("GET")`` written to disk in the pieces httpx yields;
+- ``plain+fsync``: the same, flushed to disk at the end as ``fetch`` does before its rename;
 - ``fetch``: :func:`jupyter_llm.download.fetch` (partial file, lock, fsync, atomic rename);
 - ``fetch+sha256``: the same with sha256 verification.
 
@@ -60,12 +61,15 @@ def _serve(path: str, ready: Any, port_box: Any) -> None:
     server.serve_forever()
 
 
-def _plain(url: str, dest: Path) -> None:
+def _plain(url: str, dest: Path, durable: bool = False) -> None:
     import httpx
 
     with httpx.Client() as client, client.stream("GET", url) as resp, open(dest, "wb") as f:
         for piece in resp.iter_raw():
             f.write(piece)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _fetch(url: str, dest: Path, sha256: str | None, size: int) -> None:
@@ -102,6 +106,7 @@ def main() -> None:
             socket.create_connection(("127.0.0.1", port.value), timeout=5).close()
             methods = {
                 "plain": lambda d: _plain(url, d),
+                "plain+fsync": lambda d: _plain(url, d, durable=True),
                 "fetch": lambda d: _fetch(url, d, None, size),
                 "fetch+sha256": lambda d: _fetch(url, d, sha256, size),
             }

@@ -152,3 +152,22 @@ class Model:
             stream = method(payload, options, json_schema=json_schema)
             for chunk in stream:
                 yield chunk.text
+
+
+# -- the background HTTP API (jupyter_llm.server) — begin --------------------------------------
+def serve(*, host: str = "127.0.0.1", port: int = 11434, token: str | None = None, auth: bool = True,
+          parallel: int = 4, max_queue: int = 16, origins: Sequence[str] = (),
+          allowed_hosts: Sequence[str] = ()) -> Any:
+    """Serve this kernel's models over Ollama's and OpenAI's HTTP APIs (in a background thread).
+
+    Binds loopback by default and requires a bearer token (generated unless ``token`` is given;
+    ``auth=False`` only on loopback). Models not loaded are loaded on demand with ``parallel``
+    slots (concurrent requests decoded together); beyond ``parallel + max_queue`` requests per
+    model the API answers 503. ``origins`` lists the web origins allowed to call it (CORS).
+    Returns the server: ``.url``, ``.token``, ``.status()``, ``.stop()``.
+    """
+    from . import server
+
+    return server.serve(_manager(), host=host, port=port, token=token, auth=auth, parallel=parallel,
+                        max_queue=max_queue, origins=origins, allowed_hosts=allowed_hosts)
+# -- the background HTTP API — end ---------------------------------------------------------------

@@ -155,9 +155,10 @@ def _per_layer(info: Any) -> str:
 
 
 def devices_table(devices: Sequence[Any]) -> Table:
-    rows = [[d.id, d.kind, d.name, human_bytes(d.total_bytes), human_bytes(d.used_bytes), human_bytes(d.free_bytes)]
-            for d in devices]
-    return Table(["device", "kind", "name", "total", "used", "free"], rows, title="Devices", data=list(devices))
+    rows = [[d.id, d.kind, d.name, d.backend or "—", human_bytes(d.total_bytes), human_bytes(d.used_bytes),
+             human_bytes(d.free_bytes)] for d in devices]
+    return Table(["device", "kind", "name", "llama.cpp backend", "total", "used", "free"], rows, title="Devices",
+                 data=list(devices))
 
 
 def estimate_table(name: str, estimate: Any) -> Table:

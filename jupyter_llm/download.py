@@ -24,7 +24,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -56,6 +58,36 @@ class _Transient(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class _Hasher:
+    """sha256 on a helper thread, so hashing overlaps the network instead of following it.
+
+    hashlib releases the GIL for large updates; the bounded queue keeps memory flat when the
+    disk or the network outruns the hash. ``close()`` must always be called (``fetch`` does).
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._thread = threading.Thread(target=self._run, name="jupyter_llm-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes) -> None:
+        self._queue.put(bytes(data))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hash.hexdigest()
 
 
 def make_client() -> httpx.Client:
@@ -102,7 +134,11 @@ def fetch(
         own_client = client is None
         active = client if client is not None else make_client()
         try:
-            _Download(url, dest, expected, size, dict(headers or {}), on_bytes, active).run()
+            download = _Download(url, dest, expected, size, dict(headers or {}), on_bytes, active)
+            try:
+                download.run()
+            finally:
+                download.close()
         finally:
             if own_client:
                 active.close()
@@ -167,9 +203,13 @@ class _Download:
         self.on_bytes = on_bytes
         self.client = client
         self.offset = 0
-        self.hasher = hashlib.sha256() if sha256 else None
+        self.hasher = _Hasher() if sha256 else None
         self._space_checked_for: int | None = None
         self._last_report = 0.0
+
+    def close(self) -> None:
+        if self.hasher is not None:
+            self.hasher.close()
 
     def run(self) -> None:
         self._load_partial()
@@ -290,7 +330,9 @@ class _Download:
         with open(self.partial, "wb"):
             pass
         self.offset = 0
-        self.hasher = hashlib.sha256() if self.sha256 else None
+        if self.hasher is not None:
+            self.hasher.close()
+            self.hasher = _Hasher()
 
     def _discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -27,6 +27,10 @@ USAGE = dedent("""
       %llm load NAME [options]      load into a worker process (pulls first if needed)
       %llm ps                       loaded models, placement, context, when they unload
       %llm unload NAME | --all      stop a model's worker and free its memory
+      %llm picker                   widget: pick, pull, load with live per-device memory estimate
+      %llm mem                      widget: live memory bars per device, predicted vs measured
+      %llm serve [--port N] [--host H] [--token T | --no-auth] [--parallel N] [--origin URL]
+                                    Ollama- and OpenAI-compatible API for other tools; --status, --stop
       %llm help                     this text
 
     load/estimate options: --gpu-layers N|auto  --ctx N|auto  --kv-type f16|q8_0|q4_0  --flash-attn
@@ -78,9 +82,28 @@ def _build_parser() -> _Parser:
     _load_arguments(sub.add_parser("estimate"))
     _load_arguments(sub.add_parser("load"))
     sub.add_parser("ps")
+    # widgets (jupyter_llm.widgets) — begin
+    sub.add_parser("picker")
+    sub.add_parser("mem")
+    # widgets — end
     p = sub.add_parser("unload")
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true")
+    # server (jupyter_llm.server) — begin
+    p = sub.add_parser("serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11434)
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=None)
+    auth.add_argument("--no-auth", dest="no_auth", action="store_true")
+    p.add_argument("--parallel", "-np", type=int, default=4)
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=16)
+    p.add_argument("--origin", dest="origins", action="append", default=[])
+    p.add_argument("--allow-host", dest="allowed_hosts", action="append", default=[])
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--stop", action="store_true")
+    action.add_argument("--status", action="store_true")
+    # server — end
     return parser
 
 
@@ -198,7 +221,7 @@ class LLMMagics(Magics):
     def _verb_devices(self, args: argparse.Namespace) -> Any:
         from .display import devices_table
 
-        return devices_table(self.manager.devices())
+        return devices_table(self.manager.devices(include_llama=True))
 
     def _verb_estimate(self, args: argparse.Namespace) -> Any:
         from .display import estimate_table
@@ -225,6 +248,38 @@ class LLMMagics(Magics):
             raise UsageError("%llm unload NAME, or %llm unload --all")
         names = self.manager.unload(args.name, all=args.all)
         return Message("unloaded " + (", ".join(names) if names else "nothing (no model was loaded)"), data=names)
+
+    # widgets (jupyter_llm.widgets) — begin
+    def _verb_picker(self, args: argparse.Namespace) -> Any:
+        from .widgets import picker
+
+        return picker(self.manager)
+
+    def _verb_mem(self, args: argparse.Namespace) -> Any:
+        from .widgets import memory_widget
+
+        return memory_widget(self.manager)
+
+    # widgets — end
+
+    # server (jupyter_llm.server) — begin
+    def _verb_serve(self, args: argparse.Namespace) -> Any:
+        from . import server
+        from .display import Message
+
+        if args.stop:
+            stopped = server.stop(self.manager)
+            return Message("API stopped" if stopped else "the API was not running")
+        if args.status:
+            current = self.manager.server
+            if current is None or not current.running:
+                return Message("the API is not running; `%llm serve` starts it", data=None)
+            return Message(current.instructions(), data=current.status())
+        running = server.serve(self.manager, host=args.host, port=args.port, token=args.token,
+                               auth=not args.no_auth, parallel=args.parallel, max_queue=args.max_queue,
+                               origins=args.origins, allowed_hosts=args.allowed_hosts)
+        return Message(running.instructions(), data=running.status())
+    # server — end
 
     @cell_magic
     def chat(self, line: str, cell: str) -> Any:

@@ -196,10 +196,12 @@ class ModelManager:
 
     # -- devices and estimates ---------------------------------------------------------------
 
-    def devices(self) -> list[Any]:
+    def devices(self, *, include_llama: bool = False) -> list[Any]:
+        """GPUs (NVML) and host RAM; ``include_llama`` also asks llama.cpp (in a subprocess, ~1 s)
+        which backend serves each device."""
         from .devices import list_devices
 
-        return list_devices()
+        return list_devices(include_llama=include_llama)
 
     def resolve_options(self, name: str, options: LoadOptions | None = None, **overrides: Any
                         ) -> tuple[ModelRecord, Any, LoadOptions]:
@@ -341,6 +343,30 @@ class ModelManager:
         """Context manager marking a model busy (keep_alive starts counting after it exits)."""
         return _Using(self, self.get(name))
 
+    # -- added for the HTTP API (jupyter_llm.server) -----------------------------------------
+    def set_keep_alive(self, name: str, keep_alive: float | None) -> LoadedModel:
+        """Change how long a loaded model stays after its last use (Ollama's per-request
+        keep_alive): seconds, None = forever, 0 = unload as soon as it is idle (call it while
+        the model is marked busy with :meth:`using`, or the keep_alive reaper may be first)."""
+        with self._lock:
+            model = self.get(name)
+            model.options = model.options.with_(keep_alive=keep_alive)
+            model.last_used = time.time()
+        self._emit("keep_alive", name=model.name, keep_alive=keep_alive)
+        return model
+
+    def unload_when_idle(self, name: str) -> None:
+        """Unload ``name`` now if no request uses it, else as soon as the last one ends
+        (Ollama's keep_alive 0: running generations are never cut off)."""
+        with self._lock:
+            model = self.get(name)
+            busy = model.active > 0
+            if busy:
+                self.set_keep_alive(model.name, 0)
+        if not busy:
+            self.unload(model.name, reason="keep_alive 0")
+    # -- end of the HTTP API's additions ------------------------------------------------------
+
     def session(self, name: str = "default") -> ChatSession:
         with self._lock:
             if name not in self._sessions:
@@ -402,6 +428,9 @@ class ModelManager:
     def close(self) -> None:
         """Unload everything (the extension is being unloaded or the kernel shuts down)."""
         self._closed.set()
+        if self.server is not None:  # the HTTP API is a client of this manager: it goes first
+            self.server.stop()
+            self.server = None
         self.unload(all=True, reason="shutdown")
 
 

@@ -42,8 +42,7 @@ def pull(
         if cached is not None and not update and not cached.missing_files():
             progress(PullProgress(cached.name, "success", message="already in the store"))
             return cached
-    progress(PullProgress(name, "pulling manifest"))
-    try:
+    try:  # each source says "pulling manifest" itself, when it has one to pull
         pulled = _pull_ref(ref, name, progress)
         record = store.put(name, pulled)
     except BaseException as exc:

@@ -14,6 +14,7 @@ breakdown of the load (:class:`LoadReport`).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -117,24 +118,24 @@ class Stream:
         self._parts: list[str] = []
         self._result: Completion | None = None
         self._error: BaseException | None = None
+        self._stats: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[Chunk]:
         return self
 
     def __next__(self) -> Chunk:
-        while True:
-            if self._result is not None:
-                raise StopIteration
-            if self._error is not None:
-                raise self._error
-            try:
-                msg = self._rt._wait(self._inbox)
-            except KeyboardInterrupt:
-                self._interrupted()
-                raise
-            chunk = self._take(msg)
-            if chunk is not None:
-                return chunk
+        try:
+            while True:
+                if self._result is not None:
+                    raise StopIteration
+                if self._error is not None:
+                    raise self._error
+                chunk = self._take(self._rt._wait(self._inbox))
+                if chunk is not None:
+                    return chunk
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
 
     def _take(self, msg: tuple[Any, ...]) -> Chunk | None:
         kind = msg[0]
@@ -145,7 +146,7 @@ class Stream:
             return Chunk(msg[2], msg[3])
         self._rt._forget(self._rid)
         if kind == "done":
-            s = msg[2]
+            s = self._stats = msg[2]
             ttft = self._ttft if self._ttft is not None else s.get("worker_ttft_s")
             self._result = Completion(
                 "".join(self._parts), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
@@ -194,9 +195,11 @@ class Stream:
             self.cancel()
 
     def __del__(self) -> None:
+        # May run inside the garbage collector, even in a thread that is halfway through a
+        # send: so never wait for the send lock here; the next send delivers the cancel instead.
         try:
             if not self.done:
-                self.cancel()
+                self._rt._cancel_soon(self._rid)
         except Exception:
             pass
 
@@ -215,6 +218,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.SimpleQueue[Any]] = {}
+        self._orphans: deque[int] = deque()
         self._logs: deque[tuple[int, str]] = deque(maxlen=2000)
         self._load_log: list[tuple[int, str]] | None = []
         self._dead: JupyterLLMError | None = None
@@ -266,7 +270,7 @@ class Runtime:
             rt._send(("load", str(path), options.to_dict(), bool(_extra_bufts)))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == "crash":
-                raise msg[2]
+                raise _error_from(msg, rt)
             if msg[0] == "load_error":
                 if msg[2] == "model":
                     advice = ("Check that the file is a complete GGUF model (`%llm show` verifies it; pull "
@@ -324,9 +328,9 @@ class Runtime:
 
     def rss_bytes(self) -> int:
         """The worker's resident memory (VmRSS) in bytes; 0 once it is gone."""
-        from .worker import _rss
+        from .worker import rss
 
-        return _rss(self.pid) if self._proc.poll() is None else 0
+        return rss(self.pid) if self._proc.poll() is None else 0
 
     def logs(self, n: int | None = None) -> list[tuple[int, str]]:
         """The last ``n`` (default: all kept) llama.cpp log messages as (level, text)."""
@@ -357,9 +361,12 @@ class Runtime:
             grammar = schema_grammar(json_schema)
         sampling = sampling or SamplingOptions()
         rid, inbox = self._register()
-        stream = Stream(self, rid, inbox)
-        self._send(("gen", rid, kind, payload, sampling.to_dict(), grammar))
-        return stream
+        try:
+            self._send(("gen", rid, kind, payload, sampling.to_dict(), grammar))
+        except BaseException:
+            self._forget(rid)
+            raise
+        return Stream(self, rid, inbox)
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         """The prompt the chat template makes of ``messages`` (with the generation prompt)."""
@@ -407,7 +414,7 @@ class Runtime:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._lock:
             if self._dead is not None:
-                raise self._dead
+                raise _fresh(self._dead)
             if self._closing:
                 raise JupyterLLMError(f"{self.name} was unloaded; load it again with `%llm load {self.name}`")
             rid = next(self._ids)
@@ -422,16 +429,29 @@ class Runtime:
         try:
             with self._send_lock:
                 self._conn.send(message)
+                while self._orphans:
+                    self._conn.send(("cancel", self._orphans.popleft()))
         except OSError:
             self._reader.join(5)  # the reader sees the EOF and works out why the worker died
-            raise self._dead or WorkerCrashedError(f"the worker running {self.name} is gone") from None
+            raise self._gone() from None
 
     def _send_quietly(self, message: tuple[Any, ...]) -> None:
         try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError):
+            self._send(message)
+        except (JupyterLLMError, ValueError):
             pass
+
+    def _cancel_soon(self, rid: int) -> None:
+        """Cancel without waiting for the send lock (for ``Stream.__del__``)."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self._conn.send(("cancel", rid))
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._send_lock.release()
+        else:
+            self._orphans.append(rid)
 
     def _wait(self, inbox: queue.SimpleQueue[Any]) -> tuple[Any, ...]:
         # Blocks on the queue (woken at once by the reader); the timeout only re-checks liveness.
@@ -440,7 +460,10 @@ class Runtime:
                 return inbox.get(timeout=_LIVENESS_S)
             except queue.Empty:
                 if not self._reader.is_alive() and inbox.empty():
-                    raise self._dead or WorkerCrashedError(f"the worker running {self.name} is gone") from None
+                    raise self._gone() from None
+
+    def _gone(self) -> JupyterLLMError:
+        return _fresh(self._dead) if self._dead else WorkerCrashedError(f"the worker running {self.name} is gone")
 
     def _read_loop(self) -> None:
         conn = self._conn
@@ -557,13 +580,18 @@ def schema_grammar(json_schema: dict[str, Any]) -> str:
 
 def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:
     if msg[0] == "crash":
-        return msg[2]
+        return _fresh(msg[2])
     _, _, kind, message, extra = msg
     if kind == "ContextOverflowError":
         return ContextOverflowError(message, extra.get("n_tokens"), extra.get("n_ctx"))
     if kind == "ValueError":
         return ValueError(message)
     return JupyterLLMError(f"{runtime.name}: {message}")
+
+
+def _fresh(error: JupyterLLMError) -> JupyterLLMError:
+    """A copy to raise: one crash is raised in many threads, each with its own traceback."""
+    return copy.copy(error).with_traceback(None)
 
 
 def _worker_env() -> dict[str, str]:

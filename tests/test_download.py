@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,10 @@ def _leftovers(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.parent.iterdir() if p.name != dest.name)
 
 
+def _hash_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "jupyter_llm-sha256"]
+
+
 def test_fetch_writes_verified_file_and_leaves_no_partial_or_lock(hub: FakeHub, blob: tuple[str, bytes, str],
                                                                   tmp_path: Path) -> None:
     url, data, sha = blob
@@ -93,6 +98,7 @@ def test_fetch_continues_partial_left_by_keyboard_interrupt(hub: FakeHub, blob: 
     kept = partial.stat().st_size
     assert not dest.exists() and 2 * MB <= kept < len(data)
     assert not dest.with_name(dest.name + ".lock").exists()
+    assert _hash_threads() == []  # the interrupted fetch cleaned up its hashing thread
 
     hub.throttle(None)
     fetch(url, dest, sha256=sha, size=len(data))
@@ -111,6 +117,7 @@ def test_fetch_discards_corrupt_download_and_raises_integrity_error(
     with pytest.raises(IntegrityError, match="sha256 mismatch"):
         fetch(url, dest, sha256=sha, size=len(data))
     assert _leftovers(dest) == [] and not dest.exists()
+    assert _hash_threads() == []
 
 
 def test_fetch_rejects_a_size_other_than_promised(hub: FakeHub, blob: tuple[str, bytes, str],

@@ -87,3 +87,12 @@ def test_code_format_extracts_the_first_fence() -> None:
 def test_quantized_kv_without_flash_attention_says_to_add_it(magics: LLMMagics) -> None:
     with pytest.raises(UsageError, match="--flash-attn"):
         magics.llm("estimate m --kv-type q8_0")
+
+
+def test_devices_lists_host_ram_with_its_llama_cpp_backend(magics: LLMMagics) -> None:
+    table = magics.llm("devices")
+    cpu = next(row for row in table.rows if row[0] == "CPU")
+    assert cpu[3] == "CPU", "llama.cpp's CPU backend, asked in a subprocess"
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total_kib = int(meminfo["MemTotal"].split()[0])
+    assert table.data[0].total_bytes == total_kib * 1024

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_llm.engine import TextOut
 from jupyter_llm.errors import ContextOverflowError, JupyterLLMError
 from jupyter_llm.options import LoadOptions, SamplingOptions
 from jupyter_llm.runtime import Chunk, Runtime
-from jupyter_llm.worker import _TextOut
 from tests import ggufs
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
@@ -266,7 +266,7 @@ def test_close_ends_the_worker_process(tiny: Path) -> None:
 
 
 def test_text_out_never_splits_a_utf8_character() -> None:
-    out = _TextOut(())
+    out = TextOut(())
     data = "é€😀".encode()
     pieces = [out.feed(data[i:i + 1])[0] for i in range(len(data))]
     assert "".join(pieces) == "é€😀"
@@ -274,11 +274,11 @@ def test_text_out_never_splits_a_utf8_character() -> None:
 
 
 def test_text_out_holds_back_a_possible_stop_string_prefix() -> None:
-    out = _TextOut(("STOP",))
+    out = TextOut(("STOP",))
     assert out.feed(b"hello ST") == ("hello ", False)
     assert out.feed(b"O") == ("", False)
     assert out.feed(b"P and more") == ("", True)
-    out = _TextOut(("STOP",))
+    out = TextOut(("STOP",))
     assert out.feed(b"a ST") == ("a ", False)
     assert out.feed(b"ay") == ("STay", False)
     assert out.feed(b" ST") == (" ", False)

@@ -219,7 +219,7 @@ def test_pull_resumes_after_the_process_is_killed(hub: FakeHub) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
+        proc.communicate()
     kept = partial.stat().st_size
     assert 4 * MB <= kept < len(data) and not blob.exists()
 

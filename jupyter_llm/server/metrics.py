@@ -104,8 +104,8 @@ def _histograms(lines: list[str], name: str, help_text: str, hists: dict[Labels,
     lines.append(f"# TYPE {name} histogram")
     for labels, hist in hists.items():
         for bound, count in zip(hist.buckets, hist.counts, strict=True):
-            lines.append(f"{name}_bucket{_labels(labels + (('le', _number(bound)),))} {count}")
-        lines.append(f"{name}_bucket{_labels(labels + (('le', '+Inf'),))} {hist.count}")
+            lines.append(f"{name}_bucket{_labels((*labels, ('le', _number(bound))))} {count}")
+        lines.append(f"{name}_bucket{_labels((*labels, ('le', '+Inf')))} {hist.count}")
         lines.append(f"{name}_sum{_labels(labels)} {_number(hist.sum)}")
         lines.append(f"{name}_count{_labels(labels)} {hist.count}")
 

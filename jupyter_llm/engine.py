@@ -1,0 +1,523 @@
+"""The decode engine inside the worker process: slots, continuous batching, sampling, text out.
+
+Runs only in :mod:`jupyter_llm.worker` (never imported by the kernel for llama.cpp work). One
+engine thread owns the context: every ``llama_decode``, sampling and KV operation happens there,
+because a context is not thread-safe (NOTES §2). The worker's control thread may call the
+methods marked *control thread*: they touch only the vocabulary (read-only) and flags.
+
+Each step decodes one batch over all busy slots: the next token of every generating sequence
+plus as many prompt tokens of newer requests as ``n_batch`` leaves room for (continuous
+batching, as llama-server does). Slot ``i`` is sequence ``i`` of a context made with
+``kv_unified = False``: each slot owns ``n_ctx / parallel`` KV cells, freed with
+``llama_memory_seq_rm`` when its request ends. Only batch rows whose logits flag is set are
+sampled (anything else aborts the process).
+
+Cancellation: a flag per request, checked between steps, plus an abort callback installed for
+steps that evaluate prompt tokens, so a long prompt stops within ~10 ms (``llama_decode``
+returns 2; the step's partial KV is removed and the other requests redo it). Generation steps
+run without the callback: it costs a GIL round trip per graph node (~3 % of a token here).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import queue
+import random
+import re
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+_POOLING_MEAN = 1
+_EMBED_SEQS = 16
+
+
+class RequestError(Exception):
+    """A request the worker refuses; ``kind`` names the error class the kernel raises."""
+
+    def __init__(self, kind: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.extra = extra
+
+
+class TextOut:
+    """Token bytes → text to emit: never half a UTF-8 character, never part of a stop string."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+
+    def feed(self, piece: bytes) -> tuple[str, bool]:
+        """Add one token's bytes; returns (text ready to emit, whether a stop string matched)."""
+        self._held += self._decoder.decode(piece)
+        if not self._stop:
+            out, self._held = self._held, ""
+            return out, False
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out, self._held = self._held[: min(hits)], ""
+            return out, True
+        keep = 0  # the longest tail that could still grow into a stop string is held back
+        for s in self._stop:
+            for n in range(min(len(s) - 1, len(self._held)), keep, -1):
+                if self._held.endswith(s[:n]):
+                    keep = n
+                    break
+        cut = len(self._held) - keep
+        out, self._held = self._held[:cut], self._held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """What is held back, at the end of a generation that did not hit a stop string."""
+        out, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        return out
+
+
+@dataclass(eq=False)
+class _Request:
+    rid: int
+    tokens: list[int]
+    chain: Any
+    max_tokens: int | None
+    out: TextOut
+    seed: int
+    t_recv: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    cancelled: bool = False
+    slot: int = -1
+    n_past: int = 0
+    n_prompt_done: int = 0
+    last_token: int = -1
+    n_gen: int = 0
+    n_unsent: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+
+def llama_said(errors: deque[str], default: str) -> str:
+    """llama.cpp's own explanation of a failure: its first and last ERROR lines (without the
+    function names), or ``default`` when it logged none."""
+    lines = [re.sub(r"^[\w:]+: ", "", line) for line in errors]
+    if not lines:
+        return default
+    return lines[0] if len(lines) == 1 or lines[0] == lines[-1] else f"{lines[0]}; {lines[-1]}"
+
+
+def context_params(L: Any, n_ctx: int, n_batch: int, n_ubatch: int, n_seq: int, n_threads: int) -> Any:
+    """llama_context_params with our defaults (no perf counters, the same threads for both phases)."""
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n_seq
+    cp.n_threads = cp.n_threads_batch = n_threads
+    cp.no_perf = True
+    return cp
+
+
+def model_meta(L: Any, model: Any, key: str) -> str | None:
+    """A GGUF metadata value as text, None if absent."""
+    buf = ctypes.create_string_buffer(4096)
+    n = L.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
+class Engine:
+    """Generation and embeddings over one model and its context (see the module docstring)."""
+
+    def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
+                 send: Callable[[tuple[Any, ...]], None], errors: deque[str]) -> None:
+        self.L, self.model, self.ctx = L, model, ctx
+        self.parallel, self.n_threads = parallel, n_threads
+        self.send = send
+        self.errors = errors
+        """llama.cpp's recent ERROR log lines (the worker's log callback appends them)."""
+        self.vocab = L.llama_model_get_vocab(model)
+        self.mem = L.llama_get_memory(ctx)
+        self.n_batch = L.llama_n_batch(ctx)
+        self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # owns the token arrays decode reads
+        self.bos = L.llama_vocab_bos(self.vocab)
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.slots: list[_Request | None] = [None] * parallel
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.requests: dict[int, _Request] = {}
+        self.pending: deque[_Request] = deque()
+        self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0}
+        self._abort = False
+        self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort)  # referenced while set
+        self._no_abort = L.ggml_abort_callback()  # NULL
+        self._abort_on = False
+        self._pieces: dict[int, bytes] = {}
+        self._template: Any = None
+        self._embed_ctx: Any = None
+        self._embed_size = 0
+
+    def warm_up(self) -> int:
+        """A 2-token decode (returns llama_decode's code). It pages the weights in and turns the
+        crashes llama.cpp keeps for the first multi-token decode (NOTES §2) into a failed load."""
+        token = self.bos if self.bos >= 0 else 0
+        self._put(0, token, 0, 0, False)
+        self._put(1, token, 1, 0, True)
+        self.batch.n_tokens = 2
+        rc = self.L.llama_decode(self.ctx, self.batch)
+        self.L.llama_memory_clear(self.mem, True)
+        return int(rc)
+
+    # -- text (control thread) -----------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` with the model's vocabulary (special tokens parsed by default)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (self.L.llama_token * size)()
+            n = self.L.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The chat prompt: the GGUF's Jinja chat template, rendered in a sandbox."""
+        if self._template is None:
+            source = self.L.llama_model_chat_template(self.model, None)
+            if not source:
+                raise RequestError("ValueError", "this model has no chat template; use generate() "
+                                   "with a prompt you format yourself")
+            self._template = _compile_template(source.decode("utf-8"))
+        bos, eos = (self._special_text(self.L.llama_vocab_bos(self.vocab)),
+                    self._special_text(self.L.llama_vocab_eos(self.vocab)))
+        try:
+            return str(self._template.render(messages=messages, add_generation_prompt=True,
+                                             bos_token=bos, eos_token=eos))
+        except Exception as exc:  # a template's raise_exception(), or a malformed message
+            raise RequestError("ValueError", f"the chat template refused these messages: {exc}") from exc
+
+    def _special_text(self, token: int) -> str:
+        text = self.L.llama_vocab_get_text(self.vocab, token) if token >= 0 else None
+        return text.decode("utf-8", "replace") if text else ""
+
+    def prompt_tokens(self, kind: str, payload: Any) -> list[int]:
+        """Tokens of a raw prompt or of rendered chat messages, with BOS once if the model wants it."""
+        tokens = self.tokenize(self.render(payload) if kind == "chat" else str(payload))
+        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+            tokens.insert(0, self.bos)
+        return tokens
+
+    # -- requests (control thread) -------------------------------------------------------------
+
+    def submit(self, rid: int, kind: str, payload: Any, sampling: dict[str, Any], grammar: str | None) -> None:
+        """Prepare a generation and queue it for the engine; raises RequestError on bad input."""
+        tokens = self.prompt_tokens(kind, payload)
+        if not tokens:
+            raise RequestError("ValueError", "the prompt is empty")
+        if len(tokens) >= self.n_ctx_seq:
+            raise RequestError(
+                "ContextOverflowError",
+                f"the prompt has {len(tokens)} tokens but a slot holds {self.n_ctx_seq} "
+                f"(context {self.n_ctx_seq * self.parallel} / {self.parallel} slots); shorten it, or "
+                "load the model with a larger --ctx or fewer --parallel slots",
+                n_tokens=len(tokens), n_ctx=self.n_ctx_seq)
+        seed = sampling.get("seed")
+        seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
+        chain = self._chain(sampling, grammar, seed)
+        out = TextOut(tuple(sampling.get("stop") or ()))
+        req = _Request(rid, tokens, chain, sampling.get("max_tokens"), out, seed)
+        self.requests[rid] = req
+        self.inbox.put(req)
+
+    def _chain(self, s: dict[str, Any], grammar: str | None, seed: int) -> Any:
+        L = self.L
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = L.llama_sampler_chain_init(params)
+        add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if grammar:
+            self.errors.clear()
+            g = L.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not g:
+                L.llama_sampler_free(chain)
+                raise RequestError("ValueError", "the grammar does not parse: " + llama_said(self.errors, "?"))
+            add(g)
+        if s.get("repeat_penalty", 1.0) != 1.0:
+            add(L.llama_sampler_init_penalties(64, s["repeat_penalty"], 0.0, 0.0))
+        if s.get("temperature", 0.0) <= 0.0:
+            add(L.llama_sampler_init_greedy())
+            return chain
+        if s.get("top_k", 0) > 0:
+            add(L.llama_sampler_init_top_k(s["top_k"]))
+        add(L.llama_sampler_init_top_p(s.get("top_p", 1.0), 1))
+        add(L.llama_sampler_init_min_p(s.get("min_p", 0.0), 1))
+        add(L.llama_sampler_init_temp(s["temperature"]))
+        add(L.llama_sampler_init_dist(seed))
+        return chain
+
+    def cancel(self, rid: int) -> None:
+        """Flag a request and abort the decode in flight (a long prompt stops within ~10 ms)."""
+        req = self.requests.get(rid)
+        if req is not None:
+            req.cancelled = True
+            self._abort = True  # a spurious abort only makes the engine redo one step
+
+    def stats(self) -> dict[str, Any]:
+        busy = sum(1 for s in self.slots if s is not None)
+        return {"slots": self.parallel, "busy": busy, "queued": len(self.pending) + self.inbox.qsize(),
+                **self.counters}
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The engine loop until ``"close"`` arrives in the inbox."""
+        try:
+            while self._step():
+                pass
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # to the captured stderr: the kernel reports its last line
+            sys.stderr.flush()
+            os._exit(70)
+
+    def _step(self) -> bool:
+        self._abort = False  # reset *before* reading cancel flags: a later cancel still aborts
+        idle = not self.pending and all(s is None for s in self.slots)
+        item = self.inbox.get() if idle else None  # block only when there is nothing to decode
+        while True:
+            if item is None:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if isinstance(item, _Request):
+                self.pending.append(item)
+                self.counters["requests"] += 1
+            elif item == "close":
+                self._shutdown()
+                return False
+            else:
+                self._run_embed(*item)
+            item = None
+        for req in [r for r in (*self.slots, *self.pending) if r is not None and r.cancelled]:
+            if req.slot < 0:
+                self.pending.remove(req)
+            self._finish(req, "cancelled")
+        for i, slot in enumerate(self.slots):
+            if slot is None and self.pending:
+                req = self.slots[i] = self.pending.popleft()
+                req.slot, req.t_start = i, time.perf_counter()
+        if any(s is not None for s in self.slots):
+            self._decode_step()
+        return True
+
+    def _decode_step(self) -> None:
+        L = self.L
+        n, samples, step, prompt_tokens = 0, [], [], 0
+        active = [r for r in self.slots if r is not None]
+        for req in active:  # one token for every sequence that is generating
+            if req.n_prompt_done == len(req.tokens):
+                self._put(n, req.last_token, req.n_past, req.slot, True)
+                samples.append((req, n))
+                step.append((req, req.n_past, 1, 0))
+                n += 1
+        for req in active:  # then prompt tokens, as many as fit
+            left = len(req.tokens) - req.n_prompt_done
+            take = min(left, self.n_batch - n)
+            if left == 0 or take <= 0:
+                continue
+            for j in range(take):
+                self._put(n + j, req.tokens[req.n_prompt_done + j], req.n_past + j, req.slot, j == left - 1)
+            n += take
+            prompt_tokens += take
+            if take == left:
+                samples.append((req, n - 1))
+            step.append((req, req.n_past, take, take))
+        if (prompt_tokens > 1) != self._abort_on:
+            self._abort_on = prompt_tokens > 1
+            L.llama_set_abort_callback(self.ctx, self._abort_cb if self._abort_on else self._no_abort, None)
+        self.batch.n_tokens = n
+        rc = L.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            for req, pos, _, _ in step:  # drop what the interrupted step left in the KV cache
+                L.llama_memory_seq_rm(self.mem, req.slot, pos, -1)
+            if rc != 2:  # 2 = aborted by a cancel: the next step redoes the others' tokens
+                for req, _, _, _ in step:
+                    self._finish(req, "error", f"llama_decode failed ({rc}): "
+                                 + llama_said(self.errors, "see the worker log"))
+            return
+        self.counters["tokens_in"] += prompt_tokens
+        for req, _, count, prompt in step:
+            req.n_past += count
+            req.n_prompt_done += prompt
+        now = time.perf_counter()
+        for req, idx in samples:
+            self._accept(req, L.llama_sampler_sample(req.chain, self.ctx, idx), now)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _accept(self, req: _Request, token: int, now: float) -> None:
+        if req.n_gen == 0:
+            req.t_first = now
+        req.t_last = now
+        if self.L.llama_vocab_is_eog(self.vocab, token):
+            self._finish(req, "stop")
+            return
+        req.n_gen += 1
+        req.n_unsent += 1
+        self.counters["tokens_out"] += 1
+        text, stopped = req.out.feed(self._piece(token))
+        if text:
+            self.send(("tok", req.rid, text, req.n_unsent))
+            req.n_unsent = 0
+        if stopped:
+            self._finish(req, "stop")
+        elif (req.max_tokens is not None and req.n_gen >= req.max_tokens) or req.n_past >= self.n_ctx_seq:
+            self._finish(req, "length")
+        else:
+            req.last_token = token
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        if req.slot >= 0:
+            self.L.llama_memory_seq_rm(self.mem, req.slot, -1, -1)
+            self.slots[req.slot] = None
+            req.slot = -1
+        self.L.llama_sampler_free(req.chain)
+        self.requests.pop(req.rid, None)
+        if error is not None:
+            self.send(("error", req.rid, "RuntimeError", error, {}))
+            return
+        if reason != "cancelled":
+            rest = req.out.flush()  # a stop-string prefix held back was real text after all
+            if rest:
+                self.send(("tok", req.rid, rest, req.n_unsent))
+        prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
+        self.send(("done", req.rid, {
+            "finish_reason": reason, "prompt_tokens": len(req.tokens), "completion_tokens": req.n_gen,
+            "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
+            "gen_tok_per_s": (req.n_gen - 1) / gen_s if req.n_gen > 1 and gen_s > 0 else 0.0,
+            "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
+        }))
+
+    def _shutdown(self) -> None:
+        for req in [*self.pending, *(s for s in self.slots if s is not None)]:
+            self._finish(req, "cancelled")
+        self.pending.clear()
+
+    def free(self) -> None:
+        """Free the native objects this engine made (the worker frees context and model)."""
+        if self._embed_ctx is not None:
+            self.L.llama_free(self._embed_ctx)
+            self._embed_ctx = None
+        self.L.llama_batch_free(self.batch)
+
+    # -- embeddings (engine thread) -------------------------------------------------------------
+
+    def _run_embed(self, rid: int, texts: list[str], normalize: bool) -> None:
+        try:
+            self.send(("reply", rid, self._embed(texts, normalize)))
+        except RequestError as exc:
+            self.send(("error", rid, exc.kind, str(exc), exc.extra))
+
+    def _embed(self, texts: list[str], normalize: bool) -> list[list[float]]:
+        L = self.L
+        inputs = [self.tokenize(t, add_special=True, parse_special=False) or [max(self.bos, 0)] for t in texts]
+        longest = max((len(t) for t in inputs), default=1)
+        limit = L.llama_model_n_ctx_train(self.model)
+        if longest > limit:
+            raise RequestError("ContextOverflowError", f"an input has {longest} tokens; this model embeds "
+                               f"at most {limit}; split the text", n_tokens=longest, n_ctx=limit)
+        ctx = self._embedding_context(longest)
+        n_embd = L.llama_model_n_embd(self.model)
+        batch = L.llama_batch_init(self._embed_size, 0, 1)
+        out: list[list[float]] = []
+        try:
+            i = 0
+            while i < len(inputs):
+                n, seqs = 0, 0
+                while i < len(inputs) and seqs < _EMBED_SEQS and n + len(inputs[i]) <= self._embed_size:
+                    for pos, token in enumerate(inputs[i]):  # one input per sequence, positions from 0
+                        batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+                        batch.seq_id[n][0], batch.logits[n] = seqs, True
+                        n += 1
+                    seqs, i = seqs + 1, i + 1
+                batch.n_tokens = n
+                rc = L.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RequestError("RuntimeError", f"embedding decode failed ({rc}): "
+                                       + llama_said(self.errors, "see the worker log"))
+                for s in range(seqs):
+                    vec = L.llama_get_embeddings_seq(ctx, s)[:n_embd]
+                    if normalize:
+                        norm = sum(v * v for v in vec) ** 0.5 or 1.0
+                        vec = [v / norm for v in vec]
+                    out.append(vec)
+                L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        finally:
+            L.llama_batch_free(batch)
+        return out
+
+    def _embedding_context(self, longest: int) -> Any:
+        # A second, small context with pooled embeddings, made on first use (again, larger, for a
+        # longer input): the generation context keeps its per-slot KV and its speed.
+        L = self.L
+        if self._embed_ctx is not None and longest <= self._embed_size:
+            return self._embed_ctx
+        if self._embed_ctx is not None:
+            L.llama_free(self._embed_ctx)
+            self._embed_ctx = None
+        size = max(512, -(-longest // 256) * 256)
+        cp = context_params(L, size, size, size, _EMBED_SEQS, self.n_threads)
+        cp.embeddings = True
+        cp.kv_unified = True  # any one input may use the whole context
+        pooling = model_meta(L, self.model, f"{model_meta(L, self.model, 'general.architecture')}.pooling_type")
+        cp.pooling_type = int(pooling) if pooling and pooling.isdigit() and int(pooling) > 0 else _POOLING_MEAN
+        ctx = L.llama_init_from_model(self.model, cp)
+        if not ctx:
+            raise RequestError("RuntimeError", "could not create the embedding context: "
+                               + llama_said(self.errors, "see the worker log"))
+        self._embed_ctx, self._embed_size = ctx, size
+        return ctx
+
+
+def _compile_template(source: str) -> Any:
+    """A chat template compiled in an immutable Jinja sandbox (templates come from downloads)."""
+    import json
+    from datetime import datetime
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
+    return env.from_string(source)
+
+
+__all__ = ["Engine", "RequestError", "TextOut", "context_params", "llama_said", "model_meta"]

@@ -1,0 +1,465 @@
+"""Ollama's HTTP API, with its JSON shapes: streams are NDJSON, durations are nanoseconds.
+
+Routes: ``GET /`` and ``/api/version``, ``/api/tags``, ``/api/ps``; ``POST /api/show``,
+``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/embeddings``, ``/api/pull``,
+``/api/copy``; ``DELETE /api/delete``. Errors are ``{"error": "..."}`` with a 4xx/5xx status.
+
+Ollama's semantics kept: a generate/chat with an empty prompt (or no messages) only loads the
+model, and with ``keep_alive: 0`` unloads it; ``keep_alive`` on any request sets how long the
+model stays loaded after it; ``options.num_ctx`` is the context per request (the model is
+reloaded if it differs and the model is idle). Not supported, with a 400 saying so: images,
+tools, thinking, ``suffix``, custom ``template`` and the deprecated ``context``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from .backend import UNCHANGED, Job, Loaded
+from .params import (
+    Body,
+    bad,
+    grammar_for,
+    json_format,
+    keep_alive,
+    ollama_options,
+    sampling,
+)
+from .responses import (
+    Streamed,
+    ctx,
+    endpoint,
+    json_response,
+    ndjson,
+    problem_from,
+    read_json,
+    run_blocking,
+    until_disconnect,
+)
+
+COMPATIBLE_VERSION = "0.9.0"
+"""The Ollama API version whose shapes this server follows (clients check it for features)."""
+FOREVER = "2318-11-25T00:00:00Z"
+"""What Ollama reports as expires_at for a model kept loaded forever."""
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _iso(timestamp: float | None) -> str:
+    if not timestamp:
+        return datetime.fromtimestamp(0, timezone.utc).isoformat()
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+def _ns(seconds: float | None) -> int:
+    return int(max(seconds or 0.0, 0.0) * 1e9)
+
+
+def parameter_size(n: Any) -> str:
+    if not isinstance(n, int) or n <= 0:
+        return ""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def details(record: Any) -> dict[str, Any]:
+    """Ollama's ``details`` object of a stored model."""
+    s = record.summary or {}
+    arch = s.get("architecture") or ""
+    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+            "parameter_size": parameter_size(s.get("parameters")), "quantization_level": s.get("quantization") or ""}
+
+
+def _model_name(body: Body) -> str:
+    name = body.str("model", max_len=512) or body.str("name", max_len=512)
+    if not name or not name.strip():
+        raise bad("'model' is required")
+    return name
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+@endpoint
+async def root(request: Any) -> Any:
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse("Ollama is running")
+
+
+@endpoint
+async def version(request: Any) -> Any:
+    return json_response({"version": COMPATIBLE_VERSION})
+
+
+@endpoint
+async def tags(request: Any) -> Any:
+    records = await run_blocking(ctx(request).manager.list)
+    return json_response({"models": [{
+        "name": r.name, "model": r.name, "modified_at": _iso(r.created), "size": r.size,
+        "digest": r.sha256 or "", "details": details(r),
+    } for r in records]})
+
+
+@endpoint
+async def ps(request: Any) -> Any:
+    models = await run_blocking(ctx(request).manager.ps)
+    out = []
+    for m in models:
+        described = m.to_dict()
+        measured = described.get("measured") or {}
+        totals = {dev: sizes.get("total", 0) for dev, sizes in measured.items() if isinstance(sizes, dict)}
+        size = sum(totals.values()) or (described.get("estimate") or {}).get("total") or m.record.size
+        expires = m.expires_at
+        out.append({
+            "name": m.name, "model": m.name, "size": size, "digest": m.record.sha256 or "",
+            "details": details(m.record), "expires_at": _iso(expires) if expires is not None else FOREVER,
+            "size_vram": sum(v for dev, v in totals.items() if not dev.upper().startswith("CPU")),
+            "context_length": getattr(m.report, "n_ctx_per_slot", None),
+        })
+    return json_response({"models": out})
+
+
+@endpoint
+async def show(request: Any) -> Any:
+    body = Body(await read_json(request))
+    name = _model_name(body)
+    verbose = body.bool("verbose", False)
+    shown = await run_blocking(ctx(request).manager.show, name)
+    record, info = shown["record"], shown["info"]
+    template = info.chat_template or ""
+    params = (record.details or {}).get("params") or {}
+    lines = [f"{k} {v}" for k, values in params.items() for v in (values if isinstance(values, list) else [values])]
+    model_info = {k: _info_value(v, verbose) for k, v in info.metadata.items()}
+    modelfile = f"# Modelfile generated by jupyter_llm\nFROM {record.path}\n"
+    if template:
+        modelfile += f'TEMPLATE """{template}"""\n'
+    modelfile += "".join(f"PARAMETER {line}\n" for line in lines)
+    return json_response({
+        "license": info.license or (record.details or {}).get("license") or "",
+        "modelfile": modelfile, "parameters": "\n".join(lines), "template": template,
+        "details": details(record), "model_info": model_info, "capabilities": ["completion"],
+        "modified_at": _iso(record.created),
+    })
+
+
+def _info_value(value: Any, verbose: bool) -> Any:
+    """Metadata as Ollama shows it: arrays (the vocabulary…) only when ``verbose``."""
+    if isinstance(value, list):
+        return value if verbose else None
+    return value if value is None or isinstance(value, str | int | float | bool) else None
+
+
+# -- generation ------------------------------------------------------------------------------
+
+def _keep_alive(body: Body) -> Any:
+    return keep_alive(body.data["keep_alive"]) if body.has("keep_alive") else UNCHANGED
+
+
+def _refuse_unsupported(body: Body) -> None:
+    if body.list("images"):
+        raise bad("images are not supported: this server runs text models only", "images")
+    think = body.raw("think")
+    if think not in (None, False):
+        if not isinstance(think, bool | str):
+            raise bad("'think' must be true, false or a level", "think")
+        raise bad("thinking is not supported by this server", "think")
+    if body.list("tools"):
+        raise bad("tools are not supported by this server yet", "tools")
+
+
+async def _prepare(request: Any, body: Body, name: str) -> tuple[Any, Any, Any, int | None]:
+    """Options, format and keep_alive checked; the model loaded unless the request only (un)loads it."""
+    c = ctx(request)
+    keep = _keep_alive(body)
+    schema = json_format(body.raw("format"))
+    record = await run_blocking(c.manager.record, name)
+    trained = int((record.summary or {}).get("context_length") or 0) or 1 << 20
+    fields, num_ctx = ollama_options(body.obj("options"), n_ctx_max=trained)
+    options = sampling(fields)
+    return keep, options, schema, num_ctx
+
+
+async def _load_or_unload(request: Any, name: str, keep: Any, num_ctx: int | None, what: str) -> Any:
+    c = ctx(request)
+    if keep == 0:
+        await run_blocking(c.backend.unload, name)
+        reason = "unload"
+    else:
+        loaded = await run_blocking(c.backend.ensure, name, keep_alive=keep, num_ctx=num_ctx)
+        loaded.release()
+        reason = "load"
+    item: dict[str, Any] = {"model": name, "created_at": now(), "done": True, "done_reason": reason}
+    item.update({"response": ""} if what == "generate" else {"message": {"role": "assistant", "content": ""}})
+    return json_response(item)
+
+
+async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | None, options: Any,
+               schema: Any, kind: str, payload: Any, what: str) -> Any:
+    c = ctx(request)
+    stream = body.bool("stream", True)
+    grammar = await run_blocking(grammar_for, schema) if schema is not None else None
+    loaded = await run_blocking(c.backend.ensure, name, keep_alive=keep, num_ctx=num_ctx)
+    job = c.backend.start(loaded, kind, payload, options, grammar, "options.num_predict")
+    if not await until_disconnect(request, job.prime, job.cancel):
+        return _gone()
+
+    def piece(text: str) -> dict[str, Any]:
+        item: dict[str, Any] = {"model": name, "created_at": now()}
+        item.update({"response": text} if what == "generate" else {"message": {"role": "assistant", "content": text}})
+        return item
+
+    if not stream:
+        collected = await until_disconnect(request, job.collect, job.cancel)
+        if collected is None:
+            return _gone()
+        text, result = collected
+        return json_response({**piece(text), **_final(result, job, loaded)})
+
+    async def lines() -> Any:
+        try:
+            async for item in job.events():
+                if hasattr(item, "n_tokens"):
+                    yield ndjson(piece(item.text))
+                else:
+                    yield ndjson({**piece(""), **_final(item, job, loaded)})
+        except Exception as exc:  # a worker that died mid-answer: Ollama reports it in the stream
+            yield ndjson({"error": problem_from(exc).message})
+
+    return Streamed(lines(), "application/x-ndjson", job.cancel)
+
+
+def _final(result: Any, job: Job, loaded: Loaded) -> dict[str, Any]:
+    total = time.perf_counter() - job.started + loaded.load_s
+    prompt_s = (result.prompt_tokens / result.prompt_tok_per_s if result.prompt_tok_per_s > 0
+                else result.ttft_s or 0.0)
+    eval_s = (result.completion_tokens / result.gen_tok_per_s if result.gen_tok_per_s > 0
+              else max(result.total_s - (result.ttft_s or 0.0), 0.0))
+    return {"done": True, "done_reason": result.finish_reason, "total_duration": _ns(total),
+            "load_duration": _ns(loaded.load_s), "prompt_eval_count": result.prompt_tokens,
+            "prompt_eval_duration": _ns(prompt_s), "eval_count": result.completion_tokens,
+            "eval_duration": _ns(eval_s)}
+
+
+@endpoint
+async def generate(request: Any) -> Any:
+    body = Body(await read_json(request))
+    name = _model_name(body)
+    prompt = body.str("prompt", "")
+    system = body.str("system")
+    raw = body.bool("raw", False)
+    for key in ("suffix", "template"):
+        if body.str(key):
+            raise bad(f"'{key}' is not supported by this server", key)
+    if body.list("context"):
+        raise bad("'context' (deprecated in Ollama) is not supported; send the conversation to /api/chat", "context")
+    _refuse_unsupported(body)
+    keep, options, schema, num_ctx = await _prepare(request, body, name)
+    if not prompt:
+        return await _load_or_unload(request, name, keep, num_ctx, "generate")
+    if raw:
+        kind, payload = "prompt", prompt
+    else:
+        kind = "chat"
+        payload = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return await _run(request, name, body, keep, num_ctx, options, schema, kind, payload, "generate")
+
+
+def messages_of(items: list[Any]) -> list[dict[str, str]]:
+    """Ollama chat messages → ``{"role", "content"}`` dicts (400 on anything malformed)."""
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad(f"'messages[{i}]' must be an object with 'role' and 'content'", f"messages[{i}]")
+        m = Body(item, prefix=f"messages[{i}].")
+        role = m.str("role", required=True)
+        if role not in _ROLES:
+            raise bad(f"'messages[{i}].role' must be one of {', '.join(_ROLES)}, not {role!r}", f"messages[{i}].role")
+        if m.list("images"):
+            raise bad("images are not supported: this server runs text models only", f"messages[{i}].images")
+        if m.list("tool_calls"):
+            raise bad("tool calls are not supported by this server yet", f"messages[{i}].tool_calls")
+        out.append({"role": role, "content": m.str("content", "")})
+    return out
+
+
+@endpoint
+async def chat(request: Any) -> Any:
+    body = Body(await read_json(request))
+    name = _model_name(body)
+    messages = messages_of(body.list("messages") or [])
+    _refuse_unsupported(body)
+    keep, options, schema, num_ctx = await _prepare(request, body, name)
+    if not messages:
+        return await _load_or_unload(request, name, keep, num_ctx, "chat")
+    return await _run(request, name, body, keep, num_ctx, options, schema, "chat", messages, "chat")
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+async def _embed(request: Any, body: Body, texts: list[str], normalize: bool) -> tuple[list[list[float]], int, Any]:
+    c = ctx(request)
+    name = _model_name(body)
+    keep = _keep_alive(body)
+    record = await run_blocking(c.manager.record, name)
+    trained = int((record.summary or {}).get("context_length") or 0) or 1 << 20
+    _, num_ctx = ollama_options(body.obj("options"), n_ctx_max=trained)
+    loaded = await run_blocking(c.backend.ensure, name, keep_alive=keep, num_ctx=num_ctx)
+    vectors, n_tokens = await run_blocking(c.backend.embed, loaded, texts, normalize)
+    return vectors, n_tokens, loaded
+
+
+@endpoint
+async def embed(request: Any) -> Any:
+    t0 = time.perf_counter()
+    body = Body(await read_json(request))
+    raw = body.raw("input", "")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise bad("'input' must be a string or a list of strings", "input")
+    if body.raw("dimensions") is not None:
+        raise bad("'dimensions' is not supported: embeddings have the model's own size", "dimensions")
+    body.bool("truncate")
+    vectors, n_tokens, loaded = await _embed(request, body, texts, True)
+    return json_response({"model": loaded.name, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - t0),
+                          "load_duration": _ns(loaded.load_s), "prompt_eval_count": n_tokens})
+
+
+@endpoint
+async def embeddings(request: Any) -> Any:
+    body = Body(await read_json(request))
+    prompt = body.str("prompt", "")
+    vectors, _, _ = await _embed(request, body, [prompt] if prompt else [], False)
+    return json_response({"embedding": vectors[0] if vectors else []})
+
+
+# -- the store -------------------------------------------------------------------------------
+
+def _progress_item(event: Any) -> dict[str, Any] | None:
+    status = event.status
+    if status in ("success", "error"):
+        return None  # sent once the record is stored, or as {"error": ...}
+    if status == "downloading":
+        digest = event.digest or ""
+        short = digest.removeprefix("sha256:")[:12] or (event.filename or event.name)
+        item: dict[str, Any] = {"status": f"pulling {short}", "total": event.total, "completed": event.completed}
+        if digest:
+            item["digest"] = digest if digest.startswith("sha256:") else f"sha256:{digest}"
+        return item
+    if status == "fallback":
+        return {"status": event.message or status}
+    return {"status": status}
+
+
+@endpoint
+async def pull(request: Any) -> Any:
+    """Pull through the same code as ``%llm pull``; progress events become Ollama's NDJSON stream.
+
+    A pull is not cancelled when the client leaves (as in Ollama): it finishes into the store.
+    """
+    body = Body(await read_json(request))
+    name = _model_name(body)
+    body.bool("insecure")
+    stream = body.bool("stream", True)
+    manager = ctx(request).manager
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the server stopped; the pull still completes
+
+    def listener(event: Any) -> None:
+        item = _progress_item(event)
+        if item is not None:
+            put(item)
+
+    def work() -> None:
+        try:
+            manager.pull(name, listeners=[listener])
+            put({"status": "success"})
+        except BaseException as exc:
+            put(exc)
+
+    threading.Thread(target=work, name="jupyter_llm-http-pull", daemon=True).start()
+
+    async def events() -> Any:
+        while True:
+            item = await queue.get()
+            yield item
+            if isinstance(item, BaseException) or item.get("status") == "success":
+                return
+
+    if not stream:
+        async for item in events():
+            if isinstance(item, BaseException):
+                raise item
+        return json_response({"status": "success"})
+
+    first = await queue.get()  # a bad name fails before any progress: answer it with its status
+    if isinstance(first, BaseException):
+        raise first
+
+    async def lines() -> Any:
+        yield ndjson(first)
+        if first.get("status") == "success":
+            return
+        async for item in events():
+            yield ndjson({"error": problem_from(item).message} if isinstance(item, BaseException) else item)
+
+    return Streamed(lines(), "application/x-ndjson", lambda: None)
+
+
+@endpoint
+async def copy(request: Any) -> Any:
+    body = Body(await read_json(request))
+    source = body.str("source", required=True, nonempty=True, max_len=512)
+    destination = body.str("destination", required=True, nonempty=True, max_len=512)
+    await run_blocking(ctx(request).manager.copy, source, destination)
+    return _empty()
+
+
+@endpoint
+async def delete(request: Any) -> Any:
+    body = Body(await read_json(request))
+    name = _model_name(body)
+    await run_blocking(ctx(request).manager.remove, name)
+    return _empty()
+
+
+def _gone() -> Any:
+    """The answer to a client that left: nobody reads it; the status is for the metrics."""
+    return json_response({"error": "the client closed the connection"}, 499)
+
+
+def _empty() -> Any:
+    from starlette.responses import Response
+
+    return Response(b"", status_code=200)
+
+
+def routes() -> list[Any]:
+    """Starlette routes of the Ollama API."""
+    from starlette.routing import Route
+
+    return [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/embeddings", embeddings, methods=["POST"]),
+        Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/copy", copy, methods=["POST"]),
+        Route("/api/delete", delete, methods=["DELETE"]),
+    ]

@@ -1,0 +1,294 @@
+"""OpenAI's HTTP API under ``/v1``: models, chat completions, completions, embeddings.
+
+Streams are server-sent events ending in ``data: [DONE]``; ``stream_options.include_usage``
+adds a last chunk with the token counts. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``, so the official client raises its usual
+exceptions (``AuthenticationError``, ``NotFoundError``, ``BadRequestError``…).
+
+Models not loaded are loaded on demand (keep_alive 5 minutes, as through the Ollama API).
+Beyond OpenAI's parameters, ``top_k``, ``min_p`` and ``repeat_penalty`` are accepted as
+llama.cpp's servers do. Refused with a 400 that says so: ``n`` > 1, ``logprobs``,
+``logit_bias``, tools, non-zero presence/frequency penalties, images, token-id prompts.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+import uuid
+from typing import Any
+
+from .._version import __version__
+from .backend import UNCHANGED
+from .params import MAX_INPUTS, Body, bad, common_sampling, grammar_for, sampling
+from .responses import (
+    Streamed,
+    ctx,
+    endpoint,
+    json_response,
+    problem_from,
+    read_json,
+    run_blocking,
+    sse,
+    until_disconnect,
+)
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_TOKENS_LIMIT = 2**31
+
+
+def _model(record: Any) -> dict[str, Any]:
+    return {"id": record.name, "object": "model", "created": int(record.created or 0), "owned_by": record.source}
+
+
+@endpoint
+async def list_models(request: Any) -> Any:
+    records = await run_blocking(ctx(request).manager.list)
+    return json_response({"object": "list", "data": [_model(r) for r in records]})
+
+
+@endpoint
+async def get_model(request: Any) -> Any:
+    name = request.path_params["model_id"]
+    record = await run_blocking(ctx(request).manager.record, name)
+    return json_response(_model(record))
+
+
+def _text_content(value: Any, where: str) -> str:
+    """A message's content: a string, null, or a list of text parts."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise bad(f"'{where}[{i}]' must be a content part object with a 'type'", where)
+            if part["type"] != "text":
+                raise bad(f"content parts of type {part['type']!r} are not supported: this server runs text "
+                          "models only", where)
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad(f"'{where}[{i}].text' must be a string", where)
+            parts.append(text)
+        return "".join(parts)
+    raise bad(f"'{where}' must be a string or a list of content parts", where)
+
+
+def messages_of(items: Any) -> list[dict[str, str]]:
+    """OpenAI messages → ``{"role", "content"}`` dicts (400 on anything malformed)."""
+    if not isinstance(items, list) or not items:
+        raise bad("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad(f"'messages[{i}]' must be an object with 'role' and 'content'", "messages")
+        role = item.get("role")
+        if role not in _ROLES:
+            raise bad(f"'messages[{i}].role' must be one of {', '.join(_ROLES)}, not {role!r}", "messages")
+        if item.get("tool_calls"):
+            raise bad("tool calls are not supported by this server yet", "messages")
+        out.append({"role": _ROLES[role], "content": _text_content(item.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def _sampling_fields(body: Body, default_max: int | None) -> dict[str, Any]:
+    """OpenAI's sampling parameters (plus llama.cpp's extras) → SamplingOptions fields."""
+    if body.int("n", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
+        raise bad("only n=1 is supported", "n")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.float(key, 0.0, lo=-2.0, hi=2.0) != 0.0:
+            raise bad(f"'{key}' is not supported (use 'repeat_penalty')", key)
+    if body.raw("logprobs") not in (None, False, 0):
+        raise bad("'logprobs' is not supported", "logprobs")
+    logit_bias = body.raw("logit_bias")
+    if logit_bias is not None and (not isinstance(logit_bias, dict) or logit_bias):
+        raise bad("'logit_bias' is not supported", "logit_bias")
+    if body.list("tools"):
+        raise bad("tools are not supported by this server yet", "tools")
+    fields = common_sampling(body, temperature_max=2.0)
+    max_tokens = body.int("max_completion_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
+    if max_tokens is None:
+        max_tokens = body.int("max_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
+    fields["max_tokens"] = default_max if max_tokens is None else max_tokens
+    stop = body.stop()
+    if stop:
+        fields["stop"] = stop
+    return fields
+
+
+def _schema(body: Body) -> dict[str, Any] | None:
+    fmt = body.obj("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.str("type", required=True)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = fmt.obj("json_schema")
+        schema = spec.raw("schema") if spec is not None else None
+        if not isinstance(schema, dict):
+            raise bad("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+        return schema
+    raise bad("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def _include_usage(body: Body, stream: bool) -> bool:
+    options = body.obj("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad("'stream_options' is only allowed with stream: true", "stream_options")
+    return bool(options.bool("include_usage", False))
+
+
+def _usage(result: Any) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+async def _complete(request: Any, body: Body, kind: str, payload: Any, default_max: int | None,
+                    chat: bool, echo: str = "") -> Any:
+    c = ctx(request)
+    name = body.str("model", required=True, nonempty=True, max_len=512)
+    options = sampling(_sampling_fields(body, default_max))
+    stream = bool(body.bool("stream", False))
+    include_usage = _include_usage(body, stream)
+    schema = _schema(body)
+    grammar = await run_blocking(grammar_for, schema, "response_format") if schema is not None else None
+    loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
+    job = c.backend.start(loaded, kind, payload, options, grammar,
+                          "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens")
+    if not await until_disconnect(request, job.prime, job.cancel):
+        return _gone()
+    prefix = "chatcmpl" if chat else "cmpl"
+    base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
+            "system_fingerprint": f"jupyter_llm-{__version__}"}
+
+    if not stream:
+        collected = await until_disconnect(request, job.collect, job.cancel)
+        if collected is None:
+            return _gone()
+        text, result = collected
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": _finish(result.finish_reason)}
+        else:
+            choice = {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": _finish(result.finish_reason)}
+        obj = "chat.completion" if chat else "text_completion"
+        return json_response({**base, "object": obj, "choices": [choice], "usage": _usage(result)})
+
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(content: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {} if content is None else {"content": content})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
+        item = {**base, "object": obj, "choices": [choice]}
+        if include_usage:
+            item["usage"] = None
+        return item
+
+    async def events() -> Any:
+        try:
+            if chat:
+                yield sse(chunk(None, None, role=True))
+            if echo:
+                yield sse(chunk(echo, None))
+            async for item in job.events():
+                if hasattr(item, "n_tokens"):
+                    yield sse(chunk(item.text, None))
+                else:
+                    yield sse(chunk(None, _finish(item.finish_reason)))
+                    if include_usage:
+                        yield sse({**base, "object": obj, "choices": [], "usage": _usage(item)})
+            yield sse("[DONE]")
+        except Exception as exc:  # a worker that died mid-answer
+            problem = problem_from(exc)
+            yield sse({"error": {"message": problem.message, "type": "server_error", "param": None,
+                                 "code": problem.code}})
+
+    return Streamed(events(), "text/event-stream", job.cancel)
+
+
+def _gone() -> Any:
+    """The answer to a client that left: nobody reads it; the status is for the metrics."""
+    return json_response({"error": {"message": "the client closed the connection", "type": "invalid_request_error",
+                                    "param": None, "code": "client_closed"}}, 499)
+
+
+@endpoint
+async def chat_completions(request: Any) -> Any:
+    body = Body(await read_json(request))
+    messages = messages_of(body.raw("messages"))
+    return await _complete(request, body, "chat", messages, None, chat=True)
+
+
+@endpoint
+async def completions(request: Any) -> Any:
+    body = Body(await read_json(request))
+    prompt = body.raw("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string (token-id prompts and several prompts are not supported)", "prompt")
+    if not prompt:
+        raise bad("'prompt' must not be empty", "prompt")
+    if body.str("suffix"):
+        raise bad("'suffix' is not supported", "suffix")
+    if body.int("best_of", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
+        raise bad("only best_of=1 is supported", "best_of")
+    echo = prompt if body.bool("echo", False) else ""
+    return await _complete(request, body, "prompt", prompt, 16, chat=False, echo=echo)
+
+
+@endpoint
+async def embeddings(request: Any) -> Any:
+    c = ctx(request)
+    body = Body(await read_json(request))
+    name = body.str("model", required=True, nonempty=True, max_len=512)
+    raw = body.raw("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad("'input' must be a string or a non-empty list of strings (token ids are not supported)", "input")
+    if len(texts) > MAX_INPUTS:
+        raise bad(f"'input' has {len(texts)} texts; at most {MAX_INPUTS} per request", "input")
+    encoding = body.str("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise bad("'encoding_format' must be float or base64", "encoding_format")
+    if body.raw("dimensions") is not None:
+        raise bad("'dimensions' is not supported: embeddings have the model's own size", "dimensions")
+    loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
+    vectors, n_tokens = await run_blocking(c.backend.embed, loaded, texts, True)
+    data = []
+    for i, vector in enumerate(vectors):
+        value: Any = vector
+        if encoding == "base64":  # little-endian float32, as OpenAI sends it
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return json_response({"object": "list", "data": data, "model": name,
+                          "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+
+def routes() -> list[Any]:
+    """Starlette routes of the OpenAI API."""
+    from starlette.routing import Route
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+    ]

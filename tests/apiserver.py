@@ -1,0 +1,53 @@
+"""A real API server on a free loopback port, serving the real default model, for test modules.
+
+Each module that needs one makes a module-scoped fixture with :func:`running_server`: the
+server and its manager outlive the per-test state isolation of conftest.py, so the manager gets
+its own store directory (records are read through it, not through JUPYTER_LLM_HOME).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from jupyter_llm import server as api
+from jupyter_llm.manager import ModelManager
+from jupyter_llm.sources import Pulled
+from jupyter_llm.store import Store
+
+MODEL = "smollm2"
+
+
+@contextmanager
+def running_server(model_path: Path, root: Path, **settings: Any) -> Iterator[tuple[ModelManager, api.Server]]:
+    """A manager with the default model stored as ``smollm2`` and the API serving it on port 0."""
+    manager = ModelManager(Store(root=root / "records"))
+    manager.store.put(MODEL, Pulled("pip", [model_path], owned=[]))
+    server = api.serve(manager, port=0, **settings)
+    try:
+        yield manager, server
+    finally:
+        api.stop(manager)
+        manager.close()
+
+
+def auth(server: api.Server) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.token}"}
+
+
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until true; a generous fail-fast bound, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def worker_stats(manager: ModelManager) -> dict[str, Any]:
+    """The loaded default model's slot and queue counters, straight from its worker."""
+    return manager.get(MODEL).runtime.stats()

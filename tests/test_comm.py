@@ -1,0 +1,281 @@
+"""The sidebar's comm, kernel side: a recording comm (as ipywidgets' tests use) on the real manager
+with the real default model, and the real thing through a running kernel (jupyter_client)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jupyter_llm.comm import TARGET, CommHub, jsonable, load_options
+from jupyter_llm.manager import ModelManager
+from jupyter_llm.sources import Pulled
+
+
+class RecordingComm:
+    """Stands in for an ipykernel comm: records what is sent, lets a test deliver messages."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self._on_msg: Any = None
+        self._on_close: Any = None
+        self._cond = threading.Condition()
+
+    def send(self, data: Any = None, metadata: Any = None, buffers: Any = None) -> None:
+        with self._cond:
+            self.sent.append(data)
+            self._cond.notify_all()
+
+    def on_msg(self, callback: Any) -> None:
+        self._on_msg = callback
+
+    def on_close(self, callback: Any) -> None:
+        self._on_close = callback
+
+    def close(self, data: Any = None) -> None:
+        self.closed = True
+
+    def deliver(self, data: dict[str, Any]) -> None:
+        """The panel sends a comm message."""
+        self._on_msg({"content": {"comm_id": "c1", "data": data}})
+
+    def close_from_panel(self) -> None:
+        self._on_close({"content": {"comm_id": "c1", "data": {}}})
+
+    def wait_for(self, predicate: Any, timeout: float = 120.0) -> dict[str, Any]:
+        """The first message (in order) matching ``predicate``, waiting for it if needed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for message in self.sent:
+                    if predicate(message):
+                        return message
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching message in {[m.get('kind') for m in self.sent]}")
+                self._cond.wait(left)
+
+    def reply(self, request_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_for(lambda m: m.get("kind") == "reply" and m.get("id") == request_id, timeout)
+
+    def request(self, request_id: str, action: str, **args: Any) -> dict[str, Any]:
+        self.deliver({"kind": "request", "id": request_id, "action": action, "args": args})
+        return self.reply(request_id)
+
+
+@pytest.fixture
+def manager(smollm2_path: Path) -> Any:
+    manager = ModelManager()
+    manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
+    yield manager
+    manager.close()
+
+
+@pytest.fixture
+def hub(manager: ModelManager) -> Any:
+    hub = CommHub(manager, interval=0.05, refresh=0)
+    yield hub
+    hub.close()
+
+
+def test_attach_says_hello_with_the_managers_state_and_aliases(hub: CommHub) -> None:
+    comm = RecordingComm()
+    hub.attach(comm, {"kind": "hello", "protocol": 1, "refresh": 0})
+    hello = comm.sent[0]
+    assert hello["kind"] == "hello"
+    assert [m["name"] for m in hello["state"]["models"]] == ["smollm2"]
+    assert hello["state"]["loaded"] == [] and hello["state"]["pulls"] == []
+    assert hello["state"]["devices"][0]["id"] == "CPU"
+    assert "smollm2" in {a["name"] for a in hello["aliases"]}
+    assert hello["refresh"] == 0
+
+
+def test_estimate_request_reprices_with_the_options(hub: CommHub) -> None:
+    comm = RecordingComm()
+    hub.attach(comm)
+    small = comm.request("e1", "estimate", name="smollm2", options={"n_ctx": 2048, "gpu_layers": 0})
+    large = comm.request("e2", "estimate", name="smollm2", options={"n_ctx": 8192, "gpu_layers": 0,
+                                                                    "kv_type": "q8_0", "flash_attn": True})
+    assert small["ok"] and large["ok"]
+    cpu_small = small["result"]["devices"][0]
+    cpu_large = large["result"]["devices"][0]
+    assert cpu_small["device_id"] == "CPU" and cpu_small["fits"] is True
+    assert cpu_small["weights"] == cpu_large["weights"]
+    # q8_0 KV at 4x the context: 4 * 34/64 = 2.125x the f16 KV bytes
+    assert cpu_large["kv"] == pytest.approx(cpu_small["kv"] * 4 * 34 / 64, rel=0.01)
+
+
+def test_load_and_unload_from_the_panel_push_state(hub: CommHub) -> None:
+    comm = RecordingComm()
+    hub.attach(comm)
+    loaded = comm.request("l1", "load", name="smollm2", options={"n_ctx": 2048, "gpu_layers": 0})
+    assert loaded["ok"], loaded
+    assert loaded["result"]["name"] == "smollm2" and loaded["result"]["pid"] > 0
+    state = comm.wait_for(lambda m: m.get("kind") == "state" and m["state"]["loaded"])["state"]
+    model = state["loaded"][0]
+    assert model["measured"]["CPU"]["weights"] > 90_000_000
+    assert model["estimate"]["devices"][0]["device_id"] == "CPU"
+    assert comm.wait_for(lambda m: m.get("kind") == "event" and m["event"]["type"] == "loaded")
+
+    unloaded = comm.request("u1", "unload", name="smollm2")
+    assert unloaded == {"kind": "reply", "id": "u1", "ok": True, "result": ["smollm2"]}
+    after = len(comm.sent)
+    comm.wait_for(lambda m: comm.sent.index(m) >= after and m.get("kind") == "state" and not m["state"]["loaded"])
+
+
+def test_errors_come_back_with_their_type_and_what_to_do(hub: CommHub) -> None:
+    comm = RecordingComm()
+    hub.attach(comm)
+    missing = comm.request("x1", "estimate", name="no-such-model-here", options={})
+    assert missing["ok"] is False
+    assert missing["error"]["type"] == "ModelNotFoundError"
+    assert "%llm" in missing["error"]["message"]
+    bad = comm.request("x2", "load", name="smollm2", options={"n_ctx": 8})
+    assert bad["error"]["type"] == "ValueError" and "n_ctx" in bad["error"]["message"]
+    unknown = comm.request("x3", "teleport", name="smollm2")
+    assert "unknown request 'teleport'" in unknown["error"]["message"]
+    nameless = comm.request("x4", "pull")
+    assert "model name is needed" in nameless["error"]["message"]
+
+
+def test_a_load_that_will_not_fit_sends_the_estimate_back(hub: CommHub) -> None:
+    comm = RecordingComm()
+    hub.attach(comm)
+    # a context far beyond RAM: refused before any worker starts, with the numbers
+    reply = comm.request("w1", "load", name="smollm2", options={"n_ctx": 8_000_000, "gpu_layers": 0})
+    assert reply["error"]["type"] == "WontFitError"
+    assert reply["error"]["estimate"]["fits"] is False
+    assert hub.manager.ps() == []
+
+
+def test_a_burst_of_events_is_coalesced_into_a_few_pushes(manager: ModelManager) -> None:
+    hub = CommHub(manager, interval=0.25, refresh=0)
+    comm = RecordingComm()
+    hub.attach(comm)
+    try:
+        start = hub.pushes
+        # what a pull does to the manager: hundreds of progress events in a moment
+        for i in range(500):
+            manager._emit("pull", progress={"name": "x", "status": "downloading", "completed": i, "total": 500})
+        comm.wait_for(lambda m: m.get("kind") == "state", timeout=10)
+        time.sleep(0.6)
+        pushes = hub.pushes - start
+        assert 1 <= pushes <= 4, pushes
+    finally:
+        hub.close()
+
+
+def test_periodic_refresh_pushes_only_when_asked(manager: ModelManager) -> None:
+    quiet = CommHub(manager, interval=0.01, refresh=0)
+    comm = RecordingComm()
+    quiet.attach(comm)
+    time.sleep(0.3)
+    assert quiet.pushes == 0
+    reply = comm.request("c1", "configure", refresh=0.05)
+    assert reply["result"] == {"refresh": 0.05}
+    comm.wait_for(lambda m: m.get("kind") == "state", timeout=10)
+    time.sleep(0.3)
+    assert quiet.pushes >= 3
+    quiet.close()
+
+
+def test_closing_the_last_comm_stops_listening(manager: ModelManager) -> None:
+    hub = CommHub(manager, interval=0.01, refresh=0.05)
+    first, second = RecordingComm(), RecordingComm()
+    hub.attach(first)
+    view = hub.attach(second)
+    first.close_from_panel()
+    assert hub.views == [view]
+    second.close_from_panel()
+    assert hub.views == []
+    assert manager._listeners == []
+    deadline = time.monotonic() + 5
+    while hub._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hub._thread is None
+    # a new panel brings it back
+    third = RecordingComm()
+    hub.attach(third)
+    third.wait_for(lambda m: m.get("kind") == "state", timeout=10)
+    hub.close()
+    assert third.closed
+
+
+def test_load_options_from_json_are_validated() -> None:
+    options = load_options({"gpu_layers": "auto", "n_ctx": 4096, "kv_type": "q8_0", "flash_attn": True,
+                            "tensor_split": [1, 1]})
+    assert options.tensor_split == (1, 1) and options.gpu_layers == "auto"
+    with pytest.raises(ValueError, match="unknown load option"):
+        load_options({"n_gpu": 3})
+
+
+def test_jsonable_turns_paths_tuples_and_infinities_into_json() -> None:
+    assert jsonable({"p": Path("/x"), "t": (1, 2), "inf": float("inf"), 3: {"s"}}) == {
+        "p": "/x", "t": [1, 2], "inf": None, "3": ["s"]}
+
+
+# -- through a real kernel -------------------------------------------------------------------
+
+
+def _iopub(kc: Any, predicate: Any, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("no such iopub message")
+        try:
+            msg = kc.get_iopub_msg(timeout=left)
+        except queue.Empty:
+            continue
+        if predicate(msg):
+            return msg
+
+
+@pytest.mark.slow
+def test_a_real_kernel_opens_the_comm_and_answers_a_panel(smollm2_path: Path, isolated_state: Path) -> None:
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        code = (
+            "from pathlib import Path\n"
+            "from jupyter_llm.manager import get_manager\n"
+            "from jupyter_llm.sources import Pulled\n"
+            f"get_manager().store.put('smollm2', Pulled('pip', [Path({str(smollm2_path)!r})], owned=[]))\n"
+            "from jupyter_llm.comm import open_from_kernel\n"
+            "open_from_kernel(get_ipython())\n"
+        )
+        kc.execute(code)
+        opened = _iopub(kc, lambda m: m["msg_type"] == "comm_open")
+        assert opened["content"]["target_name"] == TARGET
+        comm_id = opened["content"]["comm_id"]
+        hello = _iopub(kc, lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id)
+        data = hello["content"]["data"]
+        assert data["kind"] == "hello"
+        assert [m["name"] for m in data["state"]["models"]] == ["smollm2"]
+
+        # a reloaded page opens its own comm; the kernel answers on it
+        own = "panel-comm-1"
+        kc.session.send(kc.shell_channel.socket, kc.session.msg(
+            "comm_open", {"comm_id": own, "target_name": TARGET, "data": {"kind": "hello", "protocol": 1}}))
+        hello2 = _iopub(kc, lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == own)
+        assert hello2["content"]["data"]["kind"] == "hello"
+        kc.session.send(kc.shell_channel.socket, kc.session.msg("comm_msg", {"comm_id": own, "data": {
+            "kind": "request", "id": "r1", "action": "estimate", "args": {"name": "smollm2", "options": {}}}}))
+        reply = _iopub(kc, lambda m: m["msg_type"] == "comm_msg" and m["content"]["data"].get("kind") == "reply")
+        assert reply["content"]["data"]["ok"] is True
+        assert reply["content"]["data"]["result"]["devices"][0]["device_id"] == "CPU"
+
+        # a kernel without the target refuses a panel's open with comm_close: "not loaded"
+        kc.session.send(kc.shell_channel.socket, kc.session.msg(
+            "comm_open", {"comm_id": "x", "target_name": "no_such_target", "data": {}}))
+        closed = _iopub(kc, lambda m: m["msg_type"] == "comm_close")
+        assert closed["content"]["comm_id"] == "x"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
