@@ -47,12 +47,28 @@ def kernel_round(kernel: object, tokens: int) -> dict[str, float]:
     return {"ttft_s": first - t0, "tok_per_s": (n - 1) / (last - first), "tokens": n}
 
 
+def run_raw(model: str, prompt: str, tokens: int, ctx: int, threads: int) -> dict[str, float]:
+    """bench_runtime's raw loop, in a fresh process with the worker's environment."""
+    import subprocess
+
+    from jupyter_llm.runtime import _worker_env
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_runtime; "
+            "loop = bench_runtime.RawLoop(sys.argv[2], int(sys.argv[5]), int(sys.argv[6]), 512); "
+            "loop.run(sys.argv[3], 2); "  # warm, as the worker is after its load
+            "print(json.dumps(loop.run(sys.argv[3], int(sys.argv[4]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), model, prompt, str(tokens), str(ctx),
+                          str(threads)], env=_worker_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def api_round(model: object, tokens: int) -> dict[str, float]:
     t0 = time.perf_counter()
     times = []
     for _piece in model.chat(QUESTION, stream=True, temperature=0, max_tokens=tokens, seed=1):  # type: ignore[attr-defined]
         times.append(time.perf_counter())
-    return {"ttft_s": times[0] - t0, "tok_per_s": (len(times) - 1) / (times[-1] - times[0]), "tokens": len(times)}
+    span = times[-1] - times[0]
+    return {"ttft_s": times[0] - t0, "tok_per_s": (len(times) - 1) / span if span else 0.0, "tokens": len(times)}
 
 
 def main() -> None:
@@ -63,8 +79,6 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=4096)
     args = p.parse_args()
     threads = os.cpu_count() or 1
-
-    import bench_runtime
 
     from jupyter_llm.manager import get_manager
     from jupyter_llm.options import LoadOptions
@@ -94,12 +108,11 @@ def main() -> None:
             results["chat"].append(kernel_round(kernel, args.tokens))
             n_tokens = int(results["chat"][-1]["tokens"])
             kernel.ok("%llm unload --all")  # one model at a time on 2 cores
-            raw_args = argparse.Namespace(model=args.model, tokens=n_tokens, ctx=args.ctx, threads=threads,
-                                          batch=512, prompt=prompt)
-            results["raw"].append(bench_runtime.run_raw(raw_args))
+            results["raw"].append(run_raw(args.model, prompt, n_tokens, args.ctx, threads))
             import jupyter_llm as llm
 
             model = llm.load("smollm2", **options.to_dict())
+            api_round(model, 4)  # warm-up, as the kernel and the raw loop had
             results["api"].append(api_round(model, n_tokens))
             llm.unload(all=True)
             kernel.ok(f"%llm load smollm2 --ctx {args.ctx} --threads {threads} --keep-alive -1 --gpu-layers 0")

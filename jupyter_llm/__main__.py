@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     line = " ".join(_quote(a) for a in (sys.argv[1:] if argv is None else argv))
     magics = LLMMagics(shell=None)
     try:
-        result = magics.llm(line)
+        result = magics.llm(line)  # type: ignore[misc,call-arg]  # IPython's decorator hides the signature
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2

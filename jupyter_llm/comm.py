@@ -126,6 +126,10 @@ class CommHub:
         """The manager's snapshot, as plain JSON data."""
         return jsonable(self.manager.snapshot())
 
+    def poke(self) -> None:
+        """Push the state soon (coalesced with whatever else happens meanwhile)."""
+        self._wake.set()
+
     def _on_event(self, event: dict[str, Any]) -> None:
         # called in whatever thread changed the state: only note it, the pusher does the work
         if event.get("type") in _NOTICES:
@@ -224,6 +228,7 @@ class CommView:
                 raise
             return
         self.send({"kind": "reply", "id": request_id, "ok": True, "result": jsonable(result)})
+        self.hub.poke()  # e.g. a started server changes the state without a manager event
 
 
 def run_action(hub: CommHub, action: str, args: dict[str, Any]) -> Any:
@@ -236,7 +241,7 @@ def run_action(hub: CommHub, action: str, args: dict[str, Any]) -> Any:
         if refresh < 0:
             raise ValueError("refresh must be ≥ 0 seconds (0 pushes on events only)")
         hub.refresh = refresh
-        hub._wake.set()
+        hub.poke()
         return {"refresh": hub.refresh}
     if action == "pull":
         return manager.pull(_name(args), update=bool(args.get("update", False))).to_dict()
@@ -274,18 +279,18 @@ def load_options(raw: Any) -> LoadOptions:
 
 
 def _server(manager: Any, action: str, args: dict[str, Any]) -> Any:
-    """Start or stop the HTTP API through the manager (the server module owns the details)."""
-    method = getattr(manager, "serve" if action == "serve" else "stop_server", None)
-    if method is None:
-        from .errors import JupyterLLMError
+    """Start or stop the kernel's HTTP API (jupyter_llm.server owns it; the manager holds it)."""
+    from . import server
 
-        raise JupyterLLMError("this version of jupyter_llm has no API server; `%llm help` lists what it has")
-    kwargs = {k: args[k] for k in ("host", "port") if k in args}
-    result = method(**kwargs)
-    status = getattr(manager, "server", None)
-    if hasattr(result, "status"):
-        return result.status()
-    return status.status() if status is not None and hasattr(status, "status") else result
+    if action == "stop":
+        return {"stopped": server.stop(manager)}
+    kwargs: dict[str, Any] = {}
+    if args.get("port") not in (None, ""):
+        port = args["port"]
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            raise ValueError(f"port {port!r}: give a whole number from 1 to 65535 (0 picks a free one)")
+        kwargs["port"] = port
+    return server.serve(manager, **kwargs).status()
 
 
 def jsonable(value: Any) -> Any:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _POOLING_MEAN = 1
+_POOLING_RANK = 4
 _EMBED_SEQS = 16
 
 
@@ -440,6 +441,8 @@ class Engine:
             self.send(("reply", rid, self._embed(texts, normalize)))
         except RequestError as exc:
             self.send(("error", rid, exc.kind, str(exc), exc.extra))
+        except (TypeError, ValueError) as exc:  # e.g. texts that are not strings
+            self.send(("error", rid, "ValueError", f"cannot embed these inputs: {exc}", {}))
 
     def _embed(self, texts: list[str], normalize: bool) -> list[list[float]]:
         L = self.L
@@ -493,7 +496,10 @@ class Engine:
         cp.embeddings = True
         cp.kv_unified = True  # any one input may use the whole context
         pooling = model_meta(L, self.model, f"{model_meta(L, self.model, 'general.architecture')}.pooling_type")
-        cp.pooling_type = int(pooling) if pooling and pooling.isdigit() and int(pooling) > 0 else _POOLING_MEAN
+        kind = int(pooling) if pooling and pooling.isdigit() else 0
+        if kind == _POOLING_RANK:  # a reranker: its "embedding" is a score, not a vector
+            raise RequestError("ValueError", "this is a reranking model; it scores pairs and makes no embeddings")
+        cp.pooling_type = kind if kind > 0 else _POOLING_MEAN  # NONE/unset: mean over the tokens
         ctx = L.llama_init_from_model(self.model, cp)
         if not ctx:
             raise RequestError("RuntimeError", "could not create the embedding context: "

@@ -7,7 +7,7 @@ No business logic lives here: every verb is one call on :class:`~jupyter_llm.man
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -130,7 +130,7 @@ def load_options(args: argparse.Namespace) -> Any:
     """Turn parsed load/estimate flags into LoadOptions (with clear messages for bad values)."""
     from .options import LoadOptions
 
-    def number_or_auto(flag: str, value: str) -> int | str:
+    def number_or_auto(flag: str, value: str) -> int | Literal["auto"]:
         if value == "auto":
             return "auto"
         try:

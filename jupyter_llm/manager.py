@@ -8,6 +8,7 @@ of its own. All public methods are thread-safe (the HTTP API calls from its own 
 
 from __future__ import annotations
 
+import builtins
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,7 +90,7 @@ class ModelManager:
         self._loading: dict[str, threading.Event] = {}
         self._pulls: dict[str, PullProgress] = {}
         self._sessions: dict[str, ChatSession] = {}
-        self._listeners: list[EventListener] = []
+        self._listeners: builtins.list[EventListener] = []
         self._reaper: threading.Thread | None = None
         self._closed = threading.Event()
         self.server: Any = None
@@ -140,7 +141,7 @@ class ModelManager:
 
     # -- the store ---------------------------------------------------------------------------
 
-    def pull(self, reference: str, *, listeners: list[Listener] | tuple[Listener, ...] = (),
+    def pull(self, reference: str, *, listeners: builtins.list[Listener] | tuple[Listener, ...] = (),
              update: bool = False) -> ModelRecord:
         """Fetch ``reference`` into the store (resumable, verified) and return its record."""
         from . import pulling
@@ -157,11 +158,11 @@ class ModelManager:
         self._emit("models")
         return record
 
-    def pulls(self) -> list[PullProgress]:
+    def pulls(self) -> builtins.list[PullProgress]:
         with self._lock:
             return list(self._pulls.values())
 
-    def list(self) -> list[ModelRecord]:
+    def list(self) -> builtins.list[ModelRecord]:
         """Every model in the store (and in a local Ollama store)."""
         return self.store.list()
 
@@ -180,7 +181,7 @@ class ModelManager:
         info = scan(record.path)
         return {"record": record, "info": info}
 
-    def remove(self, name: str) -> list[str]:
+    def remove(self, name: str) -> builtins.list[str]:
         """Remove ``name`` from the store (unloading it first); returns deleted paths."""
         record = self.store.require(name)
         if record.name in self._loaded:
@@ -196,7 +197,7 @@ class ModelManager:
 
     # -- devices and estimates ---------------------------------------------------------------
 
-    def devices(self, *, include_llama: bool = False) -> list[Any]:
+    def devices(self, *, include_llama: bool = False) -> builtins.list[Any]:
         """GPUs (NVML) and host RAM; ``include_llama`` also asks llama.cpp (in a subprocess, ~1 s)
         which backend serves each device."""
         from .devices import list_devices
@@ -216,7 +217,7 @@ class ModelManager:
             options = fit(info, options, self._devices_for_estimate())
         return record, info, options
 
-    def _devices_for_estimate(self) -> list[Any]:
+    def _devices_for_estimate(self) -> builtins.list[Any]:
         """Free memory as the estimate should see it: what our own loaded workers use is
         already gone from MemAvailable, which is right — they stay loaded."""
         return self.devices()
@@ -231,7 +232,7 @@ class ModelManager:
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, name: str, options: LoadOptions | None = None, *, force: bool = False,
-             pull: bool = True, listeners: list[Listener] | tuple[Listener, ...] = (),
+             pull: bool = True, listeners: builtins.list[Listener] | tuple[Listener, ...] = (),
              **overrides: Any) -> LoadedModel:
         """Load ``name`` into its own worker process (pulling it first if needed).
 
@@ -320,13 +321,13 @@ class ModelManager:
                     f"{name!r} is not loaded; `%llm load {name}` loads it, `%llm ps` lists loaded models")
             return model
 
-    def ps(self) -> list[LoadedModel]:
+    def ps(self) -> builtins.list[LoadedModel]:
         """Loaded models, most recently used first; dead workers are dropped."""
         self._reap_dead()
         with self._lock:
             return sorted(self._loaded.values(), key=lambda m: -m.last_used)
 
-    def unload(self, name: str | None = None, *, all: bool = False, reason: str = "unloaded") -> list[str]:
+    def unload(self, name: str | None = None, *, all: bool = False, reason: str = "unloaded") -> builtins.list[str]:
         """Stop the worker(s); their memory is returned to the system. Returns names unloaded."""
         with self._lock:
             victims = list(self._loaded.values()) if all else [self.get(name)]
@@ -377,7 +378,7 @@ class ModelManager:
         with self._lock:
             return dict(self._sessions)
 
-    def stream_chat(self, name: str | None, messages: list[dict[str, str]],
+    def stream_chat(self, name: str | None, messages: builtins.list[dict[str, str]],
                     sampling: SamplingOptions | None = None, **kwargs: Any) -> Iterator[Any]:
         """Yield chunks of a chat completion; the stream's ``.result`` has the statistics."""
         with self.using(name) as model:
@@ -402,7 +403,7 @@ class ModelManager:
                     self._reaper = None
                     return
 
-    def reap(self, now: float | None = None) -> list[str]:
+    def reap(self, now: float | None = None) -> builtins.list[str]:
         """Unload models whose keep_alive has expired and drop dead workers."""
         now = time.time() if now is None else now
         self._reap_dead()

@@ -7,10 +7,10 @@ Shared by the estimate (what would this take?), the runtime (load it) and every 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
-AUTO = "auto"
+AUTO: Final = "auto"
 
 GpuLayers = int | Literal["auto"]
 Context = int | Literal["auto"]

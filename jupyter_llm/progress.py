@@ -65,7 +65,9 @@ class TqdmListener:
 
     def __init__(self, tqdm_class: Any = None) -> None:
         if tqdm_class is None:
-            from tqdm.auto import tqdm as tqdm_class  # deferred: tqdm.auto probes for ipywidgets
+            from tqdm.auto import tqdm  # deferred: tqdm.auto probes for ipywidgets
+
+            tqdm_class = tqdm
         self._tqdm = tqdm_class
         self._bars: dict[str, Any] = {}
 

@@ -62,9 +62,9 @@ def _pull_ref(ref: Ref, name: str, progress: ProgressFanout) -> Pulled:
     if isinstance(ref, OllamaRef):
         from .sources import ollama
 
-        local = ollama.resolve_local(ref)
-        if local is not None:
-            return local
+        in_store = ollama.resolve_local(ref)
+        if in_store is not None:
+            return in_store
         return ollama.pull(ref, name=name, progress=progress)
     if isinstance(ref, PipRef):
         from .sources import pip

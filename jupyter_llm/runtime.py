@@ -263,9 +263,9 @@ class Runtime:
             raise
         finally:
             child.close()
-        from multiprocessing.connection import Connection
+        from .worker import Pipe
 
-        rt = cls(name, proc, Connection(parent.detach()), errfile, on_log)
+        rt = cls(name, proc, Pipe(parent.detach()), errfile, on_log)
         try:
             rt._send(("load", str(path), options.to_dict(), bool(_extra_bufts)))
             msg = rt._wait(rt._start_inbox)

@@ -12,6 +12,7 @@ Ollama store are never touched.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import tempfile
@@ -33,10 +34,10 @@ class ModelRecord:
 
     name: str
     source: str
-    files: list[str]
+    files: builtins.list[str]
     sha256: str | None = None
     size: int = 0
-    owned: list[str] = field(default_factory=list)
+    owned: builtins.list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     """Header facts cached at pull time: architecture, parameters, quantization, context, layers."""
@@ -51,14 +52,14 @@ class ModelRecord:
     def read_only(self) -> bool:
         return self.source == "ollama-store"
 
-    def missing_files(self) -> list[str]:
+    def missing_files(self) -> builtins.list[str]:
         return [f for f in self.files if not os.path.exists(f)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def summarize(files: list[Path]) -> dict[str, Any]:
+def summarize(files: builtins.list[Path]) -> dict[str, Any]:
     """Header facts for ``list`` (one fast header scan, about 30 ms on the default model)."""
     from .gguf_scan import scan
 
@@ -112,14 +113,14 @@ class Store:
                 summary={}, created=_mtime(pulled.files[0]),
             )
 
-    def list(self) -> list[ModelRecord]:
+    def list(self) -> builtins.list[ModelRecord]:
         """Every name: our records first, then models found in a local Ollama store."""
         records = list(self._own_records())
         seen = {r.name for r in records}
         records += [r for r in self._ollama_store_records() if r.name not in seen]
         return records
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         return [r.name for r in self.list()]
 
     def get(self, name: str) -> ModelRecord | None:
@@ -190,7 +191,7 @@ class Store:
         self._write(copy)
         return copy
 
-    def remove(self, name: str) -> list[str]:
+    def remove(self, name: str) -> builtins.list[str]:
         """Forget ``name``; delete the files it owned that no other record still uses.
 
         Returns the paths deleted from disk.
@@ -203,7 +204,7 @@ class Store:
             )
         self._file(record.name).unlink(missing_ok=True)
         in_use = {f for other in self._own_records() for f in (*other.owned, *other.files)}
-        deleted: list[str] = []
+        deleted: builtins.list[str] = []
         for path in record.owned:
             if path in in_use or not os.path.exists(path):
                 continue
@@ -220,13 +221,13 @@ class Store:
         return deleted
 
 
-def _name_variants(name: str) -> list[str]:
+def _name_variants(name: str) -> builtins.list[str]:
     if name.endswith(":latest"):
         return [name, name[: -len(":latest")]]
     return [name, name + ":latest"] if ":" not in name.rsplit("/", 1)[-1] else [name]
 
 
-def _size(files: list[Path] | list[str]) -> int:
+def _size(files: builtins.list[Path] | builtins.list[str]) -> int:
     return sum(os.path.getsize(f) for f in files if os.path.exists(f))
 
 

@@ -294,7 +294,7 @@ class ModelPicker(widgets.VBox):
                                       placeholder="smollm2, hf.co/USER/REPO:Q4_K_M, pip:PKG, /path/model.gguf")
         self.pull_button = widgets.Button(description="Pull", icon="download", layout=widgets.Layout(width="74px"))
         self.pull_progress = widgets.FloatProgress(min=0.0, max=1.0, layout=widgets.Layout(width="440px"))
-        self.pull_progress.layout.visibility = "hidden"
+        self.pull_progress.layout.display = "none"
         self.pull_status = widgets.HTML()
         self.gpu_layers = widgets.IntSlider(description="GPU layers", min=0, max=1, style=style, layout=wide)
         self.gpu_auto = widgets.Checkbox(description="auto", value=True, indent=False)
@@ -348,8 +348,10 @@ class ModelPicker(widgets.VBox):
         record = self._record()
         if record is None:
             self.estimate = None
-            self.estimate_view.value = (f'<div style="{_DIM}">{_escape(self.model.value or "no model")} is not '
-                                        'cached: pull it (or press Load, which pulls first) to see its memory.</div>')
+            self.estimate_view.value = (
+                f'<div style="{_DIM}">{_escape(self.model.value)} is not cached: pull it (or press Load, which '
+                'pulls first) to see its memory.</div>' if self.model.value else
+                f'<div style="{_DIM}">No model yet: pull one, e.g. smollm2.</div>')
             return None
         try:
             self.estimate = estimate(scan_cached(record.path), self.options(), self._devices())
@@ -431,6 +433,8 @@ class ModelPicker(widgets.VBox):
             values = [v for _, v in choices]
             if current in values:
                 self.model.value = current
+            elif values:
+                self.model.value = values[0]  # the first cached model (ipywidgets 8 selects none)
         finally:
             self._syncing = False
 
@@ -493,7 +497,7 @@ class ModelPicker(widgets.VBox):
             return  # hundreds of events a second: the bar needs ten
         self._progress_at = now
         with self.hold_sync():
-            self.pull_progress.layout.visibility = "hidden" if final else "visible"
+            self.pull_progress.layout.display = "none" if final else None
             total = progress.get("total") or 0
             self.pull_progress.value = progress["completed"] / total if total else 0.0
             self.pull_progress.description = f"{human_bytes(progress['completed'])}" if total else ""

@@ -153,6 +153,34 @@ def test_a_load_that_will_not_fit_sends_the_estimate_back(hub: CommHub) -> None:
     assert hub.manager.ps() == []
 
 
+def test_the_panel_starts_and_stops_the_api_server(hub: CommHub) -> None:
+    import urllib.error
+    import urllib.request
+
+    comm = RecordingComm()
+    hub.attach(comm)
+    started = comm.request("s1", "serve", port=0)  # 0: any free port
+    assert started["ok"], started
+    status = started["result"]
+    assert status["running"] is True and status["url"].startswith("http://127.0.0.1:")
+    assert status["token"]
+    comm.wait_for(lambda m: m.get("kind") == "state" and (m["state"]["server"] or {}).get("running"))
+    # the token the panel copies is the one the server wants
+    request = urllib.request.Request(f"{status['url']}/api/tags", headers={"Authorization": f"Bearer {status['token']}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{status['url']}/api/tags", timeout=10)
+    assert refused.value.code == 401
+
+    stopped = comm.request("s2", "stop")
+    assert stopped["result"] == {"stopped": True}
+    after = len(comm.sent)
+    comm.wait_for(lambda m: comm.sent.index(m) >= after and m.get("kind") == "state" and m["state"]["server"] is None)
+    bad = comm.request("s3", "serve", port="eleven")
+    assert bad["ok"] is False and "port" in bad["error"]["message"]
+
+
 def test_a_burst_of_events_is_coalesced_into_a_few_pushes(manager: ModelManager) -> None:
     hub = CommHub(manager, interval=0.25, refresh=0)
     comm = RecordingComm()

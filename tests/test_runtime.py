@@ -262,6 +262,17 @@ def test_close_ends_the_worker_process(tiny: Path) -> None:
     runtime.close()  # idempotent
 
 
+def test_close_during_a_long_prompt_aborts_it_and_ends_the_stream(smollm2_path: Path) -> None:
+    runtime = Runtime.start(smollm2_path, LoadOptions(gpu_layers=0, n_ctx=4096), name="smollm2")
+    stream = runtime.generate("hello " * 3000, GREEDY)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    runtime.close()
+    assert time.monotonic() - t0 < 5  # not the tens of seconds the prompt would take (nor a kill)
+    assert runtime._proc.returncode == 0  # it exited by itself
+    assert stream.result.finish_reason == "cancelled"
+
+
 # -- text assembly (unit) --------------------------------------------------------------------------
 
 

@@ -108,9 +108,9 @@ def test_json_object_response_format_gives_json(client: openai.OpenAI) -> None:
 
 def test_a_wrong_token_raises_the_clients_authentication_error(served: Any) -> None:
     _, server = served
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-token", max_retries=0) as bad_client:
-        with pytest.raises(openai.AuthenticationError) as err:
-            bad_client.models.list()
+    with (openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-token", max_retries=0) as bad_client,
+          pytest.raises(openai.AuthenticationError) as err):
+        bad_client.models.list()
     assert err.value.status_code == 401
     assert err.value.body["type"] == "authentication_error"
     assert "token" in err.value.body["message"]

@@ -131,6 +131,7 @@ def _notebook(root: Path) -> str:
         nbformat.v4.new_markdown_cell("jupyter_llm sidebar test"),
         nbformat.v4.new_code_cell("%%chat --max-tokens 24 --seed 1 --temperature 0\nName three colours."),
         nbformat.v4.new_code_cell("%llm mem"),
+        nbformat.v4.new_code_cell("%llm picker"),
     ]
     nbformat.write(nb, root / "sidebar.ipynb")
     return "sidebar.ipynb"
@@ -171,6 +172,7 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
     assert report["device_segments"][:3] == ["weights", "kv", "compute"]
     assert "tokens" in report["chat_output"] and "tok/s" in report["chat_output"]
     assert model in report["mem_widget"] and "measured" in report["mem_widget"]
+    assert "as loaded: 0 GPU layers" in report["picker"] and "will not fit" not in report["picker"]
     assert "No model is loaded" in report["after_unload"]
     assert report["console_errors"] == []
     for path in report["screenshots"]:

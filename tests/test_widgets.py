@@ -39,6 +39,8 @@ def test_picker_lists_cached_models_and_pullable_aliases(manager: ModelManager) 
     try:
         values = [v for _, v in picker.model.options]
         assert values[0] == "smollm2"
+        assert picker.model.value == "smollm2"  # the first cached model is selected
+        assert picker.estimate is not None
         assert "mistral" in values
         assert picker.model.options[0][0].startswith("smollm2 — 93.8 MiB Q4_1")
         picker.model.value = "mistral"
@@ -153,7 +155,7 @@ def test_picker_pull_shows_progress_and_selects_the_model(manager: ModelManager,
         record = manager.store.get(picker.model.value)
         assert record is not None and record.path == smollm2_path
         assert picker.estimate is not None
-        assert picker.pull_progress.layout.visibility == "hidden"
+        assert picker.pull_progress.layout.display == "none"
     finally:
         picker.close()
 

@@ -212,6 +212,7 @@ async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | No
     def piece(text: str) -> dict[str, Any]:
         item: dict[str, Any] = {"model": name, "created_at": now()}
         item.update({"response": text} if what == "generate" else {"message": {"role": "assistant", "content": text}})
+        item["done"] = False  # the last item overrides it with the statistics
         return item
 
     if not stream:
@@ -318,7 +319,7 @@ async def _embed(request: Any, body: Body, texts: list[str], normalize: bool) ->
 async def embed(request: Any) -> Any:
     t0 = time.perf_counter()
     body = Body(await read_json(request))
-    raw = body.raw("input", "")
+    raw = body.raw("input", [])  # no input: only load the model, as Ollama does
     texts = [raw] if isinstance(raw, str) else raw
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise bad("'input' must be a string or a list of strings", "input")

@@ -178,8 +178,8 @@ FOREVER = None
 def keep_alive(value: Any) -> Any:
     """Ollama's keep_alive: seconds (a number) or a Go duration ("5m", "1h30m", "-1m").
 
-    Returns seconds, ``None`` for forever (any negative value) or ``_UNSET``-free 0 for
-    "unload right after this request". Raises 400 on anything else.
+    Returns seconds (0: unload right after this request) or None for forever (any negative
+    value). Raises a 400 on anything else.
     """
     if isinstance(value, bool):
         raise bad("'keep_alive' must be a duration like \"5m\" or a number of seconds", "keep_alive")
@@ -191,7 +191,7 @@ def keep_alive(value: Any) -> Any:
         raise bad("'keep_alive' must be a duration like \"5m\" or a number of seconds", "keep_alive")
     text = value.strip()
     negative = text.startswith("-")
-    body = text.lstrip("+-")
+    body = text[1:] if text[:1] in ("+", "-") else text
     try:
         seconds = float(body)  # a bare number in a string means seconds
     except ValueError:

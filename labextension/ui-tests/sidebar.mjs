@@ -38,6 +38,12 @@ async function shot(page, name) {
   report.screenshots.push(path);
 }
 
+async function shotOf(locator, name) {
+  const path = join(ARTIFACTS, `${name}.png`);
+  await locator.screenshot({ path });
+  report.screenshots.push(path);
+}
+
 /** Wait until the active notebook's kernel is connected and idle (the "idle" indicator alone
  * shows before the websocket is up, and an execute then is silently dropped: NOTES §7). */
 async function waitKernelReady(page) {
@@ -173,8 +179,14 @@ async function main() {
     await page.waitForSelector('.jp-LLM-memory', { timeout: STEP_TIMEOUT });
     report.mem_widget = await page.locator('.jp-LLM-memory').first().innerText();
     await shot(page, '03-chat-and-mem-light');
+    await runCell(page, 3);
+    const picker = page.locator('.jp-LLM-picker').first();
+    await picker.locator('.jp-LLM-estimate').waitFor();
+    report.picker = await picker.innerText();
+    await shotOf(picker, '03-picker-light');
     await setTheme(page, 'JupyterLab Dark');
     await shot(page, '04-loaded-dark');
+    await shotOf(picker, '04-picker-dark');
 
     // 5. unload from the sidebar
     await card.locator('.jp-LLM-unload').click();
