@@ -13,7 +13,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: install model lab test lint bench clean
+.PHONY: install model lab test lint browser jstest bench clean
 
 install: $(STAMP)
 
@@ -41,8 +41,16 @@ endif
 lint: install
 	$(BIN)/ruff check jupyter_llm tests bench
 
+# The sidebar's browser test needs Debian's chromium (browsers cannot be downloaded here);
+# the TypeScript unit tests run with node's own test runner.
+browser:
+	bash scripts/install-browser.sh
+
+jstest: install
+	cd labextension && $(abspath $(BIN))/jlpm install && $(abspath $(BIN))/jlpm test
+
 # pytest exits 5 when it collected no test: that must fail here, never pass.
-test: install lint
+test: install lint browser jstest
 	mkdir -p $(ARTIFACTS)
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

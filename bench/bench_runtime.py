@@ -4,9 +4,12 @@ Both sides load the same model with the same context settings and threads, evalu
 prompt and decode greedily; the raw loop runs in its own process with the worker's environment
 (``python bench/bench_runtime.py --raw …``, loaded once), the runtime side is a :class:`Runtime` whose stream
 this process consumes. Rounds alternate so that noise from other load hits both alike; medians
-are reported. Also measures how fast a long prompt evaluation stops after ``cancel()``.
+are reported. Also measures how fast a long prompt evaluation stops after ``cancel()``, and
+what the prompt cache does for a chat: the time to the first token of a second turn after a
+~1,500-token first turn, with the cache and without (a worker started with it off).
 
-    .venv/bin/python bench/bench_runtime.py [--model PATH] [--tokens 128] [--rounds 5]
+    .venv/bin/python bench/bench_runtime.py [--model PATH] [--tokens 128] [--rounds 5] [--chat-rounds 3]
+    .venv/bin/python bench/bench_runtime.py --chat-only     # just the prompt-cache measurement
 """
 
 from __future__ import annotations
@@ -186,6 +189,77 @@ def interrupt_latency(rt: object, n_prompt: int) -> float:
     raise AssertionError("the prompt finished before the interrupt")
 
 
+def long_document(rt: object, n_tokens: int, round_no: int) -> str:
+    """A first chat message of about ``n_tokens`` tokens: this repository's architecture notes,
+    repeated, opened by a line that differs per round (so no round reuses another's prefix)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    doc = f"Document number {round_no}.\n"
+    while rt.count_tokens(doc) < n_tokens:  # type: ignore[attr-defined]
+        doc += text
+    while rt.count_tokens(doc) > n_tokens:  # type: ignore[attr-defined]
+        doc = doc[: int(len(doc) * 0.97)]
+    return doc + "\n\nIn two sentences: what is this document about?"
+
+
+def timed_turn(rt: object, messages: list[dict[str, str]], sampling: object) -> tuple[float, object]:
+    """Seconds to the first streamed text, and the completion."""
+    t0 = time.perf_counter()
+    stream = rt.chat(messages, sampling)  # type: ignore[attr-defined]
+    ttft = None
+    for _ in stream:
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+    return (ttft if ttft is not None else time.perf_counter() - t0), stream.result
+
+
+def wait_settled(rt: object) -> None:
+    """Until the worker has re-evaluated its answer's tokens (as while a user reads them)."""
+    while rt.stats()["unsettled_tokens"]:  # type: ignore[attr-defined]
+        time.sleep(0.02)
+
+
+def chat_cache(args: argparse.Namespace) -> None:
+    """Second-turn TTFT after a ~1,500-token first turn: prompt cache on vs off."""
+    from jupyter_llm.options import LoadOptions, SamplingOptions
+    from jupyter_llm.runtime import Runtime
+
+    options = LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads)
+    sampling = SamplingOptions(temperature=0.0, max_tokens=64)
+    rows = []
+    with Runtime.start(args.model, options) as cached, \
+            Runtime.start(args.model, options, _prompt_cache=False) as plain:
+        for i in range(args.chat_rounds):
+            first = [{"role": "user", "content": long_document(cached, 1500, i)}]
+            turn1 = cached.chat(first, sampling).result
+            wait_settled(cached)
+            second = [*first, {"role": "assistant", "content": turn1.text},
+                      {"role": "user", "content": "Which module runs llama.cpp?"}]
+            ttft_on, on = timed_turn(cached, second, sampling)
+            ttft_off, off = timed_turn(plain, second, sampling)  # the same greedy first answer
+            rows.append((ttft_on, ttft_off, on, off))
+            print(f"chat round {i + 1}: turn 1 {turn1.prompt_tokens} prompt + {turn1.completion_tokens} answer "
+                  f"tokens; turn 2 ({on.prompt_tokens} tokens, {on.prompt_tokens_cached} cached) TTFT "
+                  f"{ttft_on * 1000:.0f} ms with the cache, {ttft_off * 1000:.0f} ms without; same text: "
+                  f"{on.text == off.text}", flush=True)
+        # the next turn sent at once, before the worker re-evaluated the answer it just gave
+        first = [{"role": "user", "content": long_document(cached, 1500, 99)}]
+        turn1 = cached.chat(first, sampling).result
+        second = [*first, {"role": "assistant", "content": turn1.text},
+                  {"role": "user", "content": "Which module runs llama.cpp?"}]
+        ttft_now, now = timed_turn(cached, second, sampling)
+    on_med = statistics.median(r[0] for r in rows)
+    off_med = statistics.median(r[1] for r in rows)
+    print(f"\nprompt cache, second chat turn after a ~1,500-token first turn ({args.chat_rounds} rounds, medians)")
+    reused = statistics.median(r[2].prompt_tokens_cached for r in rows)
+    print(f"  TTFT with the cache   : {on_med * 1000:8.0f} ms  ({reused:.0f} of "
+          f"{statistics.median(r[2].prompt_tokens for r in rows):.0f} prompt tokens reused)")
+    print(f"  TTFT without          : {off_med * 1000:8.0f} ms")
+    print(f"  ratio without/with    : {off_med / on_med:8.1f}x")
+    print(f"  same greedy answers   : {all(r[2].text == r[3].text for r in rows)}")
+    print(f"  next turn sent at once (answer not yet re-evaluated): TTFT {ttft_now * 1000:.0f} ms, "
+          f"{now.prompt_tokens_cached} of {now.prompt_tokens} tokens reused")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -194,6 +268,8 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--threads", type=int, default=0, help="0 = os.cpu_count()")
     p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--chat-rounds", type=int, default=3)
+    p.add_argument("--chat-only", action="store_true", help="only the prompt-cache measurement")
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     import os
@@ -201,6 +277,9 @@ def main() -> None:
     args.threads = args.threads or os.cpu_count() or 1
     if args.raw:
         raw_server(args)
+        return
+    if args.chat_only:
+        chat_cache(args)
         return
 
     from jupyter_llm.options import LoadOptions
@@ -237,7 +316,8 @@ def main() -> None:
     ms = lambda values: ", ".join(f"{v * 1000:.0f}" for v in values)  # noqa: E731
     print(f"  cancel() during a 3000-token prompt: stream ended {ms(cancels)} ms later")
     print(f"  SIGINT during a 3000-token prompt: KeyboardInterrupt re-raised (cancel confirmed) "
-          f"{ms(interrupts)} ms later")
+          f"{ms(interrupts)} ms later\n")
+    chat_cache(args)
 
 
 if __name__ == "__main__":

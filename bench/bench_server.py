@@ -295,15 +295,16 @@ def main() -> None:
     for k, v in med.items():
         print(f"  {k:>22}: {v:6.1f}")
     n = args.clients
-    print("\nratios:")
-    scale = med[f"ours x{n}"] / med["ours x1"]
-    print(f"  ours x{n} / ours x1               = {scale:.2f}  (target ≥ 1.4)")
+    rows = [(f"ours x{n} / ours x1", med[f"ours x{n}"] / med["ours x1"], "target ≥ 1.4")]
     if f"llama-cpp-python x{n}" in med:
-        vs = med[f"ours x{n}"] / med[f"llama-cpp-python x{n}"]
-        print(f"  ours x{n} / llama-cpp-python x{n} = {vs:.2f}  (target ≥ 1.3)")
-        print(f"  llama-cpp-python x{n} / x1        = {med[f'llama-cpp-python x{n}'] / med['llama-cpp-python x1']:.2f}")
-    print(f"  ours x1 / raw                    = {med['ours x1'] / med['raw x1']:.2f}")
-
+        rows += [(f"ours x{n} / llama-cpp-python x{n}", med[f"ours x{n}"] / med[f"llama-cpp-python x{n}"],
+                  "target ≥ 1.3"),
+                 (f"llama-cpp-python x{n} / x1", med[f"llama-cpp-python x{n}"] / med["llama-cpp-python x1"], ""),
+                 ("llama-cpp-python x1 / raw", med["llama-cpp-python x1"] / med["raw x1"], "")]
+    rows.append(("ours x1 / raw", med["ours x1"] / med["raw x1"], ""))
+    print("\nratios:")
+    for label, ratio, target in rows:
+        print(f"  {label:>34} = {ratio:.2f}" + (f"  ({target})" if target else ""))
 
 if __name__ == "__main__":
     main()

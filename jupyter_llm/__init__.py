@@ -8,23 +8,43 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._labextension import _jupyter_labextension_paths
 from ._version import __version__
-from .api import Model, cp, devices, estimate, list_models, load, ps, pull, rm, show, unload
+from .api import (
+    Model,
+    cp,
+    devices,
+    estimate,
+    list_models,
+    load,
+    memory_widget,
+    picker,
+    ps,
+    pull,
+    rm,
+    serve,
+    show,
+    unload,
+)
 from .errors import JupyterLLMError
 
 __all__ = [
     "JupyterLLMError",
     "Model",
     "__version__",
+    "_jupyter_labextension_paths",
     "cp",
     "devices",
     "estimate",
     "list_models",
     "load",
     "load_ipython_extension",
+    "memory_widget",
+    "picker",
     "ps",
     "pull",
     "rm",
+    "serve",
     "show",
     "unload",
     "unload_ipython_extension",
@@ -36,11 +56,15 @@ def load_ipython_extension(ipython: Any) -> None:
     from .magics import LLMMagics
 
     ipython.register_magics(LLMMagics)
+    from .comm import open_from_kernel
+
+    open_from_kernel(ipython)  # the sidebar's comm; does nothing outside a kernel
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Called by ``%unload_ext jupyter_llm``: stops every worker this kernel started."""
-    from . import manager
+    from . import comm, manager
 
+    comm.close_all()
     if manager._manager is not None:
         manager._manager.close()

@@ -171,3 +171,18 @@ def serve(*, host: str = "127.0.0.1", port: int = 11434, token: str | None = Non
     return server.serve(_manager(), host=host, port=port, token=token, auth=auth, parallel=parallel,
                         max_queue=max_queue, origins=origins, allowed_hosts=allowed_hosts)
 # -- the background HTTP API — end ---------------------------------------------------------------
+
+
+def picker() -> Any:
+    """The model picker widget (as ``%llm picker``): cached models, pull, load options whose
+    per-device memory estimate re-prices live, Load and Unload."""
+    from .widgets import picker as make  # ipywidgets costs ~170 ms: imported on use
+
+    return make(None)
+
+
+def memory_widget(*, period: float = 2.0, devices: Sequence[str] | None = None) -> Any:
+    """Live memory bars per device (as ``%llm mem``): weights, KV, graph, other processes, free."""
+    from .widgets import memory_widget as make
+
+    return make(None, period=period, devices=list(devices) if devices is not None else None)

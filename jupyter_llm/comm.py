@@ -19,8 +19,10 @@ still opens one after a page reload, a notebook switch or a kernel restart.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +34,10 @@ TARGET = "jupyter_llm"
 PROTOCOL = 1
 DEFAULT_INTERVAL = 0.25
 """Seconds between two pushes at most: a few per second, however many events arrive."""
-DEFAULT_REFRESH = 2.0
-"""Seconds between pushes while nothing happens (device memory moves on its own); 0: events only."""
+DEFAULT_REFRESH = 0.0
+"""Seconds between pushes while nothing happens (device memory moves on its own); 0: events only.
+Panels ask for their own rate (the setting "refreshRate", 2 s by default) when they attach, so a
+kernel nobody watches (a headless run) does no periodic work at all."""
 MAX_VIEWS = 16
 """Comms kept per kernel: a reloaded page never closes its old comm, so the oldest are dropped."""
 
@@ -182,11 +186,16 @@ class CommView:
         comm.on_msg(self._on_msg)
         comm.on_close(self._on_close)
 
-    def send(self, data: dict[str, Any]) -> None:
+    def send(self, data: dict[str, Any], *, reply: bool = False) -> None:
+        """Send on the comm. Only a ``reply`` goes out under the request it answers; anything
+        else is sent with no parent request (see :func:`_without_parent`)."""
         if self.closed:
             return
         try:
-            self.comm.send(data)
+            if reply:
+                self.comm.send(data)
+            else:
+                _without_parent().run(self.comm.send, data)
         except Exception:  # a closed socket (kernel shutting down): this view is gone
             self._on_close(None)
 
@@ -211,8 +220,10 @@ class CommView:
         request_id = str(data.get("id", ""))
         action = str(data.get("action", ""))
         args = data.get("args") or {}
-        # in a thread: a load takes seconds, and the shell must stay free for the user's cells
-        threading.Thread(target=self._answer, args=(request_id, action, args),
+        # in a thread: a load takes seconds, and the shell must stay free for the user's cells.
+        # The thread keeps this request as its parent, so the reply goes back the way it came.
+        request_context = contextvars.copy_context()
+        threading.Thread(target=request_context.run, args=(self._answer, request_id, action, args),
                          name=f"jupyter_llm-comm-{action}", daemon=True).start()
 
     def _answer(self, request_id: str, action: str, args: dict[str, Any]) -> None:
@@ -223,12 +234,30 @@ class CommView:
             estimate = getattr(exc, "estimate", None)
             if estimate is not None and hasattr(estimate, "to_dict"):
                 error["estimate"] = jsonable(estimate.to_dict())
-            self.send({"kind": "reply", "id": request_id, "ok": False, "error": error})
+            self.send({"kind": "reply", "id": request_id, "ok": False, "error": error}, reply=True)
             if not isinstance(exc, Exception):
                 raise
             return
-        self.send({"kind": "reply", "id": request_id, "ok": True, "result": jsonable(result)})
+        self.send({"kind": "reply", "id": request_id, "ok": True, "result": jsonable(result)}, reply=True)
         self.hub.poke()  # e.g. a started server changes the state without a manager event
+
+
+def _without_parent() -> contextvars.Context:
+    """A context in which ipykernel sees no parent request.
+
+    ipykernel 7 routes a front end's next message on a comm to the subshell of the parent of the
+    kernel's last message on that comm. A thread of ours has no parent of its own, so ipykernel
+    would use whatever request it handled last — possibly in a subshell JupyterLab deletes a
+    moment later (its widget manager's), and the panel's next request would then be dropped
+    ("Unknown subshell_id"). Pushes sent with no parent leave the routing as JupyterLab chose it.
+    """
+    context = contextvars.Context()
+    kernelbase = sys.modules.get("ipykernel.kernelbase")  # only inside a kernel; never imported here
+    kernel = kernelbase.Kernel.instance() if kernelbase and kernelbase.Kernel.initialized() else None
+    parent = getattr(kernel, "_shell_parent", None)
+    if isinstance(parent, contextvars.ContextVar):
+        context.run(parent.set, {})
+    return context
 
 
 def run_action(hub: CommHub, action: str, args: dict[str, Any]) -> Any:

@@ -5,22 +5,28 @@ engine thread owns the context: every ``llama_decode``, sampling and KV operatio
 because a context is not thread-safe (NOTES §2). The worker's control thread may call the
 methods marked *control thread*: they touch only the vocabulary (read-only) and flags.
 
-Each step decodes one batch over all busy slots: the next token of every generating sequence
-plus as many prompt tokens of newer requests as ``n_batch`` leaves room for (continuous
-batching, as llama-server does). Slot ``i`` is sequence ``i`` of a context made with
-``kv_unified = False``: each slot owns ``n_ctx / parallel`` KV cells, freed with
-``llama_memory_seq_rm`` when its request ends. Only batch rows whose logits flag is set are
-sampled (anything else aborts the process).
+Each step decodes the next token of every generating sequence in one batch, then one chunk
+(at most ``n_ubatch`` tokens) of the prompt of the oldest request still evaluating one (continuous
+batching, as llama-server does). Prompt chunks get their own decode: batched with another
+sequence's token, llama.cpp would split a chunk's first token off into a ubatch of its own, and
+a lone token is computed differently (see :mod:`jupyter_llm.prompt_cache`). Slot ``i`` is
+sequence ``i`` of a context made with ``kv_unified = False``: each slot owns ``n_ctx / parallel``
+KV cells. Only batch rows whose logits flag is set are sampled (anything else aborts the process).
+
+Prompt cache (:class:`~jupyter_llm.prompt_cache.SlotCache`): a slot keeps its KV when its request
+ends; the next request takes the slot holding the longest prefix of its prompt and evaluates
+only the rest. While the engine has nothing else to do it re-evaluates the tokens it generated
+one at a time, as a prompt would be, so that reusing them changes no output.
 
 Cancellation: a flag per request, checked between steps, plus an abort callback installed for
 steps that evaluate prompt tokens, so a long prompt stops within ~10 ms (``llama_decode``
-returns 2; the step's partial KV is removed and the other requests redo it). Generation steps
-run without the callback: it costs a GIL round trip per graph node (~3 % of a token here).
+returns 2; the chunk's partial KV is removed). Idle-time re-evaluation is aborted the same way
+as soon as anything arrives in the inbox. Generation decodes run without the callback: it costs
+a GIL round trip per graph node (~3 % of a token here).
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
 import queue
@@ -33,9 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-_POOLING_MEAN = 1
-_POOLING_RANK = 4
-_EMBED_SEQS = 16
+from .prompt_cache import SlotCache, chunk_size
+from .stream import TextOut
 
 
 class RequestError(Exception):
@@ -45,40 +50,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.kind = kind
         self.extra = extra
-
-
-class TextOut:
-    """Token bytes → text to emit: never half a UTF-8 character, never part of a stop string."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._stop = tuple(s for s in stop if s)
-        self._held = ""
-
-    def feed(self, piece: bytes) -> tuple[str, bool]:
-        """Add one token's bytes; returns (text ready to emit, whether a stop string matched)."""
-        self._held += self._decoder.decode(piece)
-        if not self._stop:
-            out, self._held = self._held, ""
-            return out, False
-        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            out, self._held = self._held[: min(hits)], ""
-            return out, True
-        keep = 0  # the longest tail that could still grow into a stop string is held back
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(self._held)), keep, -1):
-                if self._held.endswith(s[:n]):
-                    keep = n
-                    break
-        cut = len(self._held) - keep
-        out, self._held = self._held[:cut], self._held[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        """What is held back, at the end of a generation that did not hit a stop string."""
-        out, self._held = self._held + self._decoder.decode(b"", final=True), ""
-        return out
 
 
 @dataclass(eq=False)
@@ -95,6 +66,7 @@ class _Request:
     slot: int = -1
     n_past: int = 0
     n_prompt_done: int = 0
+    n_cached: int = 0
     last_token: int = -1
     n_gen: int = 0
     n_unsent: int = 0
@@ -131,7 +103,11 @@ class Engine:
     """Generation and embeddings over one model and its context (see the module docstring)."""
 
     def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
-                 send: Callable[[tuple[Any, ...]], None], errors: deque[str]) -> None:
+                 send: Callable[[tuple[Any, ...]], None], errors: deque[str], prompt_cache: bool = True,
+                 batch_invariant: bool = True) -> None:
+        """``batch_invariant``: whether the backend computes a token's KV the same in any prompt
+        chunk of two or more tokens (measured true on the CPU without flash attention); then the
+        prompt cache reuses only such KV, and cached outputs equal uncached ones."""
         self.L, self.model, self.ctx = L, model, ctx
         self.parallel, self.n_threads = parallel, n_threads
         self.send = send
@@ -140,23 +116,29 @@ class Engine:
         self.vocab = L.llama_model_get_vocab(model)
         self.mem = L.llama_get_memory(ctx)
         self.n_batch = L.llama_n_batch(ctx)
+        self.n_chunk = L.llama_n_ubatch(ctx)  # one ubatch per prompt decode: llama.cpp splits no further
         self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # owns the token arrays decode reads
         self.bos = L.llama_vocab_bos(self.vocab)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.slots: list[_Request | None] = [None] * parallel
+        self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
+                               exact=batch_invariant and self.n_chunk >= 4)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, _Request] = {}
         self.pending: deque[_Request] = deque()
-        self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0}
+        self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "prompt_tokens_cached": 0,
+                         "tokens_settled": 0}
+        """tokens_in: prompt tokens evaluated; prompt_tokens_cached: prompt tokens reused instead;
+        tokens_settled: generated tokens evaluated again while idle (see prompt_cache)."""
         self._abort = False
-        self._abort_cb = L.ggml_abort_callback(lambda _data: self._abort)  # referenced while set
+        self._settling = False
+        self._abort_cb = L.ggml_abort_callback(self._should_abort)  # referenced while set
         self._no_abort = L.ggml_abort_callback()  # NULL
         self._abort_on = False
         self._pieces: dict[int, bytes] = {}
         self._template: Any = None
-        self._embed_ctx: Any = None
-        self._embed_size = 0
+        self._embedder: Any = None  # an Embedder, made on the first embedding request
 
     def warm_up(self) -> int:
         """A 2-token decode (returns llama_decode's code). It pages the weights in and turns the
@@ -279,9 +261,10 @@ class Engine:
             self._abort = True  # a spurious abort only makes the engine redo one step
 
     def stats(self) -> dict[str, Any]:
+        """Slots, busy slots, queued requests, the counters, and how many tokens each slot's KV holds."""
         busy = sum(1 for s in self.slots if s is not None)
         return {"slots": self.parallel, "busy": busy, "queued": len(self.pending) + self.inbox.qsize(),
-                **self.counters}
+                **self.counters, **self.cache.stats()}
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -297,10 +280,15 @@ class Engine:
             sys.stderr.flush()
             os._exit(70)
 
+    def _should_abort(self, _data: Any) -> bool:
+        # Called by llama.cpp between graph nodes (engine thread): a cancel, or new work while
+        # the engine only settles.
+        return self._abort or (self._settling and not self.inbox.empty())
+
     def _step(self) -> bool:
         self._abort = False  # reset *before* reading cancel flags: a later cancel still aborts
-        idle = not self.pending and all(s is None for s in self.slots)
-        item = self.inbox.get() if idle else None  # block only when there is nothing to decode
+        idle = not self.pending and all(s is None for s in self.slots) and not self.cache.unsettled
+        item = self.inbox.get() if idle else None  # block only when there is nothing to do
         while True:
             if item is None:
                 try:
@@ -320,56 +308,108 @@ class Engine:
             if req.slot < 0:
                 self.pending.remove(req)
             self._finish(req, "cancelled")
-        for i, slot in enumerate(self.slots):
-            if slot is None and self.pending:
-                req = self.slots[i] = self.pending.popleft()
-                req.slot, req.t_start = i, time.perf_counter()
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        while free and self.pending:
+            self._assign(self.pending.popleft(), free)
         if any(s is not None for s in self.slots):
             self._decode_step()
+        elif self.inbox.empty():
+            self._settle_step()
         return True
 
+    def _assign(self, req: _Request, free: list[int]) -> None:
+        """Give ``req`` one of the ``free`` slots, reusing the KV of the prefix it already holds."""
+        slot = self.cache.pick(req.tokens, free)
+        free.remove(slot)
+        n_cached = self.cache.reuse(slot, req.tokens)
+        req.slot, req.t_start = slot, time.perf_counter()
+        req.n_past = req.n_prompt_done = req.n_cached = n_cached
+        self.slots[slot] = req
+        self.cache.touch(slot)
+        self.counters["prompt_tokens_cached"] += n_cached
+
     def _decode_step(self) -> None:
-        L = self.L
-        n, samples, step, prompt_tokens = 0, [], [], 0
         active = [r for r in self.slots if r is not None]
-        for req in active:  # one token for every sequence that is generating
-            if req.n_prompt_done == len(req.tokens):
-                self._put(n, req.last_token, req.n_past, req.slot, True)
-                samples.append((req, n))
-                step.append((req, req.n_past, 1, 0))
-                n += 1
-        for req in active:  # then prompt tokens, as many as fit
-            left = len(req.tokens) - req.n_prompt_done
-            take = min(left, self.n_batch - n)
-            if left == 0 or take <= 0:
-                continue
-            for j in range(take):
-                self._put(n + j, req.tokens[req.n_prompt_done + j], req.n_past + j, req.slot, j == left - 1)
-            n += take
-            prompt_tokens += take
-            if take == left:
-                samples.append((req, n - 1))
-            step.append((req, req.n_past, take, take))
-        if (prompt_tokens > 1) != self._abort_on:
-            self._abort_on = prompt_tokens > 1
-            L.llama_set_abort_callback(self.ctx, self._abort_cb if self._abort_on else self._no_abort, None)
-        self.batch.n_tokens = n
-        rc = L.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            for req, pos, _, _ in step:  # drop what the interrupted step left in the KV cache
-                L.llama_memory_seq_rm(self.mem, req.slot, pos, -1)
-            if rc != 2:  # 2 = aborted by a cancel: the next step redoes the others' tokens
-                for req, _, _, _ in step:
-                    self._finish(req, "error", f"llama_decode failed ({rc}): "
-                                 + llama_said(self.errors, "see the worker log"))
+        generating = [r for r in active if r.n_prompt_done == len(r.tokens)]
+        if generating:
+            self._generate_step(generating)
+        prompting = [r for r in active if r.slot >= 0 and r.n_prompt_done < len(r.tokens)]
+        if prompting:
+            self._prompt_step(min(prompting, key=lambda r: r.t_start))
+
+    def _generate_step(self, reqs: list[_Request]) -> None:
+        """The next token of every generating sequence, in one decode (not abortable)."""
+        for n, req in enumerate(reqs):
+            self._put(n, req.last_token, req.n_past, req.slot, True)
+        if not self._decode(len(reqs), abortable=False, what=reqs):
             return
-        self.counters["tokens_in"] += prompt_tokens
-        for req, _, count, prompt in step:
-            req.n_past += count
-            req.n_prompt_done += prompt
         now = time.perf_counter()
-        for req, idx in samples:
-            self._accept(req, L.llama_sampler_sample(req.chain, self.ctx, idx), now)
+        for req in reqs:
+            self.cache.decoded(req.slot, [req.last_token])
+            req.n_past += 1
+        for n, req in enumerate(reqs):
+            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, n), now)
+
+    def _prompt_step(self, req: _Request) -> None:
+        """One chunk of one request's prompt; samples its first token after the last chunk."""
+        left = len(req.tokens) - req.n_prompt_done
+        take = chunk_size(left, self.n_chunk)
+        start = req.n_prompt_done
+        for j in range(take):
+            self._put(j, req.tokens[start + j], req.n_past + j, req.slot, j == left - 1)
+        if not self._decode(take, abortable=take > 1, what=[req]):
+            return
+        self.counters["tokens_in"] += take
+        self.cache.decoded(req.slot, req.tokens[start:start + take])
+        req.n_past += take
+        req.n_prompt_done += take
+        if take == left:
+            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, take - 1), time.perf_counter())
+
+    def _settle_step(self) -> None:
+        """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
+        job = self.cache.next_settle(self.n_chunk)
+        if job is None:
+            return
+        slot, tokens = job
+        pos = len(self.cache.tokens[slot])
+        for j, token in enumerate(tokens):
+            self._put(j, token, pos + j, slot, False)
+        self._settling = True
+        try:
+            rc = self._run_decode(len(tokens), abortable=True)
+        finally:
+            self._settling = False
+        if rc == 0:
+            self.cache.decoded(slot, tokens)
+            self.counters["tokens_settled"] += len(tokens)
+        elif rc == 2:  # new work arrived: it goes first; the slot keeps what is settled
+            self.L.llama_memory_seq_rm(self.mem, slot, pos, -1)
+            self.cache.interrupted(slot)
+        else:
+            self.cache.clear(slot)
+
+    def _decode(self, n: int, *, abortable: bool, what: list[_Request]) -> bool:
+        """Decode the first ``n`` batch rows for the requests ``what``. On failure their slots
+        drop what the decode left behind (an abort removes only the ubatch in flight), so each
+        holds exactly its cached tokens again; a real error also ends them."""
+        rc = self._run_decode(n, abortable=abortable)
+        if rc == 0:
+            return True
+        for req in what:
+            self.L.llama_memory_seq_rm(self.mem, req.slot, req.n_past, -1)
+        if rc != 2:  # 2 = aborted by a cancel: the next step redoes the others' tokens
+            message = f"llama_decode failed ({rc}): " + llama_said(self.errors, "see the worker log")
+            for req in what:
+                self._finish(req, "error", message)
+        return False
+
+    def _run_decode(self, n: int, *, abortable: bool) -> int:
+        if abortable != self._abort_on:
+            self._abort_on = abortable
+            self.L.llama_set_abort_callback(self.ctx, self._abort_cb if abortable else self._no_abort, None)
+        self.batch.n_tokens = n
+        return int(self.L.llama_decode(self.ctx, self.batch))
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         b = self.batch
@@ -402,7 +442,9 @@ class Engine:
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
         if req.slot >= 0:
-            self.L.llama_memory_seq_rm(self.mem, req.slot, -1, -1)
+            # The slot keeps its KV for the next request (also when cancelled: what was
+            # evaluated stays valid); after a failed decode nothing is trusted.
+            self.cache.released(req.slot, failed=error is not None)
             self.slots[req.slot] = None
             req.slot = -1
         self.L.llama_sampler_free(req.chain)
@@ -416,7 +458,8 @@ class Engine:
                 self.send(("tok", req.rid, rest, req.n_unsent))
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
         self.send(("done", req.rid, {
-            "finish_reason": reason, "prompt_tokens": len(req.tokens), "completion_tokens": req.n_gen,
+            "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
+            "completion_tokens": req.n_gen,
             "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
             "gen_tok_per_s": (req.n_gen - 1) / gen_s if req.n_gen > 1 and gen_s > 0 else 0.0,
             "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
@@ -429,84 +472,23 @@ class Engine:
 
     def free(self) -> None:
         """Free the native objects this engine made (the worker frees context and model)."""
-        if self._embed_ctx is not None:
-            self.L.llama_free(self._embed_ctx)
-            self._embed_ctx = None
+        if self._embedder is not None:
+            self._embedder.free()
         self.L.llama_batch_free(self.batch)
 
-    # -- embeddings (engine thread) -------------------------------------------------------------
-
     def _run_embed(self, rid: int, texts: list[str], normalize: bool) -> None:
+        # Embeddings use a context of their own, on this thread: it runs llama.cpp's compute.
         try:
-            self.send(("reply", rid, self._embed(texts, normalize)))
+            if self._embedder is None:
+                from .embedding import Embedder  # here: it imports this module
+
+                self._embedder = Embedder(self.L, self.model, n_threads=self.n_threads, errors=self.errors)
+            inputs = [self.tokenize(t, add_special=True, parse_special=False) or [max(self.bos, 0)] for t in texts]
+            self.send(("reply", rid, self._embedder.embed(inputs, normalize)))
         except RequestError as exc:
             self.send(("error", rid, exc.kind, str(exc), exc.extra))
         except (TypeError, ValueError) as exc:  # e.g. texts that are not strings
             self.send(("error", rid, "ValueError", f"cannot embed these inputs: {exc}", {}))
-
-    def _embed(self, texts: list[str], normalize: bool) -> list[list[float]]:
-        L = self.L
-        inputs = [self.tokenize(t, add_special=True, parse_special=False) or [max(self.bos, 0)] for t in texts]
-        longest = max((len(t) for t in inputs), default=1)
-        limit = L.llama_model_n_ctx_train(self.model)
-        if longest > limit:
-            raise RequestError("ContextOverflowError", f"an input has {longest} tokens; this model embeds "
-                               f"at most {limit}; split the text", n_tokens=longest, n_ctx=limit)
-        ctx = self._embedding_context(longest)
-        n_embd = L.llama_model_n_embd(self.model)
-        batch = L.llama_batch_init(self._embed_size, 0, 1)
-        out: list[list[float]] = []
-        try:
-            i = 0
-            while i < len(inputs):
-                n, seqs = 0, 0
-                while i < len(inputs) and seqs < _EMBED_SEQS and n + len(inputs[i]) <= self._embed_size:
-                    for pos, token in enumerate(inputs[i]):  # one input per sequence, positions from 0
-                        batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-                        batch.seq_id[n][0], batch.logits[n] = seqs, True
-                        n += 1
-                    seqs, i = seqs + 1, i + 1
-                batch.n_tokens = n
-                rc = L.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise RequestError("RuntimeError", f"embedding decode failed ({rc}): "
-                                       + llama_said(self.errors, "see the worker log"))
-                for s in range(seqs):
-                    vec = L.llama_get_embeddings_seq(ctx, s)[:n_embd]
-                    if normalize:
-                        norm = sum(v * v for v in vec) ** 0.5 or 1.0
-                        vec = [v / norm for v in vec]
-                    out.append(vec)
-                L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        finally:
-            L.llama_batch_free(batch)
-        return out
-
-    def _embedding_context(self, longest: int) -> Any:
-        # A second, small context with pooled embeddings, made on first use (again, larger, for a
-        # longer input): the generation context keeps its per-slot KV and its speed.
-        L = self.L
-        if self._embed_ctx is not None and longest <= self._embed_size:
-            return self._embed_ctx
-        if self._embed_ctx is not None:
-            L.llama_free(self._embed_ctx)
-            self._embed_ctx = None
-        size = max(512, -(-longest // 256) * 256)
-        cp = context_params(L, size, size, size, _EMBED_SEQS, self.n_threads)
-        cp.embeddings = True
-        cp.kv_unified = True  # any one input may use the whole context
-        pooling = model_meta(L, self.model, f"{model_meta(L, self.model, 'general.architecture')}.pooling_type")
-        kind = int(pooling) if pooling and pooling.isdigit() else 0
-        if kind == _POOLING_RANK:  # a reranker: its "embedding" is a score, not a vector
-            raise RequestError("ValueError", "this is a reranking model; it scores pairs and makes no embeddings")
-        cp.pooling_type = kind if kind > 0 else _POOLING_MEAN  # NONE/unset: mean over the tokens
-        ctx = L.llama_init_from_model(self.model, cp)
-        if not ctx:
-            raise RequestError("RuntimeError", "could not create the embedding context: "
-                               + llama_said(self.errors, "see the worker log"))
-        self._embed_ctx, self._embed_size = ctx, size
-        return ctx
-
 
 def _compile_template(source: str) -> Any:
     """A chat template compiled in an immutable Jinja sandbox (templates come from downloads)."""

@@ -274,11 +274,11 @@ class LLMMagics(Magics):
             current = self.manager.server
             if current is None or not current.running:
                 return Message("the API is not running; `%llm serve` starts it", data=None)
-            return Message(current.instructions(), data=current.status())
+            return current.display()
         running = server.serve(self.manager, host=args.host, port=args.port, token=args.token,
                                auth=not args.no_auth, parallel=args.parallel, max_queue=args.max_queue,
                                origins=args.origins, allowed_hosts=args.allowed_hosts)
-        return Message(running.instructions(), data=running.status())
+        return running.display()
     # server — end
 
     @cell_magic

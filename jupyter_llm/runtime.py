@@ -9,7 +9,8 @@ If the worker dies (SIGSEGV, SIGABRT, the OOM killer's SIGKILL) every pending an
 raises :class:`~jupyter_llm.errors.WorkerCrashedError` naming the signal and llama.cpp's last
 words; no wait ever blocks on a dead process. llama.cpp's log arrives as messages (not on the
 kernel's stderr), is kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory
-breakdown of the load (:class:`LoadReport`).
+breakdown of the load (:class:`LoadReport`). What a generation returns (:class:`Stream`,
+:class:`Chunk`, :class:`Completion`) lives in :mod:`jupyter_llm.stream` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -25,46 +26,20 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
 from .options import AUTO, LoadOptions, SamplingOptions
+from .stream import Chunk, Completion, Stream
 
 LogCallback = Callable[[int, str], None]
 
 _LIVENESS_S = 0.2
 """How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of streamed text and how many tokens it took (whole UTF-8 characters only)."""
-
-    text: str
-    n_tokens: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished generation and its timings."""
-
-    text: str
-    finish_reason: str
-    """``"stop"`` (end of turn or a stop string), ``"length"`` (max_tokens or a full slot) or
-    ``"cancelled"``."""
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float | None
-    """Seconds from the request to the first text, as the caller saw it."""
-    gen_tok_per_s: float
-    prompt_tok_per_s: float
-    total_s: float
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -103,107 +78,6 @@ class LoadReport:
         return out
 
 
-class Stream:
-    """Chunks of one generation as they come; ``.result`` is the :class:`Completion`.
-
-    Iterating blocks on the worker, never polls. A KeyboardInterrupt while iterating (the
-    notebook's stop button) cancels the generation in the worker, waits briefly for it to
-    stop, and is raised again. Dropping an unfinished stream cancels it too.
-    """
-
-    def __init__(self, runtime: Runtime, rid: int, inbox: queue.SimpleQueue[Any]) -> None:
-        self._rt, self._rid, self._inbox = runtime, rid, inbox
-        self._t0 = time.perf_counter()
-        self._ttft: float | None = None
-        self._parts: list[str] = []
-        self._result: Completion | None = None
-        self._error: BaseException | None = None
-        self._stats: dict[str, Any] = {}
-
-    def __iter__(self) -> Iterator[Chunk]:
-        return self
-
-    def __next__(self) -> Chunk:
-        try:
-            while True:
-                if self._result is not None:
-                    raise StopIteration
-                if self._error is not None:
-                    raise self._error
-                chunk = self._take(self._rt._wait(self._inbox))
-                if chunk is not None:
-                    return chunk
-        except KeyboardInterrupt:
-            self._interrupted()
-            raise
-
-    def _take(self, msg: tuple[Any, ...]) -> Chunk | None:
-        kind = msg[0]
-        if kind == "tok":
-            if self._ttft is None:
-                self._ttft = time.perf_counter() - self._t0
-            self._parts.append(msg[2])
-            return Chunk(msg[2], msg[3])
-        self._rt._forget(self._rid)
-        if kind == "done":
-            s = self._stats = msg[2]
-            ttft = self._ttft if self._ttft is not None else s.get("worker_ttft_s")
-            self._result = Completion(
-                "".join(self._parts), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
-                ttft, s["gen_tok_per_s"], s["prompt_tok_per_s"], time.perf_counter() - self._t0, s["seed"])
-        else:
-            self._error = _error_from(msg, self._rt)
-        return None
-
-    def _interrupted(self) -> None:
-        self.cancel()
-        deadline = time.monotonic() + 2.0
-        while self._result is None and self._error is None and time.monotonic() < deadline:
-            try:
-                self._take(self._inbox.get(timeout=0.1))
-            except queue.Empty:
-                if not self._rt.alive:
-                    return
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None or self._error is not None
-
-    @property
-    def result(self) -> Completion:
-        """The completion; reads the rest of the stream first if needed."""
-        for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
-
-    def cancel(self) -> None:
-        """Ask the worker to stop this generation (returns at once; the stream ends "cancelled")."""
-        if not self.done:
-            self._rt._send_quietly(("cancel", self._rid))
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.done:
-            self.cancel()
-
-    def __del__(self) -> None:
-        # May run inside the garbage collector, even in a thread that is halfway through a
-        # send: so never wait for the send lock here; the next send delivers the cancel instead.
-        try:
-            if not self.done:
-                self._rt._cancel_soon(self._rid)
-        except Exception:
-            pass
-
-
 class Runtime:
     """One model in one worker process. Create with :meth:`start`; always :meth:`close`."""
 
@@ -233,13 +107,14 @@ class Runtime:
     @classmethod
     def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
               name: str | None = None, on_log: LogCallback | None = None,
-              _extra_bufts: bool = False) -> Runtime:
+              _extra_bufts: bool = False, _prompt_cache: bool = True) -> Runtime:
         """Start a worker, load ``path`` there and return once it is ready to generate.
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
         receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
         ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on; only tests use it, to
-        prove that the crash it causes on this CPU is survived. Raises ModelLoadError when
+        prove that the crash it causes on this CPU is survived. ``_prompt_cache=False`` makes the
+        worker evaluate every prompt afresh (tests and benchmarks compare). Raises ModelLoadError when
         llama.cpp refuses the file or context, WorkerCrashedError when the worker dies.
         """
         options = options or LoadOptions(gpu_layers=0)
@@ -267,7 +142,8 @@ class Runtime:
 
         rt = cls(name, proc, Pipe(parent.detach()), errfile, on_log)
         try:
-            rt._send(("load", str(path), options.to_dict(), bool(_extra_bufts)))
+            internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache)}
+            rt._send(("load", str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == "crash":
                 raise _error_from(msg, rt)
@@ -391,7 +267,12 @@ class Runtime:
         return self._reply(rid, inbox)
 
     def stats(self) -> dict[str, Any]:
-        """Slots, busy slots, queued requests, token counters and the worker's RSS."""
+        """Slots, busy slots, queued requests, token counters and the worker's RSS.
+
+        Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated),
+        ``prompt_tokens_cached`` (prompt tokens reused from a slot's cache instead), ``tokens_out``;
+        ``slot_tokens`` is how many tokens each slot's KV holds now.
+        """
         return self._call("stats")
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -461,6 +342,10 @@ class Runtime:
             except queue.Empty:
                 if not self._reader.is_alive() and inbox.empty():
                     raise self._gone() from None
+
+    def _error(self, msg: tuple[Any, ...]) -> BaseException:
+        """The exception for a worker's ``error`` message or a ``crash`` notice."""
+        return _error_from(msg, self)
 
     def _gone(self) -> JupyterLLMError:
         return _fresh(self._dead) if self._dead else WorkerCrashedError(f"the worker running {self.name} is gone")

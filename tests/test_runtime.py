@@ -14,7 +14,7 @@ import pytest
 from jupyter_llm.engine import TextOut
 from jupyter_llm.errors import ContextOverflowError, JupyterLLMError
 from jupyter_llm.options import LoadOptions, SamplingOptions
-from jupyter_llm.runtime import Chunk, Runtime
+from jupyter_llm.runtime import Chunk, Completion, Runtime, Stream
 from tests import ggufs
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
@@ -243,7 +243,18 @@ def test_stats_count_requests_and_tokens(rt: Runtime) -> None:
     assert after["slots"] == 2 and after["busy"] == 0 and after["queued"] == 0
     assert after["requests"] == before["requests"] + 1
     assert after["tokens_out"] - before["tokens_out"] == result.completion_tokens
-    assert after["tokens_in"] - before["tokens_in"] == result.prompt_tokens
+    # every prompt token is either evaluated or reused from a slot's cache
+    evaluated = after["tokens_in"] - before["tokens_in"]
+    reused = after["prompt_tokens_cached"] - before["prompt_tokens_cached"]
+    assert reused == result.prompt_tokens_cached and evaluated + reused == result.prompt_tokens
+    assert len(after["slot_tokens"]) == 2 and after["unsettled_tokens"] >= 0
+
+
+def test_a_repeated_prompt_reuses_the_cache_and_reports_it(rt: Runtime) -> None:
+    prompt = "The tallest mountain on Earth is"
+    first = rt.generate(prompt, GREEDY).result
+    second = rt.generate(prompt, GREEDY).result
+    assert second.prompt_tokens_cached == second.prompt_tokens - 2 and second.text == first.text
 
 
 # -- lifecycle -------------------------------------------------------------------------------------
@@ -271,6 +282,18 @@ def test_close_during_a_long_prompt_aborts_it_and_ends_the_stream(smollm2_path: 
     assert time.monotonic() - t0 < 5  # not the tens of seconds the prompt would take (nor a kill)
     assert runtime._proc.returncode == 0  # it exited by itself
     assert stream.result.finish_reason == "cancelled"
+
+
+# -- the result types -----------------------------------------------------------------------------
+
+
+def test_result_types_live_in_stream_and_are_reexported_by_runtime() -> None:
+    from jupyter_llm import stream
+
+    assert (Chunk, Completion, Stream) == (stream.Chunk, stream.Completion, stream.Stream)
+    # made without the cache count (as code written before it did), it defaults to none reused
+    done = Completion("hi", "stop", 3, 1, 0.1, 10.0, 30.0, 0.2, 42)
+    assert done.prompt_tokens_cached == 0
 
 
 # -- text assembly (unit) --------------------------------------------------------------------------

@@ -196,6 +196,7 @@ def test_the_serve_magic_starts_reports_and_stops_the_kernels_server() -> None:
         status = started.data
         assert status["running"] and status["parallel"] == 2 and status["origins"] == [ORIGIN]
         assert status["token"] in started.text and status["url"] in started.text
+        assert started._repr_markdown_().startswith("```")  # line breaks survive in a notebook
         assert get_manager().server.url == status["url"]
         reported = ip.run_line_magic("llm", "serve --status")
         assert reported.data["url"] == status["url"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -124,3 +126,19 @@ def test_requests_beyond_the_slots_and_the_queue_get_503_with_retry_after(served
     with httpx.Client(base_url=server.url, headers=auth(server), timeout=60) as client:
         again = client.post("/api/generate", json={**LONG, "stream": False, "options": {"num_predict": 2}})
     assert again.status_code == 200 and again.json()["eval_count"] == 2
+
+
+def test_a_worker_that_dies_mid_answer_is_reported_and_the_next_request_reloads_it(served: Any) -> None:
+    manager, server = served
+    with httpx.Client(base_url=server.url, headers=auth(server), timeout=60) as client:
+        with client.stream("POST", "/api/generate", json=LONG) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines))["done"] is False
+            old_pid = manager.get(MODEL).runtime.pid
+            os.kill(old_pid, signal.SIGKILL)  # as the out-of-memory killer would
+            rest = [json.loads(line) for line in lines if line]
+        assert "error" in rest[-1] and "SIGKILL" in rest[-1]["error"]
+        again = client.post("/api/generate", json={**LONG, "stream": False, "options": {"num_predict": 2}})
+        assert again.status_code == 200 and again.json()["eval_count"] == 2
+        assert manager.get(MODEL).runtime.pid != old_pid
+        assert client.get("/health").status_code == 200

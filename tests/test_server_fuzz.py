@@ -8,6 +8,7 @@ connection fails the test. Loopback only, bounded, deterministic (seeded).
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -114,6 +115,12 @@ def malformed_requests(seed: int = 4) -> Iterator[tuple[str, str, bytes]]:
     yield "POST", "/api/generate", b'{"model": "smollm2", "prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}'
     for path in ("/api/nothing", "/v1/nothing", "/api/create", "/api/push", "/api/blobs/sha256:00"):
         yield "POST", path, b"{}"
+    load_only = [("/api/generate", {"prompt": ""}), ("/api/chat", {"messages": []}), ("/api/embed", {})]
+    for (path, empty), (field, value) in itertools.product(load_only, [("stream", "yes"), ("keep_alive", "soon"),
+                                                                       ("options", {"num_ctx": "big"}),
+                                                                       ("model", "no-such-model")]):
+        if not (path == "/api/embed" and field == "stream"):  # /api/embed has no stream field
+            yield "POST", path, json.dumps({"model": MODEL, **empty, field: value}).encode()
 
 
 def test_malformed_requests_get_only_4xx_and_the_server_keeps_working(served: Any) -> None:

@@ -98,7 +98,7 @@ def test_embeddings_in_float_and_base64_agree(client: openai.OpenAI) -> None:
     assert max(abs(a - b) for a, b in zip(decoded, floats.data[0].embedding, strict=True)) < 1e-6
 
 
-def test_json_object_response_format_gives_json(client: openai.OpenAI) -> None:
+def test_json_schema_response_format_gives_matching_json(client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     reply = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Is water wet?"}], temperature=0, max_tokens=30,

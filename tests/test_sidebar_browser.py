@@ -3,8 +3,11 @@ playwright-core (labextension/ui-tests/sidebar.mjs), screenshots in test-artifac
 
 The flow: open a notebook whose kernel has not loaded jupyter_llm, load it from the panel's
 button, pull the default model from the sidebar (by its local path, which resolves offline), load
-it from the sidebar, chat in a cell with %%chat, show %llm mem, switch to the dark theme, unload
-from the sidebar, reload the page and see the panel re-attach.
+it from the sidebar, chat in a cell with %%chat, show %llm mem and %llm picker, switch to the dark
+theme, unload from the sidebar, reload the page and see the panel re-attach, then start the API
+server from the sidebar, copy its token, call the API with it, and stop the server; switch to
+another notebook (its kernel has not loaded jupyter_llm) and back; restart the kernel and load the
+extension again from the panel.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def lab(tmp_path: Path, built_extension: Path, isolated_state: Path) -> Iterator
     root, home = tmp_path / "root", tmp_path / "jupyter"
     root.mkdir()
     # this build of the sidebar, ahead of any installed copy (an editable install copies the
-    # build at install time, so the installed one can be older than the source)
-    labext = home / "data" / "labextensions"
+    # build at install time, so the installed one can be older than the source). JUPYTER_PATH
+    # comes first; the user data dir would not (jupyter_core prefers a venv's own share/ to it)
+    labext = home / "path" / "labextensions"
     labext.mkdir(parents=True)
     (labext / "jupyter-llm").symlink_to(built_extension, target_is_directory=True)
     settings = home / "settings" / "@jupyterlab" / "apputils-extension"
@@ -85,6 +89,7 @@ def lab(tmp_path: Path, built_extension: Path, isolated_state: Path) -> Iterator
     port, token = _free_port(), os.urandom(16).hex()
     env = {
         **os.environ,
+        "JUPYTER_PATH": str(home / "path"),
         "JUPYTER_CONFIG_DIR": str(home / "config"),
         "JUPYTER_DATA_DIR": str(home / "data"),
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
@@ -134,6 +139,10 @@ def _notebook(root: Path) -> str:
         nbformat.v4.new_code_cell("%llm picker"),
     ]
     nbformat.write(nb, root / "sidebar.ipynb")
+    other = nbformat.v4.new_notebook()
+    other.metadata["kernelspec"] = nb.metadata["kernelspec"]
+    other.cells = [nbformat.v4.new_code_cell("1 + 1")]
+    nbformat.write(other, root / "other.ipynb")
     return "sidebar.ipynb"
 
 
@@ -146,7 +155,8 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
         shutil.rmtree(ARTIFACTS)
     env = {
         **os.environ,
-        "LAB_URL": str(lab["url"]), "LAB_TOKEN": str(lab["token"]), "NOTEBOOK": notebook,
+        "LAB_URL": str(lab["url"]), "LAB_TOKEN": str(lab["token"]),
+        "NOTEBOOK": notebook, "OTHER_NOTEBOOK": "other.ipynb",
         # a local path resolves offline; the sidebar's pull box takes any name %llm pull takes
         "PULL_NAME": str(smollm2_path), "ARTIFACTS": str(ARTIFACTS), "CHROMIUM": chromium,
         "PROFILE": str(lab["profile"]),
@@ -174,6 +184,11 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
     assert model in report["mem_widget"] and "measured" in report["mem_widget"]
     assert "as loaded: 0 GPU layers" in report["picker"] and "will not fit" not in report["picker"]
     assert "No model is loaded" in report["after_unload"]
+    server = report["server"]
+    assert server["url"].startswith("http://127.0.0.1:") and server["token_length"] >= 16
+    assert (server["with_token"], server["without_token"]) == (200, 401)  # the copied token is the key
+    assert report["other_label"].startswith("other.ipynb") and "not loaded" in report["other_label"]
+    assert report["back_label"] == "sidebar.ipynb — connected"
     assert report["console_errors"] == []
     for path in report["screenshots"]:
         assert Path(path).stat().st_size > 10_000, path

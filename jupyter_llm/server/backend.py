@@ -94,6 +94,9 @@ class Backend:
 
     def _find(self, name: str, num_ctx: int | None) -> Any:
         model = self._loaded(name)
+        if model is not None and not model.runtime.alive:  # its worker died: load it afresh
+            self.manager.ps()  # drops dead workers now (the keep_alive reaper would, a moment later)
+            return None
         if model is not None and num_ctx is not None and _ctx_per_slot(model) != num_ctx:
             if model.active:
                 raise HTTPProblem(409, f"{model.name} is busy with a context of {_ctx_per_slot(model)} "

@@ -174,8 +174,10 @@ def _refuse_unsupported(body: Body) -> None:
 
 
 async def _prepare(request: Any, body: Body, name: str) -> tuple[Any, Any, Any, int | None]:
-    """Options, format and keep_alive checked; the model loaded unless the request only (un)loads it."""
+    """keep_alive, sampling options, format and num_ctx, checked against the stored model (404 if
+    there is none) before anything is loaded."""
     c = ctx(request)
+    body.bool("stream")  # checked now, so that a load-only request refuses a bad value too
     keep = _keep_alive(body)
     schema = json_format(body.raw("format"))
     record = await run_blocking(c.manager.record, name)

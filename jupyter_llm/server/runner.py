@@ -194,9 +194,27 @@ class Server:
                       f"  ollama: OLLAMA_HOST={self.url}"]
         return "\n".join(lines)
 
+    def display(self) -> Instructions:
+        """What ``%llm serve`` shows: :meth:`instructions` as text, with :meth:`status` as data."""
+        return Instructions(self.instructions(), self.status())
+
     def _repr_markdown_(self) -> str:
-        return "```\n" + self.instructions() + "\n```"
+        return self.display()._repr_markdown_()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<jupyter_llm API {state} at {self.url}, auth={'on' if self.token else 'off'}>"
+
+
+class Instructions:
+    """URL, token and client settings, shown as a block of text (line breaks kept in notebooks)."""
+
+    def __init__(self, text: str, data: dict[str, Any]) -> None:
+        self.text = text
+        self.data = data
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        return "```text\n" + self.text + "\n```"

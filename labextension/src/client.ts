@@ -34,8 +34,15 @@ export interface ICommLike {
   onMsg: (msg: { content: { data: unknown } }) => void | PromiseLike<void>;
   onClose: (msg: { content: { data: unknown } }) => void | PromiseLike<void>;
   open(data?: any): unknown;
-  send(data: any): unknown;
+  /** With `disposeOnDone` false the returned future also hears the kernel refusing the message. */
+  send(data: any, metadata?: any, buffers?: any[], disposeOnDone?: boolean): IFutureLike | unknown;
   close(data?: any): unknown;
+}
+
+/** The part of a shell future the client uses. */
+export interface IFutureLike {
+  onReply: (msg: any) => void | PromiseLike<void>;
+  dispose(): void;
 }
 
 /** The part of `Kernel.IKernelConnection` the client uses. */
@@ -94,7 +101,10 @@ export class RequestError extends Error {
 interface IPending {
   resolve: (value: any) => void;
   reject: (reason: Error) => void;
-  action: Action;
+  message: IRequest;
+  /** Sent again once already (after the kernel could not take it). */
+  retried: boolean;
+  future: IFutureLike | null;
 }
 
 /** Options for {@link LLMClient}. */
@@ -178,13 +188,9 @@ export class LLMClient implements IDisposable {
     const id = this._newId();
     const message: IRequest = { kind: 'request', id, action, args };
     return new Promise<T>((resolve, reject) => {
-      this._pending.set(id, { resolve, reject, action });
-      try {
-        comm.send(message);
-      } catch (error) {
-        this._pending.delete(id);
-        reject(error instanceof Error ? error : new Error(String(error)));
-      }
+      const pending: IPending = { resolve, reject, message, retried: false, future: null };
+      this._pending.set(id, pending);
+      this._send(comm, pending);
     });
   }
 
@@ -227,8 +233,8 @@ export class LLMClient implements IDisposable {
     } catch (reason) {
       error = String(reason);
     }
-    // the kernel may have opened the comm (attached) while we awaited the reply
-    if (this.isDisposed || this.status === 'attached') {
+    // the kernel may have opened its comm while we awaited the reply (its hello follows)
+    if (this.isDisposed || this.status === 'attached' || this._comm !== null) {
       return;
     }
     if (error !== null) {
@@ -261,6 +267,63 @@ export class LLMClient implements IDisposable {
     this.kernel.connectionStatusChanged.disconnect(this._onConnection, this);
     this._setStatus('disposed');
     Signal.clearData(this);
+  }
+
+  // -- sending ---------------------------------------------------------------------------
+
+  private _send(comm: ICommLike, pending: IPending): void {
+    try {
+      // keep the future: a kernel that cannot route the message answers with an error reply
+      const future = comm.send(pending.message, {}, [], false) as IFutureLike | undefined;
+      if (future && typeof future === 'object' && 'onReply' in future) {
+        pending.future = future;
+        future.onReply = (msg: any) => {
+          if (msg?.content?.status === 'error') {
+            this._undelivered(pending, msg.content);
+          }
+        };
+      }
+    } catch (error) {
+      this._settle(pending.message.id);
+      pending.reject(error instanceof Error ? error : new Error(String(error)));
+    }
+  }
+
+  /**
+   * The kernel refused a request without running it. Seen with JupyterLab 4.6, which sends comm
+   * messages over a per-target kernel subshell and can delete that subshell while a new comm
+   * still uses it ("Unknown subshell_id"): every later message on that comm is lost. So: attach
+   * a fresh comm and send the request once more; a second refusal is an error.
+   */
+  private _undelivered(pending: IPending, content: { ename?: string; evalue?: string }): void {
+    const id = pending.message.id;
+    if (!this._pending.has(id)) {
+      return;
+    }
+    if (pending.retried) {
+      this._settle(id);
+      pending.reject(new RequestError(content.ename ?? 'KernelError',
+        `${pending.message.action}: the kernel could not take the request (${content.evalue ?? 'no reason given'})`));
+      return;
+    }
+    pending.future?.dispose();
+    pending.future = null;
+    pending.retried = true;
+    this._resend.push(pending);
+    if (this._comm !== null) {
+      // left open and wired: replies to requests already running in the kernel still arrive on it
+      this._comm = null;
+      this._setStatus('connecting');
+      this._openOnce();
+    }
+  }
+
+  /** Forget a request (its reply came, or it failed) and release its future. */
+  private _settle(id: string): IPending | undefined {
+    const pending = this._pending.get(id);
+    this._pending.delete(id);
+    pending?.future?.dispose();
+    return pending;
   }
 
   // -- attaching -------------------------------------------------------------------------
@@ -347,6 +410,9 @@ export class LLMClient implements IDisposable {
         this._lastError = null;
         this._setState(message.state);
         this._setStatus('attached');
+        for (const pending of this._resend.splice(0)) {
+          this._send(comm, pending);
+        }
         if (message.refresh !== this._refresh) {
           // a kernel-opened comm (or another tab) set another rate: this panel's setting wins
           this.setRefresh(this._refresh);
@@ -358,11 +424,10 @@ export class LLMClient implements IDisposable {
         }
         break;
       case 'reply': {
-        const pending = this._pending.get(message.id);
+        const pending = this._settle(message.id);
         if (pending === undefined) {
           return; // another tab's request on a shared comm
         }
-        this._pending.delete(message.id);
         if (message.ok) {
           pending.resolve(message.result);
         } else {
@@ -432,10 +497,10 @@ export class LLMClient implements IDisposable {
   // -- bookkeeping ------------------------------------------------------------------------
 
   private _rejectAll(reason: string): void {
-    const pending = [...this._pending.values()];
-    this._pending.clear();
+    const pending = [...this._pending.keys()].map(id => this._settle(id)!);
+    this._resend = [];
     for (const p of pending) {
-      p.reject(new RequestError('ConnectionClosed', `${p.action}: ${reason}`));
+      p.reject(new RequestError('ConnectionClosed', `${p.message.action}: ${reason}`));
     }
   }
 
@@ -464,6 +529,7 @@ export class LLMClient implements IDisposable {
   private _refresh: number;
   private _newId: () => string;
   private _pending = new Map<string, IPending>();
+  private _resend: IPending[] = [];
   private _statusChanged = new Signal<this, ClientStatus>(this);
   private _stateChanged = new Signal<this, IState>(this);
   private _noticed = new Signal<this, INotice>(this);

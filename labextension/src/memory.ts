@@ -160,13 +160,13 @@ export function compareModel(model: ILoadedModel): IComparisonRow[] {
   return [...rows.values()];
 }
 
-/** "+1.2 %" for a relative error. */
+/** "+1.2%" for a relative error. */
 export function percent(error: number | null): string {
   if (error === null || !Number.isFinite(error)) {
     return '';
   }
   const value = (error * 100).toFixed(1);
-  return `${error >= 0 ? '+' : ''}${value} %`;
+  return `${error >= 0 ? '+' : ''}${value}%`;
 }
 
 /** What the load form holds, as typed. */

@@ -9,18 +9,9 @@ import { Clipboard } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { ClientStatus, LLMClient, RequestError } from './client';
-import {
-  compareModel,
-  deviceSegments,
-  estimateSegments,
-  expiry,
-  humanBytes,
-  ISegment,
-  parseOptions,
-  percent,
-  visibleDevices
-} from './memory';
+import { estimateSegments, expiry, humanBytes, parseOptions, visibleDevices } from './memory';
 import { IEstimate, ILoadedModel, INotice, IState } from './protocol';
+import { bar, comparisonTable, deviceView, h, legend, modelBars } from './views';
 
 /** What the panel's settings control (schema/plugin.json). */
 export interface IPanelSettings {
@@ -37,38 +28,6 @@ const STATUS_TEXT: { [K in ClientStatus]: string } = {
   dead: 'the kernel is dead',
   disposed: ''
 };
-
-/** A tiny element builder: `h('div', {class: 'x'}, child, 'text')`. */
-function h(
-  tag: string,
-  attrs: { [key: string]: string | boolean | undefined } = {},
-  ...children: (Node | string | null)[]
-): HTMLElement {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === false) {
-      continue;
-    }
-    el.setAttribute(key, value === true ? '' : value);
-  }
-  for (const child of children) {
-    if (child !== null) {
-      el.append(child);
-    }
-  }
-  return el;
-}
-
-/** A stacked bar; `fits === false` marks it red. */
-export function bar(segments: ISegment[], fits = true): HTMLElement {
-  const el = h('div', { class: 'jp-LLM-bar' + (fits ? '' : ' jp-LLM-bar-over') });
-  for (const s of segments) {
-    const part = h('span', { class: `jp-LLM-seg jp-LLM-seg-${s.kind}`, title: s.label });
-    part.style.width = `${(s.fraction * 100).toFixed(2)}%`;
-    el.append(part);
-  }
-  return el;
-}
 
 export class LLMPanel extends Widget {
   constructor() {
@@ -154,6 +113,11 @@ export class LLMPanel extends Widget {
       }
     });
     const pullButton = this._button('Pull', 'jp-LLM-pull', () => void this._pull());
+    this._portInput = h('input', {
+      class: 'jp-LLM-input jp-LLM-port',
+      placeholder: 'port (11434)',
+      'aria-label': 'API server port; 0 picks a free one'
+    }) as HTMLInputElement;
 
     const section = (title: string, ...children: HTMLElement[]) =>
       h('section', { class: 'jp-LLM-section' }, h('h3', { class: 'jp-LLM-section-title' }, title),
@@ -202,7 +166,9 @@ export class LLMPanel extends Widget {
     this.node.dataset.status = status;
     this._kernelLabel.textContent = client
       ? `${this._label} — ${STATUS_TEXT[client.status]}`
-      : 'open a notebook to see its kernel’s models';
+      : this._label
+        ? `${this._label} — no kernel`
+        : 'open a notebook to see its kernel’s models';
     this._renderBanner(status);
     this._renderMessage();
     const state = client?.status === 'attached' ? client.state : null;
@@ -261,13 +227,7 @@ export class LLMPanel extends Widget {
       return;
     }
     for (const device of visibleDevices(state.devices, this._settings.devices)) {
-      const used = device.total_bytes - device.free_bytes;
-      this._devices.append(h('div', { class: 'jp-LLM-device', 'data-device': device.id },
-        h('div', { class: 'jp-LLM-device-name', title: device.name },
-          `${device.id} · ${device.name}`),
-        bar(deviceSegments(device, state.loaded)),
-        h('div', { class: 'jp-LLM-caption' },
-          `${humanBytes(device.free_bytes)} free of ${humanBytes(device.total_bytes)} (${humanBytes(used)} used)`)));
+      this._devices.append(deviceView(device, state.loaded));
     }
     this._devices.append(legend());
   }
@@ -290,28 +250,13 @@ export class LLMPanel extends Widget {
     const unload = this._button('Unload', 'jp-LLM-unload', () => void this._unload(model.name),
       { 'aria-label': `unload ${model.name}` });
     unload.disabled = this._busy.has(`unload:${model.name}`);
-    const table = h('table', { class: 'jp-LLM-compare' },
-      h('tr', {}, h('th', {}, 'device'), h('th', {}, 'predicted'), h('th', {}, 'measured'), h('th', {}, 'error')));
-    for (const row of compareModel(model)) {
-      table.append(h('tr', {}, h('td', {}, row.device), h('td', {}, humanBytes(row.predicted)),
-        h('td', {}, humanBytes(row.measured)), h('td', {}, percent(row.error))));
-    }
-    const bars = h('div', { class: 'jp-LLM-model-bars' });
-    for (const device of visibleDevices(state.devices, this._settings.devices)) {
-      const segments = deviceSegments(device, [model]).filter(s => s.kind !== 'other' && s.kind !== 'free');
-      if (segments.length > 0) {
-        const held = segments.reduce((sum, s) => sum + s.bytes, 0);
-        bars.append(h('div', { class: 'jp-LLM-caption' }, `${device.id}: ${humanBytes(held)}`),
-          bar(segments.map(s => ({ ...s, fraction: held > 0 ? s.bytes / held : 0 }))));
-      }
-    }
     const o = model.options;
     return h('div', { class: 'jp-LLM-card', 'data-model': model.name },
       h('div', { class: 'jp-LLM-card-title' }, h('strong', {}, model.name), unload),
       h('div', { class: 'jp-LLM-caption' },
         `ctx ${model.n_ctx ?? o.n_ctx} · ${o.gpu_layers} GPU layers · KV ${o.kv_type}` +
         ` · pid ${model.pid} · ${expiry(model)}`),
-      bars, table);
+      modelBars(model, visibleDevices(state.devices, this._settings.devices)), comparisonTable(model));
   }
 
   private _renderModels(state: IState | null): void {
@@ -372,22 +317,36 @@ export class LLMPanel extends Widget {
       return;
     }
     const server = state.server;
-    const running = !!server && server.running !== false && !!server.url;
-    if (running) {
-      const url = String(server!.url);
+    if (server?.running) {
+      const url = server.url;
+      const token = server.token ?? '';
       const copy = this._button('Copy token', 'jp-LLM-copy-token', () => {
-        Clipboard.copyToSystem(String(server!.token ?? ''));
+        Clipboard.copyToSystem(token);
         this._setMessage('info', 'API token copied to the clipboard');
       });
-      copy.disabled = !server!.token;
+      copy.disabled = !token;
       this._server.append(
-        h('div', { class: 'jp-LLM-caption' }, 'running at ', h('a', { href: url, target: '_blank', rel: 'noopener' }, url)),
-        h('div', { class: 'jp-LLM-actions' }, copy, this._button('Stop', 'jp-LLM-stop', () => void this._act('stop', {}, 'server stopped')))
+        h('div', { class: 'jp-LLM-caption jp-LLM-server-url' }, 'running at ',
+          h('a', { href: url, target: '_blank', rel: 'noopener' }, url),
+          ` · ${server.requests ?? 0} requests · ${token ? 'token required' : 'NO token'}`),
+        h('div', { class: 'jp-LLM-actions' }, copy,
+          this._button('Stop', 'jp-LLM-stop', () => void this._act('stop', {}, 'API server stopped')))
       );
     } else {
+      const start = this._button('Start', 'jp-LLM-serve', () => {
+        const text = this._portInput.value.trim();
+        if (text !== '' && !/^\d+$/.test(text)) {
+          this._setMessage('error', 'port: give a whole number (0 picks a free port), or leave it empty for 11434');
+          return;
+        }
+        void this._act('serve', text === '' ? {} : { port: Number(text) }, 'API server started');
+      });
+      start.disabled = this._busy.has('serve');
       this._server.append(
-        h('div', { class: 'jp-LLM-caption' }, 'An OpenAI- and Ollama-compatible API on 127.0.0.1, token required.'),
-        h('div', { class: 'jp-LLM-actions' }, this._button('Start', 'jp-LLM-serve', () => void this._act('serve', {}, 'server started')))
+        h('div', { class: 'jp-LLM-caption' },
+          'Ollama- and OpenAI-compatible API on 127.0.0.1, token required.' +
+          (server?.error ? ` Last error: ${server.error}` : '')),
+        h('div', { class: 'jp-LLM-inline' }, this._portInput, start)
       );
     }
   }
@@ -549,11 +508,5 @@ export class LLMPanel extends Widget {
   private _kvType!: HTMLSelectElement;
   private _flashAttn!: HTMLInputElement;
   private _pullInput!: HTMLInputElement;
-}
-
-function legend(): HTMLElement {
-  const item = (kind: string, text: string) =>
-    h('span', { class: 'jp-LLM-legend-item' }, h('span', { class: `jp-LLM-swatch jp-LLM-seg-${kind}` }), text);
-  return h('div', { class: 'jp-LLM-legend' }, item('weights', 'weights'), item('kv', 'KV cache'),
-    item('compute', 'graph'), item('other', 'other'), item('free', 'free'));
+  private _portInput!: HTMLInputElement;
 }

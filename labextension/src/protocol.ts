@@ -107,14 +107,18 @@ export interface IPullProgress {
   message?: string | null;
 }
 
-/** The API server's status as the server module reports it (null when never started). */
+/** The API server's status (jupyter_llm.server Server.status()); null when not started. */
 export interface IServerStatus {
-  running?: boolean;
-  url?: string | null;
-  token?: string | null;
+  running: boolean;
+  url: string;
+  openai_base_url?: string;
   host?: string;
   port?: number;
-  [key: string]: unknown;
+  auth?: boolean;
+  token?: string | null;
+  parallel?: number;
+  requests?: number;
+  error?: string | null;
 }
 
 /** The manager's snapshot. */

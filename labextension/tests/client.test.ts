@@ -19,6 +19,18 @@ const STATE: IState = {
   server: null
 };
 
+class FakeFuture {
+  onReply: (msg: any) => void = () => undefined;
+  disposed = false;
+  dispose(): void {
+    this.disposed = true;
+  }
+  /** The kernel refuses the message (as ipykernel does for an unknown subshell). */
+  refuse(evalue = "Unknown subshell_id 'gone'"): void {
+    this.onReply({ content: { status: 'error', ename: 'UnknownSubshellError', evalue } });
+  }
+}
+
 class FakeComm implements ICommLike {
   constructor(
     readonly kernel: FakeKernel,
@@ -29,6 +41,7 @@ class FakeComm implements ICommLike {
   onClose: ICommLike['onClose'] = () => undefined;
   opened: unknown[] = [];
   sent: any[] = [];
+  futures: FakeFuture[] = [];
   closed = false;
   get isDisposed(): boolean {
     return this.closed;
@@ -37,8 +50,11 @@ class FakeComm implements ICommLike {
     this.opened.push(data);
     this.kernel.opens.push(this);
   }
-  send(data: unknown): void {
+  send(data: unknown): FakeFuture {
     this.sent.push(data);
+    const future = new FakeFuture();
+    this.futures.push(future);
+    return future;
   }
   close(): void {
     this.closed = true;
@@ -304,6 +320,51 @@ describe('LLMClient requests', () => {
     assert.deepEqual(comm.sent, [{ kind: 'request', id: 'r1', action: 'configure', args: { refresh: 5 } }]);
     client.setRefresh(0);
     assert.deepEqual(comm.sent.at(-1), { kind: 'request', id: 'r2', action: 'configure', args: { refresh: 0 } });
+  });
+
+  it('releases the request future when the reply comes', async () => {
+    const { client, comm } = attached();
+    const pending = client.request('state');
+    comm.receive({ kind: 'reply', id: 'r1', ok: true, result: {} });
+    await pending;
+    assert.ok(comm.futures[0].disposed);
+  });
+
+  it('sends a request again on a fresh comm when the kernel could not take it', async () => {
+    const { kernel, client, comm } = attached();
+    const pending = client.request('serve', { port: 0 });
+    comm.futures[0].refuse();
+    assert.equal(client.status, 'connecting');
+    assert.equal(kernel.opens.length, 2, 'a new comm is opened');
+    assert.ok(!comm.closed, 'the old comm stays open for replies already under way');
+    const fresh = kernel.opens[1];
+    fresh.hello();
+    assert.equal(client.status, 'attached');
+    assert.deepEqual(fresh.sent.at(-1), { kind: 'request', id: 'r1', action: 'serve', args: { port: 0 } });
+    fresh.receive({ kind: 'reply', id: 'r1', ok: true, result: { running: true } });
+    assert.deepEqual(await pending, { running: true });
+  });
+
+  it('rejects a request the kernel refuses twice', async () => {
+    const { kernel, client, comm } = attached();
+    const pending = client.request('unload', { name: 'smollm2' });
+    comm.futures[0].refuse();
+    kernel.opens[1].hello();
+    kernel.opens[1].futures.at(-1)!.refuse('still gone');
+    await assert.rejects(pending, (e: RequestError) => e.type === 'UnknownSubshellError' && /still gone/.test(e.message));
+  });
+
+  it('does not open a second comm when the kernel opened one during enable', async () => {
+    const kernel = new FakeKernel();
+    const client = new LLMClient(kernel);
+    kernel.opens[0].closeFromKernel();
+    const done = client.enable();
+    // the kernel's comm opens at once; its hello comes later, from a thread
+    const fromKernel = kernel.openFromKernel({ kind: 'opening', protocol: 1 });
+    await done;
+    assert.equal(kernel.opens.length, 1);
+    fromKernel.hello();
+    assert.equal(client.status, 'attached');
   });
 
   it('closes its own comm and forgets the target on dispose', () => {

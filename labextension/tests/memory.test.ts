@@ -8,6 +8,7 @@ import {
   estimateSegments,
   humanBytes,
   parseOptions,
+  percent,
   visibleDevices
 } from '../src/memory';
 import { IDevice, ILoadedModel } from '../src/protocol';
@@ -93,6 +94,14 @@ describe('compareModel', () => {
     assert.equal(rows[0].predicted, 280 * MiB);
     assert.equal(rows[0].measured, 308 * MiB);
     assert.ok(Math.abs(rows[0].error! - 0.1) < 1e-9);
+  });
+});
+
+describe('percent', () => {
+  it('signs the relative error and leaves unknowns blank', () => {
+    assert.equal(percent(0.005), '+0.5%');
+    assert.equal(percent(-0.1234), '-12.3%');
+    assert.equal(percent(null), '');
   });
 });
 

@@ -20,6 +20,7 @@ const env = name => {
 const LAB_URL = env('LAB_URL');
 const TOKEN = env('LAB_TOKEN');
 const NOTEBOOK = env('NOTEBOOK');
+const OTHER_NOTEBOOK = env('OTHER_NOTEBOOK');
 const PULL_NAME = env('PULL_NAME');
 const ARTIFACTS = env('ARTIFACTS');
 const STEP_TIMEOUT = Number(process.env.STEP_TIMEOUT ?? 120_000);
@@ -125,6 +126,8 @@ async function main() {
     ]
   });
   context.setDefaultTimeout(STEP_TIMEOUT);
+  // "Copy token" is checked by reading the clipboard back
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: LAB_URL });
   const page = context.pages()[0] ?? (await context.newPage());
   page.on('console', msg => {
     if (msg.type() === 'error' && msg.text().includes('jupyter-llm')) {
@@ -207,6 +210,51 @@ async function main() {
     step('re-attached after a page reload');
     await shot(page, '06-reloaded-dark');
     await setTheme(page, 'JupyterLab Light');
+
+    // 7. the API server: start it on a free port, copy its token, use it, stop it
+    await page.locator(`${sidebar} .jp-LLM-port`).fill('0');
+    await page.locator(`${sidebar} .jp-LLM-serve`).click();
+    const link = page.locator(`${sidebar} .jp-LLM-server-url a`);
+    await link.waitFor();
+    const apiUrl = await link.getAttribute('href');
+    await page.locator(`${sidebar} .jp-LLM-copy-token`).click();
+    await page.waitForSelector(`${sidebar} .jp-LLM-message:has-text("token copied")`);
+    const copied = await page.evaluate(() => navigator.clipboard.readText());
+    const withToken = await fetch(`${apiUrl}/api/tags`, { headers: { Authorization: `Bearer ${copied}` } });
+    const withoutToken = await fetch(`${apiUrl}/api/tags`);
+    report.server = {
+      url: apiUrl,
+      token_length: copied.length,
+      with_token: withToken.status,
+      without_token: withoutToken.status,
+      tags: await withToken.json()
+    };
+    step('API server started from the sidebar', { url: apiUrl });
+    await page.locator(sidebar).evaluate(el => el.scrollTo(0, el.scrollHeight));
+    await shot(page, '07-server-light');
+    await page.locator(`${sidebar} .jp-LLM-stop`).click();
+    await page.locator(`${sidebar} .jp-LLM-serve`).waitFor();
+    step('API server stopped from the sidebar');
+
+    // 8. the panel follows the active notebook: another kernel has not loaded the extension
+    const label = page.locator(`${sidebar} .jp-LLM-kernel`);
+    await page.evaluate(p => window.jupyterapp.commands.execute('docmanager:open', { path: p }), OTHER_NOTEBOOK);
+    await waitKernelReady(page);
+    await page.waitForSelector(`${sidebar}[data-status="not-loaded"]`);
+    report.other_label = await label.innerText();
+    await page.evaluate(p => window.jupyterapp.commands.execute('docmanager:open', { path: p }), NOTEBOOK);
+    await page.waitForSelector(`${sidebar}[data-status="attached"]`);
+    report.back_label = await label.innerText();
+    step('followed a notebook switch and back');
+
+    // 9. after a kernel restart the extension is gone: the panel says so once, and re-enables
+    await page.evaluate(() => window.jupyterapp.shell.currentWidget.sessionContext.restartKernel());
+    await page.waitForSelector(`${sidebar}[data-status="not-loaded"]`);
+    await waitKernelReady(page);
+    await page.locator(`${sidebar} .jp-LLM-enable`).click();
+    await page.waitForSelector(`${sidebar}[data-status="attached"]`);
+    await page.locator(`${sidebar} .jp-LLM-model[data-model="${model}"]`).waitFor();
+    step('re-attached after a kernel restart');
     report.ok = true;
   } catch (error) {
     report.ok = false;

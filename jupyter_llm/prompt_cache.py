@@ -1,0 +1,191 @@
+"""The prompt cache of the decode engine: which tokens each slot's KV holds, and which slot to reuse.
+
+When a request ends its slot keeps its KV; :class:`SlotCache` keeps the matching token list
+(prompt and answer, exactly the tokens decoded, at positions 0…n-1). A new request takes the
+free slot holding the longest prefix of its prompt, the KV is cut after that prefix and only the
+rest is evaluated, so a chat's next turn evaluates the new message, not the whole conversation.
+
+Exactness. On the CPU without flash attention, llama.cpp computes a token's KV bit for bit the
+same whichever chunk of *two or more* tokens of its sequence it is evaluated in; a token
+evaluated alone (every generated token, and a prompt's lone first token when batched with
+another sequence) goes through other kernels and differs in the last bits, enough to change a
+greedy answer later on (measured; flash attention differs even between chunk sizes). So in
+``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``), and
+while the engine is idle it evaluates the rest again the way a prompt would be (``settle``): a
+reused prefix then gives the same outputs as evaluating the whole prompt. Without ``exact``
+(flash attention on) every decoded token is reused, as llama-server and Ollama do.
+
+Runs on the engine thread only, except :attr:`SlotCache.stats`, read by the control thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SlotCache:
+    """Per slot: the tokens whose KV its sequence holds, how many of them are settled, and
+    which tokens are being settled (see the module docstring)."""
+
+    def __init__(self, L: Any, mem: Any, parallel: int, *, n_swa: int, enabled: bool, exact: bool) -> None:
+        self.L, self.mem = L, mem
+        self.n_swa = n_swa
+        self.enabled = enabled
+        """Reuse a slot's KV for the common prefix of the next prompt (off: every prompt afresh)."""
+        self.exact = exact
+        """Reuse only KV computed as a prompt chunk; settle generated tokens when idle."""
+        self.tokens: list[list[int]] = [[] for _ in range(parallel)]
+        """Per slot, the tokens whose KV its sequence holds, at positions 0…len-1."""
+        self.settled = [0] * parallel
+        """Per slot, how many leading tokens were evaluated in chunks of two or more."""
+        self.redo: list[list[int]] = [[] for _ in range(parallel)]
+        """Per slot, tokens taken out of the KV to be evaluated again as a chunk (settling)."""
+        self.used = [0] * parallel  # when each slot was last taken or released: the oldest goes first
+        self._clock = 0
+        self.unsettled = 0
+        """Tokens waiting to be settled, over all slots (for stats; written in one assignment)."""
+
+    # -- choosing and preparing a slot ---------------------------------------------------------
+
+    def pick(self, prompt: list[int], free: list[int]) -> int:
+        """The free slot for ``prompt``: the one holding the longest prefix of it (ties: least
+        recently used). A slot only counts as holding the prompt when it holds all of it, or
+        when the shared prefix is at least half of what it holds, i.e. when reusing it saves
+        more tokens than it throws away: a shared system prompt alone must not evict a longer
+        conversation while an empty or older slot is free. Else the least recently used slot
+        (whatever prefix it shares is still reused)."""
+        if self.enabled:
+            held = {i: self.tokens[i] + self.redo[i] for i in free}
+            common = {i: common_prefix(held[i], prompt) for i in free}
+            holders = [i for i in free
+                       if common[i] > 0 and (common[i] == len(prompt) or 2 * common[i] >= len(held[i]))]
+            if holders:
+                return max(holders, key=lambda i: (common[i], -self.used[i]))
+        return min(free, key=self.used.__getitem__)
+
+    def reuse(self, slot: int, prompt: list[int]) -> int:
+        """Prepare ``slot`` for ``prompt``: keep the KV of the longest usable common prefix and
+        drop the rest; returns its length. At least the last two prompt tokens are always
+        evaluated (the last one for its logits; two so that no token is evaluated alone)."""
+        self.redo[slot] = []  # a settling in progress ends here
+        if not self.enabled:
+            return self.keep(slot, 0)
+        usable = self.settled[slot] if self.exact else len(self.tokens[slot])
+        n = min(common_prefix(self.tokens[slot], prompt), usable, max(len(prompt) - 2, 0))
+        return self.keep(slot, n)
+
+    def keep(self, slot: int, n: int) -> int:
+        """Drop the slot's KV from position ``n`` on; returns how many tokens are kept: ``n``, or
+        0 when the memory cannot be cut there (a recurrent state; a sliding window that no
+        longer covers the prefix) and the slot was emptied instead."""
+        L, mem = self.L, self.mem
+        if n > 0 and L.llama_memory_seq_rm(mem, slot, n, -1):
+            # what the prefix needs is still there: every position below n (a sliding-window
+            # cache only the last n_swa of them), and nothing from n on
+            lowest, highest = L.llama_memory_seq_pos_min(mem, slot), L.llama_memory_seq_pos_max(mem, slot)
+            if 0 <= lowest <= max(0, n - self.n_swa) and highest == n - 1:
+                del self.tokens[slot][n:]
+                self.settled[slot] = min(self.settled[slot], n)
+                self._count()
+                return n
+        self.clear(slot)
+        return 0
+
+    def clear(self, slot: int) -> None:
+        """Empty the slot (removing a whole sequence never fails)."""
+        self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        self.tokens[slot].clear()
+        self.redo[slot] = []
+        self.settled[slot] = 0
+        self._count()
+
+    def touch(self, slot: int) -> None:
+        """Mark the slot as just used."""
+        self._clock += 1
+        self.used[slot] = self._clock
+
+    # -- bookkeeping of decodes ----------------------------------------------------------------
+
+    def decoded(self, slot: int, tokens: list[int]) -> None:
+        """``tokens`` were decoded into the slot, after what it held, in one chunk."""
+        if len(tokens) >= 2 and self.settled[slot] == len(self.tokens[slot]):
+            self.settled[slot] += len(tokens)
+        self.tokens[slot].extend(tokens)
+        self._count()
+
+    def released(self, slot: int, *, failed: bool) -> None:
+        """The slot's request ended: keep what it decoded, unless the decode failed or the
+        cache is off."""
+        if failed or not self.enabled:
+            self.clear(slot)
+        self.touch(slot)
+
+    # -- settling (engine idle) ----------------------------------------------------------------
+
+    def next_settle(self, chunk: int) -> tuple[int, list[int]] | None:
+        """The next chunk to evaluate again and its slot (the most recently used first), or None.
+
+        Starting a slot takes its unsettled tokens out of the KV (from the first one, or one
+        earlier so that the chunk has two tokens): they come back chunk by chunk, through
+        :meth:`decoded`; if settling is interrupted, :meth:`interrupted` forgets the rest.
+        """
+        waiting = [i for i in range(len(self.tokens)) if self._unsettled(i)]
+        if not waiting:
+            self._count()  # keeps the engine from waiting for a settling that cannot happen
+            return None
+        slot = max(waiting, key=self.used.__getitem__)
+        if not self.redo[slot]:
+            start = max(0, min(self.settled[slot], len(self.tokens[slot]) - 2))
+            rest = self.tokens[slot][start:]
+            if self.keep(slot, start) != start:
+                return None  # the memory could not be cut: the slot was emptied
+            self.redo[slot] = rest
+            self._count()
+        redo = self.redo[slot]
+        take = chunk_size(len(redo), chunk)
+        part, self.redo[slot] = redo[:take], redo[take:]
+        return slot, part
+
+    def interrupted(self, slot: int) -> None:
+        """A settling decode was aborted: forget what it had not put back (the engine removed
+        the aborted chunk's KV)."""
+        self.redo[slot] = []
+        self._count()
+
+    def _unsettled(self, slot: int) -> int:
+        """Tokens of the slot that settling would evaluate again (none if it cannot: a slot of
+        one token, or not in exact mode)."""
+        tokens, redo = self.tokens[slot], self.redo[slot]
+        if not (self.enabled and self.exact) or len(tokens) + len(redo) < 2:
+            return 0
+        return len(tokens) - self.settled[slot] + len(redo)
+
+    def _count(self) -> None:
+        self.unsettled = sum(self._unsettled(i) for i in range(len(self.tokens)))
+
+    def stats(self) -> dict[str, Any]:
+        """How many tokens each slot's KV holds, and how many wait to be settled."""
+        return {"slot_tokens": [len(t) for t in self.tokens], "unsettled_tokens": self.unsettled}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case (a chat's next turn), at C speed
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+def chunk_size(left: int, room: int) -> int:
+    """How many of ``left`` tokens to evaluate now with room for ``room``: as many as fit, but
+    never leaving a lone last token for later (a lone token is computed differently)."""
+    take = min(left, room)
+    if take < left and left - take == 1 and take > 2:
+        take -= 1
+    return take
+
+
+__all__ = ["SlotCache", "chunk_size", "common_prefix"]
