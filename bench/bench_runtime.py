@@ -289,7 +289,9 @@ def main() -> None:
                           n_ubatch=args.batch)
     raw, via = [], []
     raw_process = RawProcess(args)
-    with Runtime.start(args.model, options) as rt:
+    # The raw loop evaluates the whole prompt every round: so does the runtime here (no prompt
+    # cache), to compare like with like; chat_cache() measures the cache.
+    with Runtime.start(args.model, options, _prompt_cache=False) as rt:
         run_runtime(rt, args)  # warm, like the raw loop
         for i in range(args.rounds):
             raw.append(raw_process.run())

@@ -128,6 +128,9 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         try:
             return json.loads(text)
         except ValueError:
+            cut = result is not None and result.finish_reason == "length"
+            reason = "it hit --max-tokens; raise it" if cut else "the model stopped early"
+            display(_notice(f"the answer is not complete JSON ({reason}); the text is in the output above"))
             return None
     return None
 
@@ -163,7 +166,8 @@ def _stats_line(result: Any, stopped: bool) -> str:
         parts.append(f"{result.gen_tok_per_s:.1f} tok/s")
     if result.ttft_s is not None:
         parts.append(f"first token {result.ttft_s * 1000:.0f} ms")
-    parts.append(f"prompt {result.prompt_tokens} tokens")
+    cached = getattr(result, "prompt_tokens_cached", 0)
+    parts.append(f"prompt {result.prompt_tokens} tokens" + (f" ({cached} cached)" if cached else ""))
     if stopped or result.finish_reason == "cancelled":
         parts.append("stopped")
     elif result.finish_reason == "length":

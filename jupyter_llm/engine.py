@@ -122,8 +122,10 @@ class Engine:
         self.bos = L.llama_vocab_bos(self.vocab)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.slots: list[_Request | None] = [None] * parallel
+        # A recurrent state cannot be cut back to re-evaluate its tail: it is reused as it is.
+        recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
         self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
-                               exact=batch_invariant and self.n_chunk >= 4)
+                               exact=batch_invariant and self.n_chunk >= 4 and not recurrent)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, _Request] = {}
         self.pending: deque[_Request] = deque()

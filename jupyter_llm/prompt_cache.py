@@ -12,8 +12,11 @@ another sequence) goes through other kernels and differs in the last bits, enoug
 greedy answer later on (measured; flash attention differs even between chunk sizes). So in
 ``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``), and
 while the engine is idle it evaluates the rest again the way a prompt would be (``settle``): a
-reused prefix then gives the same outputs as evaluating the whole prompt. Without ``exact``
-(flash attention on) every decoded token is reused, as llama-server and Ollama do.
+reused prefix then gives the same outputs as evaluating the whole prompt. Settling waits for
+an engine with no request at all, and stops within ~10 ms when one arrives; tokens not settled
+by then are evaluated again as part of the next prompt. Without ``exact`` (flash attention on;
+a recurrent model, whose state cannot be cut back) every decoded token is reused at once, as
+llama-server and Ollama do, and outputs may differ from a fresh evaluation in the last bits.
 
 Runs on the engine thread only, except :attr:`SlotCache.stats`, read by the control thread.
 """

@@ -270,8 +270,10 @@ class Runtime:
         """Slots, busy slots, queued requests, token counters and the worker's RSS.
 
         Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated),
-        ``prompt_tokens_cached`` (prompt tokens reused from a slot's cache instead), ``tokens_out``;
-        ``slot_tokens`` is how many tokens each slot's KV holds now.
+        ``prompt_tokens_cached`` (prompt tokens reused from a slot's cache instead), ``tokens_out``,
+        ``tokens_settled`` (generated tokens evaluated again while idle, see
+        :mod:`jupyter_llm.prompt_cache`). Now: ``slot_tokens``, how many tokens each slot's KV
+        holds; ``unsettled_tokens``, how many still wait to be evaluated again.
         """
         return self._call("stats")
 

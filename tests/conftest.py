@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +37,25 @@ def smollm2_path() -> Path:
     from tests.model import default_model
 
     return default_model()
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A loopback fake Hugging Face hub, configured as the endpoint for this test."""
+    from tests.fakehub import FakeHub
+
+    with FakeHub(lifetime=120) as server:
+        monkeypatch.setenv("JUPYTER_LLM_HF_ENDPOINT", server.endpoint)
+        yield server
+
+
+@pytest.fixture
+def manager(smollm2_path: Path) -> Iterator[Any]:
+    """A fresh ModelManager whose store holds the real default model as "smollm2"."""
+    from jupyter_llm.manager import ModelManager
+    from jupyter_llm.sources import Pulled
+
+    manager = ModelManager()
+    manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
+    yield manager
+    manager.close()

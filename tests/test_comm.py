@@ -13,7 +13,6 @@ import pytest
 
 from jupyter_llm.comm import TARGET, CommHub, jsonable, load_options
 from jupyter_llm.manager import ModelManager
-from jupyter_llm.sources import Pulled
 
 
 class RecordingComm:
@@ -76,14 +75,6 @@ class RecordingComm:
 
 def _index(messages: list[dict[str, Any]], message: dict[str, Any]) -> int:
     return next(i for i, m in enumerate(messages) if m is message)
-
-
-@pytest.fixture
-def manager(smollm2_path: Path) -> Any:
-    manager = ModelManager()
-    manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
-    yield manager
-    manager.close()
 
 
 @pytest.fixture

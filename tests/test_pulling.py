@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,6 @@ from jupyter_llm.progress import PullProgress
 from tests.fakehub import FakeHub
 from tests.ggufs import write_tiny_llama
 from tests.model import SHA256
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub(lifetime=120) as server:
-        monkeypatch.setenv("JUPYTER_LLM_HF_ENDPOINT", server.endpoint)
-        yield server
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,6 @@ from tests.fakehub import FakeHub
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 REPO = "someone/Tiny-GGUF"
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub(lifetime=120) as server:
-        monkeypatch.setenv("JUPYTER_LLM_HF_ENDPOINT", server.endpoint)
-        yield server
 
 
 def _pull(reference: str | HFRef, events: list[PullProgress] | None = None) -> Pulled:

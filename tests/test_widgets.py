@@ -11,15 +11,6 @@ import pytest
 
 from jupyter_llm import widgets
 from jupyter_llm.manager import ModelManager
-from jupyter_llm.sources import Pulled
-
-
-@pytest.fixture
-def manager(smollm2_path: Path) -> Any:
-    manager = ModelManager()
-    manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
-    yield manager
-    manager.close()
 
 
 def _until(predicate: Any, timeout: float = 30.0) -> None:
