@@ -92,7 +92,7 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         display(_notice(fitted.notice))
 
     renderer = _Renderer(args.format)
-    handle = display(renderer.render("", final=False), display_id=True)
+    handle = None
     text = ""
     stream = None
     last = 0.0
@@ -101,6 +101,8 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         with manager.using(model.name):
             stream = runtime.chat(fitted.messages, sampling,
                                   json_schema={} if args.format == "json" else None)
+            # Drawn while the worker evaluates the prompt, off the path to the first token.
+            handle = display(renderer.render("", final=False), display_id=True)
             for chunk in stream:
                 text += chunk.text
                 now = time.perf_counter()
@@ -119,7 +121,10 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
             "prompt_tokens": getattr(result, "prompt_tokens", None),
             "completion_tokens": getattr(result, "completion_tokens", None),
         }}
-        handle.update(renderer.render(text, final=True, stats=stats), metadata=metadata)
+        if handle is None:
+            display(renderer.render(text, final=True, stats=stats), metadata=metadata)
+        else:
+            handle.update(renderer.render(text, final=True, stats=stats), metadata=metadata)
         if text:
             session.record(user, text)
     if args.format == "code" and text:

@@ -15,6 +15,8 @@ change ``os.environ`` and see the effect. Explicit arguments always win over the
 ``JUPYTER_LLM_CONNECT_TIMEOUT``    seconds to wait for a TCP connect (default 3)
 ``JUPYTER_LLM_READ_TIMEOUT``       seconds without a byte before a download retries (default 30)
 ``JUPYTER_LLM_RETRIES``            transient-error retries per download (default 5)
+``JUPYTER_LLM_PROMPT_CACHE``       0 turns off reusing a conversation's evaluated prefix between
+                                   requests (default on; benchmarks compare without it)
 ``OLLAMA_MODELS``                  a local Ollama store, listed and used read-only
 ``HF_HUB_CACHE`` / ``HF_HOME``     the Hugging Face cache that HF pulls land in
 =================================  ==========================================================
@@ -99,3 +101,8 @@ def read_timeout() -> float:
 def retries() -> int:
     """How many times a transient download error is retried (with backoff)."""
     return int(_float("JUPYTER_LLM_RETRIES", 5))
+
+
+def prompt_cache() -> bool:
+    """Whether workers reuse the KV of a slot's previous prompt and answer (default on)."""
+    return (_env("JUPYTER_LLM_PROMPT_CACHE") or "1").strip().lower() not in ("0", "false", "no", "off")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import os
 import queue
 import signal
@@ -32,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import config
 from .errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
+from .grammar import schema_grammar
 from .options import AUTO, LoadOptions, SamplingOptions
 from .stream import Chunk, Completion, Stream
 
@@ -107,7 +108,7 @@ class Runtime:
     @classmethod
     def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
               name: str | None = None, on_log: LogCallback | None = None,
-              _extra_bufts: bool = False, _prompt_cache: bool = True) -> Runtime:
+              _extra_bufts: bool = False, _prompt_cache: bool | None = None) -> Runtime:
         """Start a worker, load ``path`` there and return once it is ready to generate.
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
@@ -142,6 +143,8 @@ class Runtime:
 
         rt = cls(name, proc, Pipe(parent.detach()), errfile, on_log)
         try:
+            if _prompt_cache is None:
+                _prompt_cache = config.prompt_cache()
             internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache)}
             rt._send(("load", str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
@@ -456,13 +459,6 @@ class Runtime:
         )
 
 
-def schema_grammar(json_schema: dict[str, Any]) -> str:
-    """A GBNF grammar for JSON matching ``json_schema``; ``{}`` means any JSON object."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if not json_schema:
-        return JSON_GBNF
-    return json_schema_to_gbnf(json.dumps(json_schema))
 
 
 def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:

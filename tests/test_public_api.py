@@ -51,3 +51,14 @@ def test_load_ext_is_instant_and_imports_nothing_heavy() -> None:
     # Generous bound: the target is < 300 ms; this only catches a heavy import sneaking in.
     assert probe["elapsed"] < 1.0
     assert "%llm pull NAME" in probe["usage"]
+
+
+def test_json_schema_grammar_keeps_llama_cpp_out_of_the_kernel() -> None:
+    code = ("import sys, json; from jupyter_llm.runtime import schema_grammar; "
+            "g = schema_grammar({'type': 'object', 'properties': {'a': {'type': 'integer'}}}); "
+            "loaded = [m for m in sys.modules if m.startswith('llama_cpp')]; "
+            "print(json.dumps({'root': 'root ::=' in g, 'loaded': loaded}))")
+    out = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-c", code], capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout)
+    assert result == {"root": True, "loaded": []}
