@@ -1,9 +1,10 @@
 """The ``%%chat`` cell: stream a chat turn into the cell's output.
 
 Tokens arrive from the worker as fast as it makes them; the output is redrawn at most every
-``REDRAW_SECONDS``, so rendering Markdown never holds generation back (the worker does not
-wait for the kernel). The final redraw adds a statistics line and metadata recording the model,
-its sha256, the sampling parameters and the seed, so an output can be reproduced.
+``REDRAW_SECONDS`` (less often when a redraw gets expensive), so rendering Markdown never holds
+generation back (the worker does not wait for the kernel). The final redraw adds a statistics
+line and metadata recording the model, its sha256, the sampling parameters and the seed, so an
+output can be reproduced.
 """
 
 from __future__ import annotations
@@ -103,12 +104,16 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
                                   json_schema={} if args.format == "json" else None)
             # Drawn while the worker evaluates the prompt, off the path to the first token.
             handle = display(renderer.render("", final=False), display_id=True)
+            interval = REDRAW_SECONDS
             for chunk in stream:
                 text += chunk.text
                 now = time.perf_counter()
-                if now - last >= REDRAW_SECONDS:
+                if now - last >= interval:
                     handle.update(renderer.render(text, final=False))
-                    last = now
+                    last = time.perf_counter()
+                    # Redrawing costs more as the answer grows; keep it under ~5 % of the time so
+                    # the kernel never takes CPU the worker's threads need.
+                    interval = max(REDRAW_SECONDS, 20 * (last - now))
     except KeyboardInterrupt:
         stopped = True
         raise
