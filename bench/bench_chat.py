@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,51 +48,7 @@ def kernel_round(kernel: object, tokens: int) -> dict[str, float]:
     return {"ttft_s": first - t0, "tok_per_s": (n - 1) / (last - first), "tokens": n}
 
 
-def run_raw(model: str, prompt: str, tokens: int, ctx: int, threads: int) -> dict[str, float]:
-    """bench_runtime's raw loop, in a fresh process with the worker's environment."""
-    import subprocess
-
-    from jupyter_llm.runtime import _worker_env
-
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_runtime; "
-            "loop = bench_runtime.RawLoop(sys.argv[2], int(sys.argv[5]), int(sys.argv[6]), 512); "
-            "loop.run(sys.argv[3], 2); "  # warm, as the worker is after its load
-            "print(json.dumps(loop.run(sys.argv[3], int(sys.argv[4]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), model, prompt, str(tokens), str(ctx),
-                          str(threads)], env=_worker_env(), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-class RawServer:
-    """The raw loop kept loaded in its own process: one prompt per stdin line, JSON out."""
-
-    def __init__(self, model: str, ctx: int, threads: int) -> None:
-        import subprocess
-
-        from jupyter_llm.runtime import _worker_env
-
-        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_runtime; "
-                "loop = bench_runtime.RawLoop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), 512); "
-                "loop.run('warm up', 2); print('ready', flush=True)\n"
-                "for line in sys.stdin:\n"
-                "    job = json.loads(line); print(json.dumps(loop.run(job['prompt'], job['tokens'])), flush=True)")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "bench"), model, str(ctx), str(threads)],
-                                     env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
-
-    def run(self, prompt: str, tokens: int) -> dict[str, float]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
-def ttft_pairs(kernel: object, raw: RawServer, prompt: str, pairs: int) -> list[float]:
+def ttft_pairs(kernel: object, raw: Any, prompt: str, pairs: int) -> list[float]:
     """Alternating short runs (2 tokens) of the raw loop and `%%chat`: per-pair TTFT differences."""
     diffs = []
     for _ in range(pairs):
@@ -146,13 +103,18 @@ def main() -> None:
     kernel_round(kernel, 8)  # warm-up
 
     results: dict[str, list[dict[str, float]]] = {"raw": [], "chat": [], "api": []}
+    import bench_runtime
+
+    # The raw loop stays loaded in its own process (idle while the others run: OpenMP waits passively).
+    raw = bench_runtime.RawProcess(argparse.Namespace(model=args.model, tokens=args.tokens, ctx=args.ctx,
+                                                      threads=threads, batch=512))
     n_tokens = args.tokens
     try:
         for r in range(args.rounds):
             results["chat"].append(kernel_round(kernel, args.tokens))
             n_tokens = int(results["chat"][-1]["tokens"])
             kernel.ok("%llm unload --all")  # one model at a time on 2 cores
-            results["raw"].append(run_raw(args.model, prompt, n_tokens, args.ctx, threads))
+            results["raw"].append(raw.run(prompt, n_tokens))
             import jupyter_llm as llm
 
             model = llm.load("smollm2", **options.to_dict())
@@ -165,12 +127,9 @@ def main() -> None:
                 flush=True)
         # Time to first token, on its own: both models loaded, alternating 2-token runs, so that
         # the noise of this shared machine hits both alike.
-        raw_server = RawServer(args.model, args.ctx, threads)
-        try:
-            diffs = ttft_pairs(kernel, raw_server, prompt, args.ttft_pairs)
-        finally:
-            raw_server.close()
+        diffs = ttft_pairs(kernel, raw, prompt, args.ttft_pairs)
     finally:
+        raw.close()
         kernel.close()
         manager.close()
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,11 +101,12 @@ class RawLoop:
 
 
 def raw_server(args: argparse.Namespace) -> None:
-    """``--raw``: load once, then one generation per line read from stdin, JSON out."""
+    """``--raw``: load once, then one generation per stdin line (JSON: prompt, tokens), JSON out."""
     loop = RawLoop(args.model, args.ctx, args.threads, args.batch)
     loop.run(PROMPT, 2)  # warm, like the runtime's worker after its first request
-    for _ in sys.stdin:
-        print(json.dumps(loop.run(PROMPT, args.tokens)), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(json.dumps(loop.run(job["prompt"], job["tokens"])), flush=True)
 
 
 class RawProcess:
@@ -113,14 +115,15 @@ class RawProcess:
     def __init__(self, args: argparse.Namespace) -> None:
         from jupyter_llm.runtime import _worker_env
 
+        self.tokens = int(args.tokens)
         cmd = [sys.executable, __file__, "--raw", "--model", args.model, "--tokens", str(args.tokens),
                "--ctx", str(args.ctx), "--threads", str(args.threads), "--batch", str(args.batch)]
         self.proc = subprocess.Popen(cmd, env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
 
-    def run(self) -> dict[str, object]:
+    def run(self, prompt: str = PROMPT, tokens: int | None = None) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("go\n")
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens or self.tokens}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 

@@ -24,6 +24,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +289,26 @@ def scan(path: str | os.PathLike[str], *, name: str | None = None) -> GGUFInfo:
                 return _Parser(path, mm, size, name).parse()
     except IsADirectoryError:
         raise GGUFError(f"{path} is a directory, not a GGUF file; give the .gguf file inside it") from None
+
+
+_cache: dict[str, tuple[tuple[int, float], GGUFInfo]] = {}
+_cache_lock = threading.Lock()
+
+
+def scan_cached(path: str | os.PathLike[str]) -> GGUFInfo:
+    """:func:`scan`, once per file version (size and mtime): loads, estimates and the picker's
+    live re-pricing ask for the same header again and again."""
+    key = os.fspath(path)
+    st = os.stat(key)
+    stamp = (st.st_size, st.st_mtime)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    info = scan(key)
+    with _cache_lock:
+        _cache[key] = (stamp, info)
+    return info
 
 
 def scan_parts(paths: Iterable[str | os.PathLike[str]]) -> list[GGUFInfo]:

@@ -175,11 +175,10 @@ class ModelManager:
 
     def show(self, name: str) -> dict[str, Any]:
         """Everything known about a stored model: record, header facts, bytes per layer."""
-        from .gguf_scan import scan
+        from .gguf_scan import scan_cached
 
         record = self.record(name)
-        info = scan(record.path)
-        return {"record": record, "info": info}
+        return {"record": record, "info": scan_cached(record.path)}
 
     def remove(self, name: str) -> builtins.list[str]:
         """Remove ``name`` from the store (unloading it first); returns deleted paths."""
@@ -208,11 +207,11 @@ class ModelManager:
                         ) -> tuple[ModelRecord, Any, LoadOptions]:
         """Record, header info and the options with "auto" resolved against free memory now."""
         from .estimate import fit
-        from .gguf_scan import scan
+        from .gguf_scan import scan_cached
 
         record = self.record(name)
         options = (options or LoadOptions()).with_(**overrides) if overrides else (options or LoadOptions())
-        info = scan(record.path)
+        info = scan_cached(record.path)
         if options.gpu_layers == AUTO or options.n_ctx == AUTO:
             options = fit(info, options, self._devices_for_estimate())
         return record, info, options
@@ -456,8 +455,8 @@ class _Using:
 
 
 def _same_load(a: LoadOptions, b: LoadOptions) -> bool:
-    keys = ("gpu_layers", "n_ctx", "kv_type", "flash_attn", "threads", "parallel", "n_batch", "n_ubatch")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
+    """Same worker configuration; keep_alive is not part of it (it only changes expiry)."""
+    return a.with_(keep_alive=None) == b.with_(keep_alive=None)
 
 
 _manager: ModelManager | None = None

@@ -31,17 +31,15 @@ def pull(
     A name already in the store whose files are all present returns at once unless
     ``update`` is true (then the source is asked again; unchanged files are not re-downloaded).
     """
-    existing = store.get(reference)
     progress = ProgressFanout(listeners)
-    if existing is not None and not update and not existing.missing_files():
-        progress(PullProgress(existing.name, "success", message="already in the store"))
-        return existing
-    ref, name = resolve(reference, store)
-    if existing is None and name != reference:
-        cached = store.get(name)
-        if cached is not None and not update and not cached.missing_files():
-            progress(PullProgress(cached.name, "success", message="already in the store"))
-            return cached
+    record = None if update else _complete(store.get(reference))
+    if record is None:
+        ref, name = resolve(reference, store)
+        if not update and name != reference:
+            record = _complete(store.get(name))
+    if record is not None:
+        progress(PullProgress(record.name, "success", message="already in the store"))
+        return record
     try:  # each source says "pulling manifest" itself, when it has one to pull
         pulled = _pull_ref(ref, name, progress)
         record = store.put(name, pulled)
@@ -50,6 +48,11 @@ def pull(
         raise
     progress(PullProgress(name, "success"))
     return record
+
+
+def _complete(record: ModelRecord | None) -> ModelRecord | None:
+    """``record`` if all its files are on disk (a usable cached model), else None."""
+    return record if record is not None and not record.missing_files() else None
 
 
 def _pull_ref(ref: Ref, name: str, progress: ProgressFanout) -> Pulled:

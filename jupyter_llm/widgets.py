@@ -11,7 +11,6 @@ sidebar's.
 from __future__ import annotations
 
 import html
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -195,25 +194,10 @@ class _Coalesced:
             self._stop.wait(self.interval)
 
 
-_scan_cache: dict[str, tuple[tuple[int, float], Any]] = {}
-_scan_lock = threading.Lock()
+def _scan(path: Any) -> Any:
+    from .gguf_scan import scan_cached  # deferred: keeps %load_ext instant
 
-
-def scan_cached(path: str | os.PathLike[str]) -> Any:
-    """The GGUF header of ``path``, scanned once per file version (size and mtime)."""
-    from .gguf_scan import scan
-
-    key = os.fspath(path)
-    st = os.stat(key)
-    stamp = (st.st_size, st.st_mtime)
-    with _scan_lock:
-        hit = _scan_cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    info = scan(key)
-    with _scan_lock:
-        _scan_cache[key] = (stamp, info)
-    return info
+    return scan_cached(path)
 
 
 def _manager(manager: Any) -> Any:
@@ -354,7 +338,7 @@ class ModelPicker(widgets.VBox):
                 f'<div style="{_DIM}">No model yet: pull one, e.g. smollm2.</div>')
             return None
         try:
-            self.estimate = estimate(scan_cached(record.path), self.options(), self._devices())
+            self.estimate = estimate(_scan(record.path), self.options(), self._devices())
         except Exception as exc:
             self.estimate = None
             self.estimate_view.value = f'<div style="{_ERROR}">{_escape(exc)}</div>'
@@ -399,7 +383,7 @@ class ModelPicker(widgets.VBox):
     def _on_model(self) -> None:
         record = self._record()
         if record is not None:
-            info = scan_cached(record.path)
+            info = _scan(record.path)
             n_layer = int(info.block_count or 0)
             train = int(info.context_length or 4096)
             sizes = [n for n in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144) if n < train]
