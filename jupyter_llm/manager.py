@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .chat import ChatSession
@@ -471,7 +470,3 @@ def get_manager() -> ModelManager:
             _manager = ModelManager()
         return _manager
 
-
-def model_path(name: str) -> Path:
-    """The GGUF file behind a stored name."""
-    return get_manager().record(name).path
