@@ -141,6 +141,9 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._template: Any = None
         self._embedder: Any = None  # an Embedder, made on the first embedding request
+        self.fault: Callable[[str], None] | None = None
+        """Tests only: called at "warm_up" and before each "decode" of generated tokens, to crash
+        the worker there (see the worker's ``internal["fault"]``)."""
 
     def warm_up(self) -> int:
         """A 2-token decode (returns llama_decode's code). It pages the weights in and turns the
@@ -149,6 +152,8 @@ class Engine:
         self._put(0, token, 0, 0, False)
         self._put(1, token, 1, 0, True)
         self.batch.n_tokens = 2
+        if self.fault is not None:
+            self.fault("warm_up")
         rc = self.L.llama_decode(self.ctx, self.batch)
         self.L.llama_memory_clear(self.mem, True)
         return int(rc)
@@ -343,6 +348,8 @@ class Engine:
         """The next token of every generating sequence, in one decode (not abortable)."""
         for n, req in enumerate(reqs):
             self._put(n, req.last_token, req.n_past, req.slot, True)
+        if self.fault is not None:
+            self.fault("decode")
         if not self._decode(len(reqs), abortable=False, what=reqs):
             return
         now = time.perf_counter()

@@ -108,14 +108,16 @@ class Runtime:
     @classmethod
     def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
               name: str | None = None, on_log: LogCallback | None = None,
-              _extra_bufts: bool = False, _prompt_cache: bool | None = None) -> Runtime:
+              _extra_bufts: bool = False, _prompt_cache: bool | None = None,
+              _fault: dict[str, str] | None = None) -> Runtime:
         """Start a worker, load ``path`` there and return once it is ready to generate.
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
         receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
-        ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on; only tests use it, to
-        prove that the crash it causes on this CPU is survived. ``_prompt_cache=False`` makes the
-        worker evaluate every prompt afresh (tests and benchmarks compare). Raises ModelLoadError when
+        ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on (they crash quantized models
+        on Intel AMX CPUs). ``_prompt_cache=False`` makes the worker evaluate every prompt afresh
+        (tests and benchmarks compare). ``_fault`` (tests only) makes the worker die at a chosen
+        point with a chosen signal (see the worker's docstring). Raises ModelLoadError when
         llama.cpp refuses the file or context, WorkerCrashedError when the worker dies.
         """
         options = options or LoadOptions(gpu_layers=0)
@@ -145,7 +147,8 @@ class Runtime:
         try:
             if _prompt_cache is None:
                 _prompt_cache = config.prompt_cache()
-            internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache)}
+            internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
+                        "fault": dict(_fault) if _fault else None}
             rt._send(("load", str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == "crash":

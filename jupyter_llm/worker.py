@@ -30,8 +30,11 @@ any request that fails                                     ``("error", rid, kind
 =========================================================  ======================================
 
 ``internal`` holds switches only tests and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
-extra buffer types, which crash on this CPU) and ``prompt_cache`` (reuse a slot's KV for the
-next prompt's common prefix; off evaluates every prompt afresh).
+extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs and
+works on others), ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
+evaluates every prompt afresh) and ``fault`` (``{"at": "load"|"warm_up"|"decode", "signal":
+"SIGSEGV"|"SIGABRT"|"SIGKILL"|…}``: die there, the way llama.cpp's faults end the process, so
+that every path of crash detection is tested on any CPU).
 """
 
 from __future__ import annotations
@@ -127,11 +130,14 @@ class Worker:
         """Load model and context and warm up; returns the load report. Raises _LoadFailed."""
         L = self.L
         t0 = time.perf_counter()
+        fault = _fault_injector(internal.get("fault"))
+        if fault is not None:
+            fault("load")
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = int(opts["gpu_layers"])
-        # NOTES §2: the CPU extra buffer types (AMX weight repacking) segfault quantized models on
-        # this CPU in their first multi-token decode. Off, unless a test forces it to prove we survive.
+        # NOTES §2: the CPU extra buffer types (weight repacking) segfault quantized models on
+        # Intel AMX CPUs in their first multi-token decode. Off, unless a test forces them on.
         mp.use_extra_bufts = bool(internal.get("extra_bufts", False))
         split = tuple(opts.get("tensor_split") or ())
         if split:
@@ -156,6 +162,7 @@ class Worker:
                              send=self.channel.send, errors=self.errors,
                              prompt_cache=bool(internal.get("prompt_cache", True)),
                              batch_invariant=not opts.get("flash_attn"))
+        self.engine.fault = fault
         rc = self.engine.warm_up()
         if rc != 0:
             raise _LoadFailed("context", llama_said(self.errors, f"the first decode failed ({rc})"))
@@ -225,6 +232,26 @@ class Worker:
                 self.channel.send(("error", rid, exc.kind, str(exc), exc.extra))
             except Exception as exc:  # e.g. a chat template that does not compile
                 self.channel.send(("error", rid, "RuntimeError", f"{type(exc).__name__}: {exc}", {}))
+
+
+def _fault_injector(spec: dict[str, str] | None) -> Callable[[str], None] | None:
+    """Tests only: a hook that ends this process at the point ``spec["at"]`` names, with
+    ``spec["signal"]``. SIGSEGV is a real invalid memory read in native code, as llama.cpp's
+    crashes are; other signals are sent to the process itself."""
+    if not spec:
+        return None
+    at, sig = spec["at"], signal.Signals[spec["signal"]]
+
+    def fault(point: str) -> None:
+        if point != at:
+            return
+        sys.stdout.flush()
+        if sig == signal.SIGSEGV:
+            ctypes.string_at(0)  # reads address 0: the kernel delivers a real SIGSEGV
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # a signal the process cannot ignore arrives before this ends
+
+    return fault
 
 
 def rss(pid: int) -> int:

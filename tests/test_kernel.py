@@ -99,10 +99,12 @@ def test_interrupt_during_a_long_prompt_stops_and_the_model_stays_usable(kernel:
             started.set()
 
     t0 = time.perf_counter()
-    run = kernel.run("%%chat --new --session i --max-tokens 50\n{long_text}", on_message=on_message)
+    # --max-tokens is large so that the cell is still running when the interrupt comes, however
+    # fast this CPU evaluates the prompt.
+    run = kernel.run("%%chat --new --session i --max-tokens 1000\n{long_text}", on_message=on_message)
     elapsed = time.perf_counter() - t0
     assert run.status == "error" and run.reply["content"]["ename"] == "KeyboardInterrupt"
-    # The prompt alone takes ~40 s here; stopping must be prompt (exact latency: bench/).
+    # The prompt alone takes 4-40 s on the CPUs seen; stopping must be prompt (exact latency: bench/).
     assert elapsed < 20
     final = run.updates()[-1]["content"]
     assert final["metadata"]["jupyter_llm"]["stopped"] is True
@@ -136,16 +138,15 @@ def test_faults_are_reported_and_the_kernel_lives_on(kernel: Kernel, tmp_path: P
     assert run.status == "error", "a KV cache far beyond RAM must fail cleanly"
     kernel.alive_check()
 
-    # The crash this CPU has with llama.cpp's default extra buffer types, forced on.
+    # A segfault in the worker's first multi-token decode (where weight repacking crashes on
+    # Intel AMX CPUs), made to happen on any CPU.
     run = kernel.run(f"""
 from jupyter_llm.runtime import Runtime
-from jupyter_llm.options import LoadOptions, SamplingOptions
-rt = Runtime.start({str(smollm2_path)!r}, LoadOptions(gpu_layers=0, n_ctx=512), _extra_bufts=True)
-story = [{{"role": "user", "content": "Tell me a story about a cat"}}]
-print(rt.chat(story, SamplingOptions(max_tokens=8)).result.text)
+from jupyter_llm.options import LoadOptions
+Runtime.start({str(smollm2_path)!r}, LoadOptions(gpu_layers=0, n_ctx=512),
+              _fault={{"at": "warm_up", "signal": "SIGSEGV"}})
 """)
-    if run.status == "error":
-        assert "WorkerCrashedError" in (run.error or "") and "SIG" in (run.error or "")
+    assert run.status == "error" and "WorkerCrashedError" in (run.error or "") and "SIGSEGV" in (run.error or "")
     kernel.alive_check()
 
     run = kernel.ok("print(precious)")
