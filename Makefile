@@ -38,16 +38,21 @@ else
 	$(BIN)/jupyter lab $(ROOT_FLAG) notebooks/quickstart.ipynb
 endif
 
+# The types gate: mypy with the settings in pyproject.toml (typed defs everywhere).
 lint: install
 	$(BIN)/ruff check jupyter_llm tests bench
+	$(BIN)/mypy
 
 # The sidebar's browser test needs Debian's chromium (browsers cannot be downloaded here);
 # the TypeScript unit tests run with node's own test runner.
 browser:
 	bash scripts/install-browser.sh
 
+# package.json's scripts call jlpm by name, as the extension template's do: put the venv's bin on PATH.
 jstest: install
-	cd labextension && $(abspath $(BIN))/jlpm install && $(abspath $(BIN))/jlpm test
+	cd labextension && export PATH="$(abspath $(BIN)):$$PATH" \
+		&& $(abspath $(BIN))/jlpm install --immutable \
+		&& $(abspath $(BIN))/jlpm lint && $(abspath $(BIN))/jlpm test
 
 # pytest exits 5 when it collected no test: that must fail here, never pass.
 test: install lint browser jstest

@@ -80,7 +80,7 @@ def main() -> None:
 
     from jupyter_llm.manager import get_manager
     from jupyter_llm.options import LoadOptions
-    from jupyter_llm.sources import Pulled
+    from jupyter_llm.store.sources import Pulled
     from tests.kernel import Kernel
 
     home = tempfile.mkdtemp(prefix="bench-chat-")

@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jupyter_llm.devices import Device, list_devices  # noqa: E402
-from jupyter_llm.dryrun import measure  # noqa: E402
-from jupyter_llm.estimate import estimate, fit  # noqa: E402
-from jupyter_llm.gguf_scan import scan  # noqa: E402
+from jupyter_llm.memory.devices import Device, list_devices  # noqa: E402
+from jupyter_llm.memory.estimate import estimate, fit  # noqa: E402
+from jupyter_llm.memory.probe import measure  # noqa: E402
 from jupyter_llm.options import AUTO, LoadOptions  # noqa: E402
+from jupyter_llm.store.gguf import scan  # noqa: E402
 
 MiB = 1024**2
 CASES = [

@@ -35,7 +35,7 @@ def main() -> None:
         path = default_model()
     import gguf
 
-    from jupyter_llm.gguf_scan import scan
+    from jupyter_llm.store.gguf import scan
 
     scan(path)  # warm the page cache and the deferred imports
     scan_best, scan_median = _best(lambda: scan(path), 20)

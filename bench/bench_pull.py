@@ -5,7 +5,7 @@ server does not share the client's GIL), then downloads it several times with:
 
 - ``plain``: ``httpx.Client.stream("GET")`` written to disk in the pieces httpx yields;
 - ``plain+fsync``: the same, flushed to disk at the end as ``fetch`` does before its rename;
-- ``fetch``: :func:`jupyter_llm.download.fetch` (partial file, lock, fsync, atomic rename);
+- ``fetch``: :func:`jupyter_llm.store.download.fetch` (partial file, lock, fsync, atomic rename);
 - ``fetch+sha256``: the same with sha256 verification.
 
 Prints the best MB/s of each and the ratios to ``plain``. Usage::
@@ -73,7 +73,7 @@ def _plain(url: str, dest: Path, durable: bool = False) -> None:
 
 
 def _fetch(url: str, dest: Path, sha256: str | None, size: int) -> None:
-    from jupyter_llm.download import fetch
+    from jupyter_llm.store.download import fetch
 
     fetch(url, dest, sha256=sha256, size=size)
 

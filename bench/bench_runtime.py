@@ -42,7 +42,7 @@ class RawLoop:
         L.llama_log_set(self._log, None)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
-        mp.use_extra_bufts = False  # NOTES §2: required on this CPU
+        mp.use_extra_bufts = False  # docs/notes.md §2: required on Intel AMX CPUs
         self.model = L.llama_model_load_from_file(model.encode(), mp)
         self.vocab = L.llama_model_get_vocab(self.model)
         cp = L.llama_context_default_params()
@@ -113,7 +113,7 @@ class RawProcess:
     """The raw loop in its own process with the worker's environment (OpenMP settings etc.)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from jupyter_llm.runtime import _worker_env
+        from jupyter_llm.wire import worker_env as _worker_env
 
         self.tokens = int(args.tokens)
         cmd = [sys.executable, __file__, "--raw", "--model", args.model, "--tokens", str(args.tokens),

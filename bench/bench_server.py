@@ -6,7 +6,7 @@ Three contenders, same model, same threads, same context per request, greedy dec
   kernel, with the model loaded in ``--parallel`` slots (continuous batching in the worker);
 - **llama-cpp-python**: ``python -m llama_cpp.server`` (its own process; one request at a time
   behind its lock). It needs ``fastapi sse-starlette starlette-context pydantic-settings`` in
-  the venv. On this project's CPUs its default model load crashes (NOTES §2), so it is started
+  the venv. On Intel AMX CPUs its default model load crashes (docs/notes.md §2), so it is started
   through a two-line wrapper that turns llama.cpp's CPU extra buffer types off — as our worker
   does — and changes nothing else;
 - **raw**: one llama.cpp decode loop in a process of its own (no HTTP, no IPC): the ceiling for
@@ -51,7 +51,7 @@ import llama_cpp.llama_cpp as C
 _default = C.llama_model_default_params
 def _params():
     params = _default()
-    params.use_extra_bufts = False  # NOTES §2: the CPU extra buffer types crash quantized models here
+    params.use_extra_bufts = False  # docs/notes.md §2: the CPU extra buffer types crash quantized models here
     return params
 C.llama_model_default_params = _params
 from llama_cpp.server.__main__ import main
@@ -75,8 +75,8 @@ def serve_ours(args: argparse.Namespace) -> None:
     from jupyter_llm import server
     from jupyter_llm.manager import ModelManager
     from jupyter_llm.options import LoadOptions
-    from jupyter_llm.sources import Pulled
-    from jupyter_llm.store import Store
+    from jupyter_llm.store.records import Store
+    from jupyter_llm.store.sources import Pulled
 
     manager = ModelManager(Store(root=Path(tempfile.mkdtemp()) / "records"))
     manager.store.put("bench", Pulled("local", [Path(args.model)], owned=[]))
@@ -128,7 +128,7 @@ def raw_loop(args: argparse.Namespace) -> None:
     """``--raw``: one stream through llama.cpp's C API: prompt, then greedy decode of N tokens."""
     import llama_cpp as L
 
-    quiet = L.llama_log_callback(lambda level, text, user: None)  # kept referenced: see NOTES §2
+    quiet = L.llama_log_callback(lambda level, text, user: None)  # kept referenced: see docs/notes.md §2
     L.llama_log_set(quiet, None)
     L.llama_backend_init()
     mp = L.llama_model_default_params()

@@ -39,7 +39,7 @@ def main() -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
-    mparams.use_extra_bufts = False  # NOTES §2
+    mparams.use_extra_bufts = False  # docs/notes.md §2
     model = llama_cpp.llama_model_load_from_file(args.model.encode(), mparams)
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = args.n_ctx

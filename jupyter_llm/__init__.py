@@ -53,17 +53,18 @@ __all__ = [
 
 def load_ipython_extension(ipython: Any) -> None:
     """Called by ``%load_ext jupyter_llm``: registers the magics (nothing heavy is imported)."""
-    from .magics import LLMMagics
+    from .notebook.magics import LLMMagics
 
     ipython.register_magics(LLMMagics)
-    from .comm import open_from_kernel
+    from .notebook.comm import open_from_kernel
 
     open_from_kernel(ipython)  # the sidebar's comm; does nothing outside a kernel
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Called by ``%unload_ext jupyter_llm``: stops every worker this kernel started."""
-    from . import comm, manager
+    from . import manager
+    from .notebook import comm
 
     comm.close_all()
     if manager._manager is not None:

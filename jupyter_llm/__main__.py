@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     from IPython.core.error import UsageError
 
     from .errors import JupyterLLMError
-    from .magics import LLMMagics
+    from .notebook.magics import LLMMagics
 
     line = " ".join(_quote(a) for a in (sys.argv[1:] if argv is None else argv))
     magics = LLMMagics(shell=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .options import LoadOptions, SamplingOptions
+from .options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, LoadOptions, SamplingOptions
 
 
 def _manager() -> Any:
@@ -36,7 +36,7 @@ def pull(name: str, *, update: bool = False, progress: bool = True) -> Any:
 
 def list_models() -> list[Any]:
     """Records of every cached model."""
-    return _manager().list()
+    return _manager().models()
 
 
 def show(name: str) -> dict[str, Any]:
@@ -132,13 +132,13 @@ class Model:
     @property
     def memory(self) -> Any:
         """Estimated and measured bytes per device."""
-        from .display import load_report
+        from .notebook.display import load_report
 
         return load_report(self._loaded())
 
     def _run(self, kind: str, payload: Any, stream: bool, json_schema: dict[str, Any] | None,
              sampling: dict[str, Any]) -> Any:
-        options = SamplingOptions(**{"temperature": 0.7, **sampling})
+        options = SamplingOptions(**sampling)
         iterator = self._stream(kind, payload, options, json_schema)
         if stream:
             return iterator
@@ -146,17 +146,20 @@ class Model:
 
     def _stream(self, kind: str, payload: Any, options: SamplingOptions,
                 json_schema: dict[str, Any] | None) -> Iterator[str]:
+        from . import chat
+
         model = self._loaded()
         with _manager().using(model.name):
-            method = model.runtime.chat if kind == "chat" else model.runtime.generate
-            stream = method(payload, options, json_schema=json_schema)
-            for chunk in stream:
+            if kind == "chat":
+                chunks: Iterator[Any] = iter(chat.start(model, payload, options, json_schema=json_schema))
+            else:
+                chunks = iter(model.runtime.generate(payload, options, json_schema=json_schema))
+            for chunk in chunks:
                 yield chunk.text
 
 
-# -- the background HTTP API (jupyter_llm.server) — begin --------------------------------------
-def serve(*, host: str = "127.0.0.1", port: int = 11434, token: str | None = None, auth: bool = True,
-          parallel: int = 4, max_queue: int = 16, origins: Sequence[str] = (),
+def serve(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, auth: bool = True,
+          parallel: int = DEFAULT_PARALLEL, max_queue: int = DEFAULT_MAX_QUEUE, origins: Sequence[str] = (),
           allowed_hosts: Sequence[str] = ()) -> Any:
     """Serve this kernel's models over Ollama's and OpenAI's HTTP APIs (in a background thread).
 
@@ -170,19 +173,18 @@ def serve(*, host: str = "127.0.0.1", port: int = 11434, token: str | None = Non
 
     return server.serve(_manager(), host=host, port=port, token=token, auth=auth, parallel=parallel,
                         max_queue=max_queue, origins=origins, allowed_hosts=allowed_hosts)
-# -- the background HTTP API — end ---------------------------------------------------------------
 
 
 def picker() -> Any:
     """The model picker widget (as ``%llm picker``): cached models, pull, load options whose
     per-device memory estimate re-prices live, Load and Unload."""
-    from .widgets import picker as make  # ipywidgets costs ~170 ms: imported on use
+    from .notebook.picker import picker as make  # ipywidgets costs ~170 ms: imported on use
 
     return make(None)
 
 
 def memory_widget(*, period: float = 2.0, devices: Sequence[str] | None = None) -> Any:
     """Live memory bars per device (as ``%llm mem``): weights, KV, graph, other processes, free."""
-    from .widgets import memory_widget as make
+    from .notebook.widgets import memory_widget as make
 
     return make(None, period=period, devices=list(devices) if devices is not None else None)

@@ -1,19 +1,29 @@
-"""Chat sessions: the conversation kept per notebook, and what happens when it outgrows the context.
+"""Chat: the conversations kept per notebook, and one chat turn, the same for every front end.
 
-A session is a list of messages plus the model and system prompt it was started with. Before
-each turn the conversation is measured in tokens (with the model's own chat template, in the
-worker); when it would not leave room for the answer, the oldest turns are dropped *with a
-visible notice* — or, if even the newest message alone does not fit, the turn is refused with
-the numbers. Nothing is ever truncated silently.
+A :class:`ChatSession` is a list of messages plus the model and system prompt it was started
+with. :func:`start` begins one turn on a loaded model: ``%%chat`` (with a session), the Python
+API's ``Model.chat`` and the HTTP API's chat routes (with the messages they were given) all go
+through it. The worker renders the chat template and tokenizes the conversation once; when a
+turn is fitted (``reserve`` tokens kept for the answer) and would not fit, the worker drops the
+oldest turns and says how many (:attr:`Turn.notice`), or, if even the newest message alone
+does not fit, refuses with the numbers. Nothing is ever truncated silently. A session records
+the exchange when the answer ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ContextOverflowError
+from .options import SamplingOptions
+
+if TYPE_CHECKING:
+    from .loaded import LoadedModel
+    from .manager import ModelManager
+    from .runtime import Completion, Stream
+    from .runtime.stream import Chunk
 
 Message = dict[str, str]
 
@@ -38,6 +48,12 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user})
         self.messages.append({"role": "assistant", "content": assistant})
 
+    def forget_oldest(self, n: int) -> None:
+        """Drop the ``n`` oldest messages of the history (the worker dropped them to fit)."""
+        if n > 0:
+            del self.messages[:n]
+            self.dropped += n
+
     def reset(self, *, system: str | None = None, model: str | None = None) -> None:
         self.messages.clear()
         self.dropped = 0
@@ -51,58 +67,111 @@ class ChatSession:
                 "messages": list(self.messages), "dropped": self.dropped}
 
 
-@dataclass
-class FitResult:
-    """The messages to send, how many tokens they take, and what had to go."""
+class Turn:
+    """One chat turn in flight: iterate for the answer's chunks; ``result`` once it ended.
 
-    messages: list[Message]
-    prompt_tokens: int
-    dropped_messages: int
-    notice: str | None
-
-
-def fit_history(
-    session: ChatSession,
-    user: str,
-    *,
-    count_tokens: Callable[[list[Message]], int],
-    n_ctx: int,
-    reserve: int,
-) -> FitResult:
-    """Drop the oldest user/assistant pairs until prompt + ``reserve`` answer tokens fit.
-
-    Raises ContextOverflowError when the system prompt and the new message alone do not fit.
+    With a session, the exchange is recorded when the answer has text (also after a stop).
     """
-    history = list(session.messages)
-    dropped = 0
-    while True:
-        head = [{"role": "system", "content": session.system}] if session.system else []
-        messages = [*head, *history, {"role": "user", "content": user}]
-        tokens = count_tokens(messages)
-        if tokens + reserve <= n_ctx:
-            break
-        if not history:
-            raise ContextOverflowError(
-                f"this message needs {tokens} prompt tokens + {reserve} for the answer, but the "
-                f"context holds {n_ctx}; shorten the message, lower --max-tokens, or load the model "
-                f"with a larger context (`%llm load MODEL --ctx {_next_ctx(tokens + reserve)}`)",
-                n_tokens=tokens + reserve, n_ctx=n_ctx,
-            )
-        # Drop a whole exchange at a time so the history never starts with an assistant turn.
-        cut = 2 if len(history) >= 2 else 1
-        history = history[cut:]
-        dropped += cut
-    notice = None
-    if dropped:
-        notice = (f"dropped the {dropped} oldest message{'s' if dropped != 1 else ''} of this "
-                  f"conversation to fit the {n_ctx}-token context (`%%chat --new` starts over)")
-        session.messages[:] = history
-        session.dropped += dropped
-    return FitResult(messages, tokens, dropped, notice)
+
+    def __init__(self, model: LoadedModel, stream: Stream, *, n_ctx: int, session: ChatSession | None = None,
+                 user: str | None = None) -> None:
+        self.model = model
+        self.stream = stream
+        self.session = session
+        self.user = user
+        self.n_ctx = n_ctx
+        self._recorded = False
+        self._lock = threading.Lock()
+        self.dropped = stream.fitted()
+        """How many of the oldest messages were dropped to make the conversation fit."""
+        if session is not None:
+            session.forget_oldest(self.dropped)
+
+    @property
+    def notice(self) -> str | None:
+        """What the user must be told about fitting, or None."""
+        return fit_notice(self.dropped, self.n_ctx)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            yield from self.stream
+        finally:
+            self.finish()
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    @property
+    def result(self) -> Completion | None:
+        """The completion of an answer that has ended (normally or cancelled), else None."""
+        if not self.stream.done:
+            return None
+        try:
+            return self.stream.result
+        except Exception:  # the error itself is what the caller is handling
+            return None
+
+    def finish(self) -> None:
+        """Record the exchange in the session (once), whatever ended the answer."""
+        with self._lock:
+            if self._recorded or self.session is None or self.user is None:
+                return
+            self._recorded = True
+        if self.stream.text:
+            self.session.record(self.user, self.stream.text)
 
 
-def _next_ctx(tokens: int) -> int:
-    size = 512
-    while size < tokens:
-        size *= 2
-    return size
+def start(model: LoadedModel, messages: list[Message], sampling: SamplingOptions | None = None, *,
+          grammar: str | None = None, json_schema: dict[str, Any] | None = None, fit: bool = False,
+          session: ChatSession | None = None, user: str | None = None) -> Turn:
+    """Begin answering ``messages`` with a loaded ``model``; returns at once (the worker works).
+
+    ``fit=True`` keeps room for the answer (``max_tokens``, at most a quarter of the slot) and
+    lets the worker drop the oldest turns to make it; without it a conversation that does not
+    fit its slot is refused (ContextOverflowError). With a ``session`` (and the ``user``
+    message that ends ``messages``) the exchange is recorded there when the answer ends.
+    """
+    sampling = sampling or SamplingOptions()
+    n_ctx = slot_context(model)
+    reserve = min(sampling.max_tokens or 256, max(n_ctx // 4, 1)) if fit else None
+    stream = model.runtime.chat(messages, sampling, grammar=grammar, json_schema=json_schema, reserve=reserve)
+    try:
+        return Turn(model, stream, n_ctx=n_ctx, session=session, user=user)
+    except BaseException:
+        stream.cancel()
+        raise
+
+
+def session_turn(manager: ModelManager, session: ChatSession, user: str, sampling: SamplingOptions, *,
+                 model: str | None = None, system: str | None = None, new: bool = False,
+                 json_schema: dict[str, Any] | None = None) -> Turn:
+    """The next turn of ``session``: reset it when asked (or when the system prompt changed),
+    load the model on demand (the named one, else the session's, else the most recently used
+    loaded one), and start the turn fitted to the context."""
+    if new or (system is not None and system != session.system):
+        session.reset(system=system)
+    name = model or session.model
+    if name is not None and not manager.is_loaded(name):
+        manager.load(name)
+    loaded = manager.get(name)
+    session.model = loaded.name
+    return start(loaded, session.prompt_messages(user), sampling, json_schema=json_schema, fit=True,
+                 session=session, user=user)
+
+
+def fit_notice(dropped: int, n_ctx: int) -> str | None:
+    """The visible notice for messages dropped to fit, None when none were."""
+    if not dropped:
+        return None
+    s = "s" if dropped != 1 else ""
+    return (f"dropped the {dropped} oldest message{s} of this conversation to fit the {n_ctx}-token "
+            "context (`%%chat --new` starts over)")
+
+
+def slot_context(model: LoadedModel) -> int:
+    """Tokens one request may use: its slot's share of the context (n_ctx / parallel)."""
+    report = model.report
+    if report is not None:
+        return int(report.n_ctx_per_slot)
+    return int(model.options.n_ctx) // max(1, model.options.parallel)

@@ -8,74 +8,35 @@ of its own. All public methods are thread-safe (the HTTP API calls from its own 
 
 from __future__ import annotations
 
-import builtins
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
 
 from .chat import ChatSession
 from .errors import ModelLoadError, ModelNotFoundError, WontFitError, WorkerCrashedError
+from .loaded import LoadedModel, same_load
 from .options import AUTO, LoadOptions, SamplingOptions
 from .progress import Listener, PullProgress
-from .store import ModelRecord, Store
+from .store.records import ModelRecord, Store
+
+if TYPE_CHECKING:
+    from .memory.devices import Device
+    from .memory.estimate import MemoryEstimate
+    from .runtime import Completion
+    from .runtime.stream import Chunk
+    from .server.runner import Server
+    from .store.gguf_info import GGUFInfo
+
+log = logging.getLogger("jupyter_llm")
 
 Event = dict[str, Any]
 EventListener = Callable[[Event], None]
 
 DEFAULT_MAX_LOADED = 3
-
-
-@dataclass
-class LoadedModel:
-    """A model running in its own worker process."""
-
-    name: str
-    record: ModelRecord
-    options: LoadOptions
-    """The options actually used ("auto" resolved)."""
-    estimate: Any
-    runtime: Any
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    active: int = 0
-    """Requests in flight; a model is never unloaded by keep_alive while one runs."""
-
-    @property
-    def report(self) -> Any:
-        return self.runtime.report
-
-    @property
-    def expires_at(self) -> float | None:
-        keep = self.options.keep_alive
-        if keep is None or keep < 0:
-            return None
-        return self.last_used + keep
-
-    def to_dict(self) -> dict[str, Any]:
-        report = self.report
-        return {
-            "name": self.name,
-            "size": self.record.size,
-            "sha256": self.record.sha256,
-            "options": self.options.to_dict(),
-            "n_ctx": getattr(report, "n_ctx", None),
-            "pid": self.runtime.pid,
-            "loaded_at": self.loaded_at,
-            "expires_at": self.expires_at,
-            "active": self.active,
-            "estimate": self.estimate.to_dict() if self.estimate is not None else None,
-            "measured": _measured(report),
-        }
-
-
-def _measured(report: Any) -> dict[str, Any]:
-    breakdown = getattr(report, "breakdown", None) or {}
-    out = {}
-    for device, sizes in breakdown.items():
-        out[device] = sizes.to_dict() if hasattr(sizes, "to_dict") else dict(vars(sizes))
-    return out
+_DEVICE_TTL = 1.0
+"""Seconds a device reading is reused for estimates (see ModelManager._devices_for_estimate)."""
 
 
 class ModelManager:
@@ -89,10 +50,13 @@ class ModelManager:
         self._loading: dict[str, threading.Event] = {}
         self._pulls: dict[str, PullProgress] = {}
         self._sessions: dict[str, ChatSession] = {}
-        self._listeners: builtins.list[EventListener] = []
+        self._listeners: list[EventListener] = []
+        self._broken: set[int] = set()
         self._reaper: threading.Thread | None = None
         self._closed = threading.Event()
-        self.server: Any = None
+        self._models_cache: list[dict[str, Any]] | None = None
+        self._devices_cache: tuple[float, list[Device]] = (0.0, [])
+        self.server: Server | None = None
         """The background HTTP API (jupyter_llm.server), when started; it is a client of this manager."""
 
     # -- events ------------------------------------------------------------------------------
@@ -113,25 +77,34 @@ class ModelManager:
         event = {"type": kind, "time": time.time(), **data}
         with self._lock:
             listeners = list(self._listeners)
+            if kind != "pull":  # state changed: what the views read is read again
+                self._models_cache = None
+                self._devices_cache = (0.0, [])
         for listener in listeners:
             try:
                 listener(event)
-            except Exception:  # a broken view must never break the model
-                pass
+            except Exception:  # a broken view must never break the model; it is said once
+                if id(listener) not in self._broken:
+                    self._broken.add(id(listener))
+                    log.exception("a jupyter_llm view failed on a %r event (further failures not logged)", kind)
 
     def snapshot(self) -> dict[str, Any]:
         """All state the views show, as plain JSON-able data (the sidebar's and widgets' model)."""
-        from dataclasses import asdict
-
-        with self._lock:
-            loaded = [m.to_dict() for m in sorted(self._loaded.values(), key=lambda m: -m.last_used)]
-            pulls = [vars(p) for p in self._pulls.values()]
         try:
-            devices = [asdict(d) for d in self.devices()]
+            found = self.devices()
+            devices: list[dict[str, Any]] = [d.to_dict() for d in found]
         except Exception as exc:  # a device query must never break the views
-            devices = [{"error": str(exc)}]
+            found, devices = [], [{"error": str(exc)}]
+        with self._lock:
+            loaded = [m.to_dict(found) for m in sorted(self._loaded.values(), key=lambda m: -m.last_used)]
+            pulls = [vars(p) for p in self._pulls.values()]
+            models = self._models_cache
+        if models is None:  # the store is read again only after an event
+            models = [r.to_dict() for r in self.models()]
+            with self._lock:
+                self._models_cache = models
         return {
-            "models": [r.to_dict() for r in self.list()],
+            "models": list(models),
             "loaded": loaded,
             "pulls": pulls,
             "devices": devices,
@@ -140,10 +113,10 @@ class ModelManager:
 
     # -- the store ---------------------------------------------------------------------------
 
-    def pull(self, reference: str, *, listeners: builtins.list[Listener] | tuple[Listener, ...] = (),
+    def pull(self, reference: str, *, listeners: list[Listener] | tuple[Listener, ...] = (),
              update: bool = False) -> ModelRecord:
         """Fetch ``reference`` into the store (resumable, verified) and return its record."""
-        from . import pulling
+        from .store import pull as pulling
 
         def track(event: PullProgress) -> None:
             with self._lock:
@@ -157,13 +130,13 @@ class ModelManager:
         self._emit("models")
         return record
 
-    def pulls(self) -> builtins.list[PullProgress]:
+    def pulls(self) -> list[PullProgress]:
         with self._lock:
             return list(self._pulls.values())
 
-    def list(self) -> builtins.list[ModelRecord]:
+    def models(self) -> list[ModelRecord]:
         """Every model in the store (and in a local Ollama store)."""
-        return self.store.list()
+        return self.store.records()
 
     def record(self, name: str) -> ModelRecord:
         """The store record for ``name``; a loaded model's own name works too."""
@@ -174,12 +147,12 @@ class ModelManager:
 
     def show(self, name: str) -> dict[str, Any]:
         """Everything known about a stored model: record, header facts, bytes per layer."""
-        from .gguf_scan import scan_cached
+        from .store.gguf import scan_cached
 
         record = self.record(name)
         return {"record": record, "info": scan_cached(record.path)}
 
-    def remove(self, name: str) -> builtins.list[str]:
+    def remove(self, name: str) -> list[str]:
         """Remove ``name`` from the store (unloading it first); returns deleted paths."""
         record = self.store.require(name)
         if record.name in self._loaded:
@@ -195,18 +168,18 @@ class ModelManager:
 
     # -- devices and estimates ---------------------------------------------------------------
 
-    def devices(self, *, include_llama: bool = False) -> builtins.list[Any]:
+    def devices(self, *, include_llama: bool = False) -> list[Device]:
         """GPUs (NVML) and host RAM; ``include_llama`` also asks llama.cpp (in a subprocess, ~1 s)
         which backend serves each device."""
-        from .devices import list_devices
+        from .memory.devices import list_devices
 
         return list_devices(include_llama=include_llama)
 
     def resolve_options(self, name: str, options: LoadOptions | None = None, **overrides: Any
-                        ) -> tuple[ModelRecord, Any, LoadOptions]:
+                        ) -> tuple[ModelRecord, GGUFInfo, LoadOptions]:
         """Record, header info and the options with "auto" resolved against free memory now."""
-        from .estimate import fit
-        from .gguf_scan import scan_cached
+        from .memory.estimate import fit
+        from .store.gguf import scan_cached
 
         record = self.record(name)
         options = (options or LoadOptions()).with_(**overrides) if overrides else (options or LoadOptions())
@@ -215,14 +188,23 @@ class ModelManager:
             options = fit(info, options, self._devices_for_estimate())
         return record, info, options
 
-    def _devices_for_estimate(self) -> builtins.list[Any]:
+    def _devices_for_estimate(self) -> list[Device]:
         """Free memory as the estimate should see it: what our own loaded workers use is
-        already gone from MemAvailable, which is right — they stay loaded."""
-        return self.devices()
+        already gone from MemAvailable, which is right — they stay loaded. A reading is reused
+        for a second (NVML and /proc cost milliseconds: the picker re-prices on every slider
+        step), and read again after any load or unload."""
+        with self._lock:
+            at, devices = self._devices_cache
+        if devices and time.monotonic() - at < _DEVICE_TTL:
+            return devices
+        devices = self.devices()
+        with self._lock:
+            self._devices_cache = (time.monotonic(), devices)
+        return devices
 
-    def estimate(self, name: str, options: LoadOptions | None = None, **overrides: Any) -> Any:
+    def estimate(self, name: str, options: LoadOptions | None = None, **overrides: Any) -> MemoryEstimate:
         """What loading ``name`` with ``options`` would take on each device."""
-        from .estimate import estimate
+        from .memory.estimate import estimate
 
         _, info, options = self.resolve_options(name, options, **overrides)
         return estimate(info, options, self._devices_for_estimate())
@@ -230,15 +212,15 @@ class ModelManager:
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, name: str, options: LoadOptions | None = None, *, force: bool = False,
-             pull: bool = True, listeners: builtins.list[Listener] | tuple[Listener, ...] = (),
+             pull: bool = True, listeners: list[Listener] | tuple[Listener, ...] = (),
              **overrides: Any) -> LoadedModel:
         """Load ``name`` into its own worker process (pulling it first if needed).
 
         Refuses with WontFitError when the estimate says it will not fit, unless ``force``.
         Loading a model that is already loaded with the same options returns it.
         """
-        from .estimate import estimate as estimate_memory
-        from .runtime import Runtime
+        from .memory.estimate import estimate as estimate_memory
+        from .runtime.process import Runtime
 
         if pull and self.store.get(name) is None and not self._is_loaded(name):
             record = self.pull(name, listeners=listeners)
@@ -248,7 +230,7 @@ class ModelManager:
         while True:
             with self._lock:
                 current = self._loaded.get(name)
-                if current is not None and current.runtime.alive and _same_load(current.options, resolved):
+                if current is not None and current.runtime.alive and same_load(current.options, resolved):
                     current.last_used = time.time()
                     current.options = current.options.with_(keep_alive=resolved.keep_alive)
                     return current
@@ -285,6 +267,14 @@ class ModelManager:
                 self._loading.pop(name, None)
             done.set()
 
+    def is_loaded(self, name: str) -> bool:
+        """Whether ``name`` (or the model a store name points to) is loaded now."""
+        try:
+            self.get(name)
+            return True
+        except ModelNotFoundError:
+            return False
+
     def _is_loaded(self, name: str) -> bool:
         with self._lock:
             return name in self._loaded
@@ -319,13 +309,13 @@ class ModelManager:
                     f"{name!r} is not loaded; `%llm load {name}` loads it, `%llm ps` lists loaded models")
             return model
 
-    def ps(self) -> builtins.list[LoadedModel]:
+    def ps(self) -> list[LoadedModel]:
         """Loaded models, most recently used first; dead workers are dropped."""
         self._reap_dead()
         with self._lock:
             return sorted(self._loaded.values(), key=lambda m: -m.last_used)
 
-    def unload(self, name: str | None = None, *, all: bool = False, reason: str = "unloaded") -> builtins.list[str]:
+    def unload(self, name: str | None = None, *, all: bool = False, reason: str = "unloaded") -> list[str]:
         """Stop the worker(s); their memory is returned to the system. Returns names unloaded."""
         with self._lock:
             victims = list(self._loaded.values()) if all else [self.get(name)]
@@ -342,7 +332,6 @@ class ModelManager:
         """Context manager marking a model busy (keep_alive starts counting after it exits)."""
         return _Using(self, self.get(name))
 
-    # -- added for the HTTP API (jupyter_llm.server) -----------------------------------------
     def set_keep_alive(self, name: str, keep_alive: float | None) -> LoadedModel:
         """Change how long a loaded model stays after its last use (Ollama's per-request
         keep_alive): seconds, None = forever, 0 = unload as soon as it is idle (call it while
@@ -364,7 +353,8 @@ class ModelManager:
                 self.set_keep_alive(model.name, 0)
         if not busy:
             self.unload(model.name, reason="keep_alive 0")
-    # -- end of the HTTP API's additions ------------------------------------------------------
+
+    # -- chat --------------------------------------------------------------------------------
 
     def session(self, name: str = "default") -> ChatSession:
         with self._lock:
@@ -376,13 +366,16 @@ class ModelManager:
         with self._lock:
             return dict(self._sessions)
 
-    def stream_chat(self, name: str | None, messages: builtins.list[dict[str, str]],
-                    sampling: SamplingOptions | None = None, **kwargs: Any) -> Iterator[Any]:
-        """Yield chunks of a chat completion; the stream's ``.result`` has the statistics."""
+    def stream_chat(self, name: str | None, messages: list[dict[str, str]],
+                    sampling: SamplingOptions | None = None, **kwargs: Any) -> Generator[Chunk, None, Completion]:
+        """Yield chunks of a chat completion (one :func:`jupyter_llm.chat.start` turn); returns
+        the Completion with the statistics."""
+        from . import chat
+
         with self.using(name) as model:
-            stream = model.runtime.chat(messages, sampling or SamplingOptions(), **kwargs)
-            yield from stream
-            return stream.result
+            turn = chat.start(model, messages, sampling or SamplingOptions(), **kwargs)
+            yield from turn
+            return turn.stream.result
 
     # -- keep_alive --------------------------------------------------------------------------
 
@@ -401,7 +394,7 @@ class ModelManager:
                     self._reaper = None
                     return
 
-    def reap(self, now: float | None = None) -> builtins.list[str]:
+    def reap(self, now: float | None = None) -> list[str]:
         """Unload models whose keep_alive has expired and drop dead workers."""
         now = time.time() if now is None else now
         self._reap_dead()
@@ -451,11 +444,6 @@ class _Using:
         self.manager._emit("used", name=self.model.name)
         if self.model.options.keep_alive == 0:
             self.manager.reap()
-
-
-def _same_load(a: LoadOptions, b: LoadOptions) -> bool:
-    """Same worker configuration; keep_alive is not part of it (it only changes expiry)."""
-    return a.with_(keep_alive=None) == b.with_(keep_alive=None)
 
 
 _manager: ModelManager | None = None

@@ -1,16 +1,69 @@
-"""The options a user gives for loading a model and for sampling, validated in one place.
+"""The options a user gives for loading a model, for sampling and for the API, validated in one place.
 
 Shared by the estimate (what would this take?), the runtime (load it) and every front end
-(magics, widgets, the sidebar, the HTTP API), so that all of them mean the same thing.
+(magics, widgets, the sidebar, the HTTP API), so that all of them mean the same thing: every
+default is stated here once, and :func:`parse_duration` is the one reader of keep_alive values.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 AUTO: Final = "auto"
+
+DEFAULT_KEEP_ALIVE = 300.0
+"""Seconds an idle model stays loaded (Ollama's 5 minutes)."""
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11434
+"""Ollama's port, so tools configured for Ollama find us (choose another if Ollama runs)."""
+DEFAULT_PARALLEL = 4
+"""Slots of a model the API loads on demand (its concurrent requests)."""
+DEFAULT_MAX_QUEUE = 16
+"""Requests per model the API queues beyond its slots before answering 503."""
+DEFAULT_CTX_PER_SLOT = 2048
+"""Context per request for models the API loads (Ollama's default num_ctx)."""
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """A keep_alive value in Ollama's syntax → seconds, or None for "forever".
+
+    Accepts a number of seconds (``300``, ``"300"``) or a Go duration (``"5m"``, ``"30s"``,
+    ``"1h30m"``, ``"500ms"``); any negative value means forever, 0 unloads right after use.
+    Raises ValueError, with the accepted forms, on anything else.
+    """
+    usage = f"keep_alive {value!r}: use a duration like 5m, 30s, 1h30m, -1 (forever) or 0 (unload after use)"
+    if isinstance(value, bool):
+        raise ValueError(usage)
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(usage)
+        return None if value < 0 else float(value)
+    if not isinstance(value, str):
+        raise ValueError(usage)
+    text = value.strip()
+    negative = text.startswith("-")
+    body = text[1:] if text[:1] in ("+", "-") else text
+    try:
+        seconds = float(body)  # a bare number in a string means seconds
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(body):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _UNIT_S[match.group(2)]
+            pos = match.end()
+        if pos != len(body) or not body:
+            raise ValueError(usage) from None
+    if not math.isfinite(seconds):
+        raise ValueError(usage)
+    return None if negative and seconds > 0 else seconds
 
 GpuLayers = int | Literal["auto"]
 Context = int | Literal["auto"]
@@ -34,7 +87,7 @@ class LoadOptions:
     """Slots: sequences decoded together in one batch (the HTTP API's concurrent requests)."""
     n_batch: int = 512
     n_ubatch: int = 512
-    keep_alive: float | None = 300.0
+    keep_alive: float | None = DEFAULT_KEEP_ALIVE
     """Seconds idle before the model is unloaded; None = forever; 0 = right after use."""
     tensor_split: tuple[float, ...] = field(default_factory=tuple)
 

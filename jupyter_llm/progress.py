@@ -8,10 +8,13 @@ HTTP API's NDJSON stream. The statuses follow Ollama's pull stream ("pulling man
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("jupyter_llm")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ProgressFanout:
     def __init__(self, listeners: Iterable[Listener] = ()) -> None:
         self._listeners = list(listeners)
         self._lock = threading.Lock()
+        self._broken: set[int] = set()
 
     def add(self, listener: Listener) -> None:
         with self._lock:
@@ -48,8 +52,10 @@ class ProgressFanout:
         for listener in listeners:
             try:
                 listener(event)
-            except Exception:  # a broken view must not cost the user their download
-                pass
+            except Exception:  # a broken view must not cost the user their download; said once
+                if id(listener) not in self._broken:
+                    self._broken.add(id(listener))
+                    log.exception("a jupyter_llm progress view failed (further failures not logged)")
 
     def bytes_callback(self, name: str, filename: str, digest: str | None) -> ByteCallback:
         """A ``(completed, total)`` callback for one file that emits "downloading" events."""

@@ -15,8 +15,8 @@ from typing import Any
 
 from jupyter_llm import server as api
 from jupyter_llm.manager import ModelManager
-from jupyter_llm.sources import Pulled
-from jupyter_llm.store import Store
+from jupyter_llm.store.records import Store
+from jupyter_llm.store.sources import Pulled
 
 MODEL = "smollm2"
 

@@ -53,7 +53,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def manager(smollm2_path: Path) -> Iterator[Any]:
     """A fresh ModelManager whose store holds the real default model as "smollm2"."""
     from jupyter_llm.manager import ModelManager
-    from jupyter_llm.sources import Pulled
+    from jupyter_llm.store.sources import Pulled
 
     manager = ModelManager()
     manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))

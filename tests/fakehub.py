@@ -1,6 +1,6 @@
 """A loopback fake of the Hugging Face Hub, speaking the protocol huggingface_hub 2.4 uses.
 
-Routes (NOTES §5):
+Routes (docs/notes.md §5):
 
 - ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}`` (``?blobs=true`` adds
   sizes and LFS info to ``siblings``), ``GET /api/models/{repo}/tree/{rev}[/{path}]``;

@@ -1,4 +1,4 @@
-"""A loopback fake Ollama registry, and a writer for a local Ollama store (NOTES §6).
+"""A loopback fake Ollama registry, and a writer for a local Ollama store (docs/notes.md §6).
 
 Registry routes:
 

@@ -6,8 +6,9 @@ from a fixed seed. llama.cpp loads it and generates from it (gibberish, determin
 tests can exercise the whole load → chat path in well under a second. The broken variants
 (``truncate``, ``corrupt``, ``write_not_gguf``) exercise the error paths.
 
-Remember (NOTES §2): quantized models must be loaded with the model-params field
-``use_extra_bufts = False`` on this CPU, and any direct llama.cpp call belongs in a subprocess.
+Remember (docs/notes.md §2): quantized models must be loaded with the model-params field
+``use_extra_bufts = False`` (they segfault on Intel AMX CPUs), and any direct llama.cpp call
+belongs in a subprocess.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ def default_model() -> Path:
         return path
     import os
 
-    from jupyter_llm.names import PipRef
     from jupyter_llm.progress import ProgressFanout
-    from jupyter_llm.sources import pip as pip_source
+    from jupyter_llm.store.names import PipRef
+    from jupyter_llm.store.sources import pip as pip_source
 
     old = os.environ.get("JUPYTER_LLM_HOME")
     os.environ["JUPYTER_LLM_HOME"] = str(ROOT / ".cache" / "home")

@@ -11,7 +11,7 @@ import pytest
 
 import jupyter_llm as llm
 from jupyter_llm import manager as manager_module
-from jupyter_llm.sources import Pulled
+from jupyter_llm.store.sources import Pulled
 
 
 @pytest.fixture

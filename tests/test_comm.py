@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from jupyter_llm.comm import TARGET, CommHub, jsonable, load_options
 from jupyter_llm.manager import ModelManager
+from jupyter_llm.notebook.comm import TARGET, CommHub, jsonable, load_options
 
 
 class RecordingComm:
@@ -274,9 +274,9 @@ def test_a_real_kernel_opens_the_comm_and_answers_a_panel(smollm2_path: Path, is
         code = (
             "from pathlib import Path\n"
             "from jupyter_llm.manager import get_manager\n"
-            "from jupyter_llm.sources import Pulled\n"
+            "from jupyter_llm.store.sources import Pulled\n"
             f"get_manager().store.put('smollm2', Pulled('pip', [Path({str(smollm2_path)!r})], owned=[]))\n"
-            "from jupyter_llm.comm import open_from_kernel\n"
+            "from jupyter_llm.notebook.comm import open_from_kernel\n"
             "open_from_kernel(get_ipython())\n"
         )
         kc.execute(code)

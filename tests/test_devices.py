@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_llm.devices import Device, _merge_llama, host_memory, list_devices, llama_devices, nvidia_gpus
+from jupyter_llm.memory.devices import Device, _merge_llama, host_memory, list_devices, llama_devices, nvidia_gpus
 
 
 def proc_meminfo_kib(key: str) -> int:

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm import download
-from jupyter_llm.download import fetch, get_bytes
 from jupyter_llm.errors import (
     HostUnreachableError,
     InsufficientSpaceError,
@@ -23,6 +21,8 @@ from jupyter_llm.errors import (
     PullError,
     RemoteError,
 )
+from jupyter_llm.store import download
+from jupyter_llm.store.download import fetch, get_bytes
 from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,7 +235,7 @@ def test_two_processes_fetching_one_file_both_end_with_it_downloaded_once(
     hub.throttle(12 * MB)  # ~1 s per download, so the two processes overlap
     dest = tmp_path / "shared.gguf"
     code = (
-        "import sys; from jupyter_llm.download import fetch; "
+        "import sys; from jupyter_llm.store.download import fetch; "
         f"p = fetch({url!r}, {str(dest)!r}, sha256={sha!r}, size={len(data)}); print(p)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -9,23 +9,13 @@ from typing import Any
 
 import pytest
 
-from jupyter_llm.devices import Device, list_devices
-from jupyter_llm.dryrun import measure
-from jupyter_llm.estimate import (
-    GiB,
-    MemoryEstimate,
-    MiB,
-    context_cells,
-    default_margin,
-    dry_run,
-    estimate,
-    fit,
-    is_formula_exact,
-    layer_devices,
-)
-from jupyter_llm.gguf_scan import GGUFInfo, scan
-from jupyter_llm.llama_log import mib_to_bytes
+from jupyter_llm.memory.devices import Device, list_devices
+from jupyter_llm.memory.estimate import MemoryEstimate, dry_run, estimate, fit
+from jupyter_llm.memory.formulas import GiB, MiB, context_cells, default_margin, is_formula_exact, layer_devices
+from jupyter_llm.memory.llama_log import mib_to_bytes
+from jupyter_llm.memory.probe import measure
 from jupyter_llm.options import AUTO, LoadOptions
+from jupyter_llm.store.gguf import GGUFInfo, scan
 from tests.ggufs import write_tiny_llama
 
 # (n_ctx, kv_type, flash_attn, parallel): contexts and KV types the issue asks for, plus slots

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_llm.errors import GGUFError, TruncatedGGUFError
-from jupyter_llm.gguf_scan import ArrayInfo, scan, scan_parts, split_parts, total_weights_bytes
+from jupyter_llm.store.gguf import ArrayInfo, scan, scan_parts, split_parts, total_weights_bytes
 from tests.ggufs import corrupt, key_offset, split_paths, truncate, write_not_gguf, write_tiny_llama
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -265,7 +265,7 @@ _GENERATE = textwrap.dedent("""
     import llama_cpp
     from llama_cpp import llama_cpp as low
 
-    # NOTES §2: quantized weights crash on this CPU unless extra buffer types are off.
+    # docs/notes.md §2: quantized weights crash on Intel AMX CPUs unless extra buffer types are off.
     default_params = low.llama_model_default_params
     def params():
         p = default_params()

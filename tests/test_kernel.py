@@ -29,7 +29,7 @@ def kernel(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iter
     k.ok(f"""
 from pathlib import Path
 from jupyter_llm.manager import get_manager
-from jupyter_llm.sources import Pulled
+from jupyter_llm.store.sources import Pulled
 get_manager().store.put("smollm2", Pulled("pip", [Path({str(smollm2_path)!r})], sha256={SHA256!r}, owned=[]))
 """)
     yield k

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm.llama_log import LEVEL_CONT, MIB, BufferSizes, MemoryLog, device_of, mib_to_bytes
+from jupyter_llm.memory.llama_log import LEVEL_CONT, MIB, BufferSizes, MemoryLog, device_of, mib_to_bytes
 
 DATA = Path(__file__).parent / "data"
 
@@ -38,7 +38,7 @@ def test_real_smollm2_load_gives_llama_cpp_numbers() -> None:
 
 
 def test_real_log_weights_agree_with_the_gguf_tensor_table(smollm2_path: Path) -> None:
-    from jupyter_llm.gguf_scan import scan
+    from jupyter_llm.store.gguf import scan
 
     log = MemoryLog()
     for level, text in real_log():

@@ -9,9 +9,9 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 
-from jupyter_llm.chatcell import extract_code, substitute
-from jupyter_llm.magics import LLMMagics, _build_parser, load_options, parse_duration
-from jupyter_llm.sources import Pulled
+from jupyter_llm.notebook.chatcell import extract_code, substitute
+from jupyter_llm.notebook.magics import LLMMagics, _build_parser, load_options, parse_duration
+from jupyter_llm.store.sources import Pulled
 from tests.ggufs import write_tiny_llama
 
 

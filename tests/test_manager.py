@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm.display import human_bytes, ps_table
 from jupyter_llm.errors import ModelNotFoundError, WontFitError
 from jupyter_llm.manager import ModelManager
+from jupyter_llm.notebook.display import human_bytes, ps_table
 from jupyter_llm.options import LoadOptions, SamplingOptions
-from jupyter_llm.sources import Pulled
+from jupyter_llm.store.sources import Pulled
 from tests.ggufs import write_tiny_llama
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from jupyter_llm import config
 from jupyter_llm.errors import AliasFileError, ModelNotFoundError
-from jupyter_llm.names import (
+from jupyter_llm.store.names import (
     HF_PREFIX,
     AliasRef,
     HFRef,

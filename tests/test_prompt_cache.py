@@ -15,8 +15,8 @@ import pytest
 
 from jupyter_llm.errors import ContextOverflowError
 from jupyter_llm.options import LoadOptions, SamplingOptions
-from jupyter_llm.prompt_cache import SlotCache, chunk_size, common_prefix
 from jupyter_llm.runtime import Completion, Runtime
+from jupyter_llm.worker.prompt_cache import SlotCache, chunk_size, common_prefix
 from tests import ggufs
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)

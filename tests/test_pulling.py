@@ -12,9 +12,9 @@ import pytest
 
 from jupyter_llm.errors import HostUnreachableError, IntegrityError, ModelNotFoundError, StoreError
 from jupyter_llm.manager import ModelManager
-from jupyter_llm.names import HF_PREFIX
 from jupyter_llm.options import SamplingOptions
 from jupyter_llm.progress import PullProgress
+from jupyter_llm.store.names import HF_PREFIX
 from tests.fakehub import FakeHub
 from tests.ggufs import write_tiny_llama
 from tests.model import SHA256
@@ -57,7 +57,7 @@ def test_hf_name_with_quant_through_the_manager(hub: FakeHub, tiny_bytes: bytes)
     record = manager.pull(HF_PREFIX + "team/Other-GGUF:Q8_0")
     assert record.name == HF_PREFIX + "team/Other-GGUF:Q8_0"
     assert record.details["filename"] == "other-q8_0.gguf" or "other-q8_0.gguf" in str(record.details)
-    assert [r.name for r in manager.list()] == [record.name]
+    assert [r.name for r in manager.models()] == [record.name]
 
 
 def test_a_corrupted_download_leaves_nothing_in_the_store(hub: FakeHub, tiny_bytes: bytes) -> None:
@@ -66,7 +66,7 @@ def test_a_corrupted_download_leaves_nothing_in_the_store(hub: FakeHub, tiny_byt
     manager = ModelManager()
     with pytest.raises(IntegrityError):
         manager.pull(HF_PREFIX + "team/Bad-GGUF")
-    assert manager.list() == []
+    assert manager.models() == []
     assert manager.pulls() == []
 
 
@@ -108,7 +108,7 @@ def test_a_local_ollama_store_model_is_listed_and_loads_in_place(tiny_bytes: byt
     write_local_store(store_root, "registry.example", "library", "tiny", "latest", fake)
     before = sorted(p.name for p in store_root.rglob("*"))
     manager = ModelManager()
-    listed = {r.name: r for r in manager.list()}
+    listed = {r.name: r for r in manager.models()}
     assert "ollama://tiny:latest" in listed
     record = listed["ollama://tiny:latest"]
     blob = store_root / "blobs" / f"sha256-{fake.model_digest}"

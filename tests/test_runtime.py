@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm.engine import TextOut
 from jupyter_llm.errors import ContextOverflowError, JupyterLLMError
 from jupyter_llm.options import LoadOptions, SamplingOptions
 from jupyter_llm.runtime import Chunk, Completion, Runtime, Stream
+from jupyter_llm.worker.text import TextOut
 from tests import ggufs
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
@@ -45,7 +45,7 @@ def test_load_report_describes_the_model_and_measured_memory(rt: Runtime) -> Non
     assert (report.n_ctx_train, report.n_layer, report.n_gpu_layers) == (8192, 30, 0)
     assert report.has_chat_template and report.metadata["architecture"] == "llama"
     cpu = report.breakdown["CPU"]
-    assert abs(cpu.weights - 96_576_768) < 64 * 1024  # = the GGUF's tensor bytes (NOTES §1)
+    assert abs(cpu.weights - 96_576_768) < 64 * 1024  # = the GGUF's tensor bytes (docs/notes.md §1)
     assert abs(cpu.kv - 180 * 1024 * 1024) < 64 * 1024  # 8192 cells × 30 layers × 3 × 64 × 2 × f16
     assert cpu.compute > 0 and cpu.output > 0
     assert any("KV buffer size" in line for line in report.log)
@@ -288,7 +288,7 @@ def test_close_during_a_long_prompt_aborts_it_and_ends_the_stream(smollm2_path: 
 
 
 def test_result_types_live_in_stream_and_are_reexported_by_runtime() -> None:
-    from jupyter_llm import stream
+    from jupyter_llm.runtime import stream
 
     assert (Chunk, Completion, Stream) == (stream.Chunk, stream.Completion, stream.Stream)
     # made without the cache count (as code written before it did), it defaults to none reused

@@ -18,8 +18,8 @@ from jupyter_llm import server as api
 from jupyter_llm.errors import ServerError
 from jupyter_llm.manager import ModelManager
 from jupyter_llm.server.app import routes
-from jupyter_llm.sources import Pulled
-from jupyter_llm.store import Store
+from jupyter_llm.store.records import Store
+from jupyter_llm.store.sources import Pulled
 from tests.apiserver import MODEL, auth, running_server
 
 ORIGIN = "http://localhost:8888"

@@ -12,7 +12,7 @@ import httpx
 import ollama
 import pytest
 
-from jupyter_llm.names import HF_PREFIX
+from jupyter_llm.store.names import HF_PREFIX
 from tests.apiserver import MODEL, auth, running_server, wait_until
 from tests.fakehub import FakeHub
 from tests.ggufs import write_tiny_llama

@@ -28,13 +28,13 @@ def test_bad_keep_alive_is_a_400_naming_the_field(value: object) -> None:
 
 def test_body_getters_check_type_and_range() -> None:
     body = Body({"t": 0.5, "n": 5.0, "b": True, "s": "x", "big": 10**40, "o": {"k": "v"}})
-    assert body.float("t", lo=0, hi=1) == 0.5
-    assert body.int("n") == 5  # JSON's 5.0 is a whole number
-    assert body.bool("b") is True and body.str("s") == "x"
-    assert body.obj("o").str("k") == "v" and body.int("missing", 7) == 7
-    for call in (lambda: body.int("t"), lambda: body.int("b"), lambda: body.float("s"), lambda: body.str("n"),
-                 lambda: body.int("big", hi=2**31), lambda: body.bool("s"), lambda: body.obj("s"),
-                 lambda: body.str("missing", required=True)):
+    assert body.number("t", lo=0, hi=1) == 0.5
+    assert body.integer("n") == 5  # JSON's 5.0 is a whole number
+    assert body.flag("b") is True and body.text("s") == "x"
+    assert body.obj("o").text("k") == "v" and body.integer("missing", 7) == 7
+    for call in (lambda: body.integer("t"), lambda: body.integer("b"), lambda: body.number("s"), lambda: body.text("n"),
+                 lambda: body.integer("big", hi=2**31), lambda: body.flag("s"), lambda: body.obj("s"),
+                 lambda: body.text("missing", required=True)):
         with pytest.raises(HTTPProblem) as err:
             call()
         assert err.value.status == 400

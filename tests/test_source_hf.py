@@ -21,10 +21,10 @@ from jupyter_llm.errors import (
     ModelNotFoundError,
     RemoteError,
 )
-from jupyter_llm.names import HF_PREFIX, HFRef, parse
 from jupyter_llm.progress import ProgressFanout, PullProgress
-from jupyter_llm.sources import Pulled, hf
-from jupyter_llm.sources.hf import choose_files
+from jupyter_llm.store.names import HF_PREFIX, HFRef, parse
+from jupyter_llm.store.sources import Pulled, hf
+from jupyter_llm.store.sources.hf import choose_files
 from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,8 +194,8 @@ def test_pull_resumes_after_the_process_is_killed(hub: FakeHub) -> None:
     blob = config.hf_cache() / "models--someone--Tiny-GGUF" / "blobs" / sha
     partial = blob.with_name(blob.name + ".partial")
     code = (
-        "from jupyter_llm.names import parse; from jupyter_llm.progress import ProgressFanout; "
-        "from jupyter_llm.sources import hf; "
+        "from jupyter_llm.store.names import parse; from jupyter_llm.progress import ProgressFanout; "
+        "from jupyter_llm.store.sources import hf; "
         f"hf.pull(parse({HF_PREFIX + REPO!r}), name='x', progress=ProgressFanout())"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},

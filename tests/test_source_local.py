@@ -8,9 +8,9 @@ import pytest
 
 from jupyter_llm import config
 from jupyter_llm.errors import GGUFError, ModelNotFoundError, TruncatedGGUFError
-from jupyter_llm.names import PathRef, canonical, parse
 from jupyter_llm.progress import ProgressFanout
-from jupyter_llm.sources import Pulled, local
+from jupyter_llm.store.names import PathRef, canonical, parse
+from jupyter_llm.store.sources import Pulled, local
 from tests.ggufs import truncate, write_not_gguf, write_tiny_llama
 
 

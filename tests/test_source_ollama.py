@@ -15,10 +15,10 @@ import pytest
 
 from jupyter_llm import config
 from jupyter_llm.errors import AmbiguousModelError, HostUnreachableError, IntegrityError, ModelNotFoundError
-from jupyter_llm.gguf_scan import scan
-from jupyter_llm.names import OllamaRef, parse
 from jupyter_llm.progress import ProgressFanout, PullProgress
-from jupyter_llm.sources import Pulled, ollama
+from jupyter_llm.store.gguf import scan
+from jupyter_llm.store.names import OllamaRef, parse
+from jupyter_llm.store.sources import Pulled, ollama
 from tests.fakeollama import MANIFEST_MEDIA_TYPE, FakeModel, FakeOllamaRegistry, build_model, write_local_store
 from tests.ggufs import write_tiny_llama
 

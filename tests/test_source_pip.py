@@ -19,10 +19,10 @@ import pytest
 
 from jupyter_llm import config
 from jupyter_llm.errors import AmbiguousModelError, HostUnreachableError, IntegrityError, ModelNotFoundError
-from jupyter_llm.gguf_scan import scan
-from jupyter_llm.names import PipRef, parse
 from jupyter_llm.progress import ProgressFanout, PullProgress
-from jupyter_llm.sources import pip as pip_source
+from jupyter_llm.store.gguf import scan
+from jupyter_llm.store.names import PipRef, parse
+from jupyter_llm.store.sources import pip as pip_source
 from tests.ggufs import write_tiny_llama
 
 PACKAGE = "jllm-test-model"

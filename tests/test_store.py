@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jupyter_llm.errors import ModelNotFoundError, StoreError
-from jupyter_llm.sources import Pulled
-from jupyter_llm.store import Store
+from jupyter_llm.store.records import Store
+from jupyter_llm.store.sources import Pulled
 from tests.ggufs import write_tiny_llama
 
 
@@ -25,7 +25,7 @@ def test_put_records_header_summary(blob: Path) -> None:
     assert record.summary["quantization"] == "F16"
     assert record.size == blob.stat().st_size
     assert store.get("tiny") == record
-    assert [r.name for r in store.list()] == ["tiny"]
+    assert [r.name for r in store.records()] == ["tiny"]
 
 
 def test_get_accepts_latest_suffix(blob: Path) -> None:
@@ -52,7 +52,7 @@ def test_copy_shares_files_and_rm_keeps_them_until_last_name(blob: Path) -> None
     assert blob.exists(), "the copy still uses the blob"
     assert store.remove("tiny-copy") == [str(blob)]
     assert not blob.exists()
-    assert store.list() == []
+    assert store.records() == []
 
 
 def test_copy_refuses_to_overwrite(blob: Path) -> None:
@@ -85,7 +85,7 @@ def test_a_corrupt_record_file_does_not_break_list(blob: Path) -> None:
     store = Store()
     store.put("good", Pulled("pip", [blob], owned=[blob]))
     (store.root / "broken.json").write_text("{not json")
-    assert [r.name for r in store.list()] == ["good"]
+    assert [r.name for r in store.records()] == ["good"]
 
 
 def test_records_with_slashes_and_colons_round_trip(blob: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from jupyter_llm import widgets
 from jupyter_llm.manager import ModelManager
+from jupyter_llm.notebook import widgets
 
 
 def _until(predicate: Any, timeout: float = 30.0) -> None:
@@ -58,7 +58,7 @@ def test_picker_estimate_reprices_when_a_slider_moves(manager: ModelManager) -> 
         assert after.kv == 2 * before.kv
         assert after.weights == before.weights
         assert picker.estimate_view.value != html_before
-        assert "180.0 MiB" in picker.estimate_view.value  # KV at 8192 (NOTES §3)
+        assert "180.0 MiB" in picker.estimate_view.value  # KV at 8192 (docs/notes.md §3)
 
         picker.kv_type.value = "q8_0"  # a quantized V cache needs flash attention: it is switched on
         assert picker.flash_attn.value is True
@@ -76,7 +76,7 @@ def test_picker_turns_red_when_the_load_would_not_fit(manager: ModelManager) -> 
         picker.model.value = "smollm2"
         assert "jp-LLM-bar-over" not in picker.estimate_view.value
         # pretend a tiny host: the same arithmetic against 100 MiB free
-        from jupyter_llm.devices import Device
+        from jupyter_llm.memory.devices import Device
 
         small = Device("CPU", "cpu", "tiny host", 200 << 20, 100 << 20, 100 << 20)
         picker._devices_cache = (time.monotonic() + 3600, [small])

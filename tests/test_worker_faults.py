@@ -1,4 +1,4 @@
-"""Every way llama.cpp can fail (NOTES §2) ends in a clear error, never in a dead or hung kernel;
+"""Every way llama.cpp can fail (docs/notes.md §2) ends in a clear error, never in a dead or hung kernel;
 and after each, the real model loads and generates again. The crashes are made deterministic
 (a fault injected at a chosen point, a header llama.cpp asserts on) so that they happen on any
 CPU; the one crash that belongs to one kind of CPU is tested only there."""

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ServerError
-from .runner import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, Server
+from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
+from .runner import Server
 
 
 def _manager(manager: Any) -> Any:

@@ -7,7 +7,7 @@ place routes are assembled, so tests can enumerate them all (and prove each need
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +92,7 @@ def build_app(context: Context, *, token: str | None, host: str, origins: Iterab
     app = Starlette(routes=table, exception_handlers={404: _not_found, 405: _not_allowed})
     app.state.ctx = context
 
-    def route_of(scope: dict[str, Any]) -> str:
+    def route_of(scope: MutableMapping[str, Any]) -> str:
         partial = None
         for route in table:
             match, _ = route.matches(scope)

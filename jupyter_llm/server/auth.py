@@ -22,14 +22,14 @@ import ipaddress
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from .params import MAX_BODY_BYTES
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/health"})
@@ -64,7 +64,7 @@ def allowed_host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
         hostname = socket.gethostname()
         names.update({hostname.lower(), socket.getfqdn().lower()})
         try:
-            names.update(info[4][0] for info in socket.getaddrinfo(hostname, None))
+            names.update(str(info[4][0]) for info in socket.getaddrinfo(hostname, None))
         except OSError:
             pass
         names.discard("0.0.0.0")
@@ -106,7 +106,7 @@ class Guard:
         origin = headers.get("origin")
         cors = origin is not None and origin.rstrip("/") in self.origins
 
-        async def send_counted(message: dict[str, Any]) -> None:
+        async def send_counted(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -202,7 +202,7 @@ def _capped(receive: Receive, headers: dict[str, str]) -> Receive:
         return refuse
     seen = 0
 
-    async def counted() -> dict[str, Any]:
+    async def counted() -> MutableMapping[str, Any]:
         nonlocal seen
         message = await receive()
         if message["type"] == "http.request":

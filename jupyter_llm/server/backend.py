@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelNotFoundError
+from ..options import DEFAULT_CTX_PER_SLOT, DEFAULT_KEEP_ALIVE, LoadOptions
 from .metrics import Metrics
 from .params import HTTPProblem, bad, check_max_tokens
 
-DEFAULT_CTX_PER_SLOT = 2048
-"""Context per request for models the server loads (Ollama's default num_ctx)."""
 RETRY_AFTER_S = 2
 UNCHANGED: Any = object()
 """keep_alive not given: leave the model's own keep_alive as it is."""
@@ -106,13 +105,11 @@ class Backend:
         return model
 
     def _load(self, name: str, keep_alive: Any, num_ctx: int | None) -> Any:
-        from ..options import LoadOptions
-
         record = self.manager.record(name)  # ModelNotFoundError (404) for unknown names
         trained = int((record.summary or {}).get("context_length") or DEFAULT_CTX_PER_SLOT)
         per_slot = num_ctx or min(DEFAULT_CTX_PER_SLOT, trained)
         # keep_alive 0 is applied once the request holds the model, or the reaper would unload it first
-        keep = 300.0 if keep_alive is UNCHANGED or keep_alive == 0 else keep_alive
+        keep = DEFAULT_KEEP_ALIVE if keep_alive is UNCHANGED or keep_alive == 0 else keep_alive
         options = LoadOptions(n_ctx=max(per_slot * self.parallel, 16), parallel=self.parallel, keep_alive=keep)
         return self.manager.load(record.name, options, pull=False)
 
@@ -255,9 +252,13 @@ class Job:
 
     def _pump(self) -> None:
         try:
-            runtime = self.loaded.model.runtime
-            method = runtime.chat if self.kind == "chat" else runtime.generate
-            stream = method(self.payload, self.sampling, grammar=self.grammar)
+            from .. import chat
+
+            model = self.loaded.model
+            if self.kind == "chat":
+                stream = chat.start(model, self.payload, self.sampling, grammar=self.grammar).stream
+            else:
+                stream = model.runtime.generate(self.payload, self.sampling, grammar=self.grammar)
             self._stream = stream
             if self._cancelled.is_set():
                 stream.cancel()

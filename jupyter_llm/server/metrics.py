@@ -138,9 +138,13 @@ def model_gauges(models: list[Any], stats: dict[str, dict[str, Any]], waiting: d
     ``stats`` maps a model name to its worker's ``Runtime.stats()``; ``waiting`` to the requests
     the server admitted that have no slot yet.
     """
-    slots, busy, queued, memory, rss = [], [], [], [], []
+    slots: list[tuple[Labels, float]] = []
+    busy: list[tuple[Labels, float]] = []
+    queued: list[tuple[Labels, float]] = []
+    memory: list[tuple[Labels, float]] = []
+    rss: list[tuple[Labels, float]] = []
     for model in models:
-        label = (("model", model.name),)
+        label: Labels = (("model", model.name),)
         s = stats.get(model.name, {})
         slots.append((label, s.get("slots", model.options.parallel)))
         busy.append((label, s.get("busy", 0)))
@@ -154,7 +158,7 @@ def model_gauges(models: list[Any], stats: dict[str, dict[str, Any]], waiting: d
                     memory.append(((("model", model.name), ("device", device), ("kind", kind),
                                     ("source", source)), value))
     return [
-        ("jupyter_llm_models_loaded", "Models loaded in worker processes.", "gauge", [((), len(models))]),
+        ("jupyter_llm_models_loaded", "Models loaded in worker processes.", "gauge", [((), float(len(models)))]),
         ("jupyter_llm_slots", "Parallel decoding slots per model.", "gauge", slots),
         ("jupyter_llm_slots_busy", "Slots decoding a request now.", "gauge", busy),
         ("jupyter_llm_queue_depth", "Requests waiting for a slot.", "gauge", queued),

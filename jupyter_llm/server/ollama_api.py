@@ -77,7 +77,7 @@ def details(record: Any) -> dict[str, Any]:
 
 
 def _model_name(body: Body) -> str:
-    name = body.str("model", max_len=512) or body.str("name", max_len=512)
+    name = body.text("model", max_len=512) or body.text("name", max_len=512)
     if not name or not name.strip():
         raise bad("'model' is required")
     return name
@@ -99,7 +99,7 @@ async def version(request: Any) -> Any:
 
 @endpoint
 async def tags(request: Any) -> Any:
-    records = await run_blocking(ctx(request).manager.list)
+    records = await run_blocking(ctx(request).manager.models)
     return json_response({"models": [{
         "name": r.name, "model": r.name, "modified_at": _iso(r.created), "size": r.size,
         "digest": r.sha256 or "", "details": details(r),
@@ -129,7 +129,7 @@ async def ps(request: Any) -> Any:
 async def show(request: Any) -> Any:
     body = Body(await read_json(request))
     name = _model_name(body)
-    verbose = body.bool("verbose", False)
+    verbose = body.flag("verbose", False)
     shown = await run_blocking(ctx(request).manager.show, name)
     record, info = shown["record"], shown["info"]
     template = info.chat_template or ""
@@ -162,14 +162,14 @@ def _keep_alive(body: Body) -> Any:
 
 
 def _refuse_unsupported(body: Body) -> None:
-    if body.list("images"):
+    if body.array("images"):
         raise bad("images are not supported: this server runs text models only", "images")
     think = body.raw("think")
     if think not in (None, False):
         if not isinstance(think, bool | str):
             raise bad("'think' must be true, false or a level", "think")
         raise bad("thinking is not supported by this server", "think")
-    if body.list("tools"):
+    if body.array("tools"):
         raise bad("tools are not supported by this server yet", "tools")
 
 
@@ -177,7 +177,7 @@ async def _prepare(request: Any, body: Body, name: str) -> tuple[Any, Any, Any, 
     """keep_alive, sampling options, format and num_ctx, checked against the stored model (404 if
     there is none) before anything is loaded."""
     c = ctx(request)
-    body.bool("stream")  # checked now, so that a load-only request refuses a bad value too
+    body.flag("stream")  # checked now, so that a load-only request refuses a bad value too
     keep = _keep_alive(body)
     schema = json_format(body.raw("format"))
     record = await run_blocking(c.manager.record, name)
@@ -204,7 +204,7 @@ async def _load_or_unload(request: Any, name: str, keep: Any, num_ctx: int | Non
 async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | None, options: Any,
                schema: Any, kind: str, payload: Any, what: str) -> Any:
     c = ctx(request)
-    stream = body.bool("stream", True)
+    stream = body.flag("stream", True)
     grammar = await run_blocking(grammar_for, schema) if schema is not None else None
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=keep, num_ctx=num_ctx)
     job = c.backend.start(loaded, kind, payload, options, grammar, "options.num_predict")
@@ -253,13 +253,13 @@ def _final(result: Any, job: Job, loaded: Loaded) -> dict[str, Any]:
 async def generate(request: Any) -> Any:
     body = Body(await read_json(request))
     name = _model_name(body)
-    prompt = body.str("prompt", "")
-    system = body.str("system")
-    raw = body.bool("raw", False)
+    prompt = body.text("prompt", "")
+    system = body.text("system")
+    raw = body.flag("raw", False)
     for key in ("suffix", "template"):
-        if body.str(key):
+        if body.text(key):
             raise bad(f"'{key}' is not supported by this server", key)
-    if body.list("context"):
+    if body.array("context"):
         raise bad("'context' (deprecated in Ollama) is not supported; send the conversation to /api/chat", "context")
     _refuse_unsupported(body)
     keep, options, schema, num_ctx = await _prepare(request, body, name)
@@ -280,14 +280,14 @@ def messages_of(items: list[Any]) -> list[dict[str, str]]:
         if not isinstance(item, dict):
             raise bad(f"'messages[{i}]' must be an object with 'role' and 'content'", f"messages[{i}]")
         m = Body(item, prefix=f"messages[{i}].")
-        role = m.str("role", required=True)
+        role = m.text("role", required=True)
         if role not in _ROLES:
             raise bad(f"'messages[{i}].role' must be one of {', '.join(_ROLES)}, not {role!r}", f"messages[{i}].role")
-        if m.list("images"):
+        if m.array("images"):
             raise bad("images are not supported: this server runs text models only", f"messages[{i}].images")
-        if m.list("tool_calls"):
+        if m.array("tool_calls"):
             raise bad("tool calls are not supported by this server yet", f"messages[{i}].tool_calls")
-        out.append({"role": role, "content": m.str("content", "")})
+        out.append({"role": role, "content": m.text("content", "")})
     return out
 
 
@@ -295,7 +295,7 @@ def messages_of(items: list[Any]) -> list[dict[str, str]]:
 async def chat(request: Any) -> Any:
     body = Body(await read_json(request))
     name = _model_name(body)
-    messages = messages_of(body.list("messages") or [])
+    messages = messages_of(body.array("messages") or [])
     _refuse_unsupported(body)
     keep, options, schema, num_ctx = await _prepare(request, body, name)
     if not messages:
@@ -327,7 +327,7 @@ async def embed(request: Any) -> Any:
         raise bad("'input' must be a string or a list of strings", "input")
     if body.raw("dimensions") is not None:
         raise bad("'dimensions' is not supported: embeddings have the model's own size", "dimensions")
-    body.bool("truncate")
+    body.flag("truncate")
     vectors, n_tokens, loaded = await _embed(request, body, texts, True)
     return json_response({"model": loaded.name, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - t0),
                           "load_duration": _ns(loaded.load_s), "prompt_eval_count": n_tokens})
@@ -336,7 +336,7 @@ async def embed(request: Any) -> Any:
 @endpoint
 async def embeddings(request: Any) -> Any:
     body = Body(await read_json(request))
-    prompt = body.str("prompt", "")
+    prompt = body.text("prompt", "")
     vectors, _, _ = await _embed(request, body, [prompt] if prompt else [], False)
     return json_response({"embedding": vectors[0] if vectors else []})
 
@@ -367,8 +367,8 @@ async def pull(request: Any) -> Any:
     """
     body = Body(await read_json(request))
     name = _model_name(body)
-    body.bool("insecure")
-    stream = body.bool("stream", True)
+    body.flag("insecure")
+    stream = body.flag("stream", True)
     manager = ctx(request).manager
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -423,8 +423,8 @@ async def pull(request: Any) -> Any:
 @endpoint
 async def copy(request: Any) -> Any:
     body = Body(await read_json(request))
-    source = body.str("source", required=True, nonempty=True, max_len=512)
-    destination = body.str("destination", required=True, nonempty=True, max_len=512)
+    source = body.text("source", required=True, nonempty=True, max_len=512)
+    destination = body.text("destination", required=True, nonempty=True, max_len=512)
     await run_blocking(ctx(request).manager.copy, source, destination)
     return _empty()
 

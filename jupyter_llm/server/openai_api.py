@@ -44,7 +44,7 @@ def _model(record: Any) -> dict[str, Any]:
 
 @endpoint
 async def list_models(request: Any) -> Any:
-    records = await run_blocking(ctx(request).manager.list)
+    records = await run_blocking(ctx(request).manager.models)
     return json_response({"object": "list", "data": [_model(r) for r in records]})
 
 
@@ -96,22 +96,22 @@ def messages_of(items: Any) -> list[dict[str, str]]:
 
 def _sampling_fields(body: Body, default_max: int | None) -> dict[str, Any]:
     """OpenAI's sampling parameters (plus llama.cpp's extras) → SamplingOptions fields."""
-    if body.int("n", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
+    if body.integer("n", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
         raise bad("only n=1 is supported", "n")
     for key in ("presence_penalty", "frequency_penalty"):
-        if body.float(key, 0.0, lo=-2.0, hi=2.0) != 0.0:
+        if body.number(key, 0.0, lo=-2.0, hi=2.0) != 0.0:
             raise bad(f"'{key}' is not supported (use 'repeat_penalty')", key)
     if body.raw("logprobs") not in (None, False, 0):
         raise bad("'logprobs' is not supported", "logprobs")
     logit_bias = body.raw("logit_bias")
     if logit_bias is not None and (not isinstance(logit_bias, dict) or logit_bias):
         raise bad("'logit_bias' is not supported", "logit_bias")
-    if body.list("tools"):
+    if body.array("tools"):
         raise bad("tools are not supported by this server yet", "tools")
     fields = common_sampling(body, temperature_max=2.0)
-    max_tokens = body.int("max_completion_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
+    max_tokens = body.integer("max_completion_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
     if max_tokens is None:
-        max_tokens = body.int("max_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
+        max_tokens = body.integer("max_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
     fields["max_tokens"] = default_max if max_tokens is None else max_tokens
     stop = body.stop()
     if stop:
@@ -123,7 +123,7 @@ def _schema(body: Body) -> dict[str, Any] | None:
     fmt = body.obj("response_format")
     if fmt is None:
         return None
-    kind = fmt.str("type", required=True)
+    kind = fmt.text("type", required=True)
     if kind == "text":
         return None
     if kind == "json_object":
@@ -143,7 +143,7 @@ def _include_usage(body: Body, stream: bool) -> bool:
         return False
     if not stream:
         raise bad("'stream_options' is only allowed with stream: true", "stream_options")
-    return bool(options.bool("include_usage", False))
+    return bool(options.flag("include_usage", False))
 
 
 def _usage(result: Any) -> dict[str, int]:
@@ -158,9 +158,9 @@ def _finish(reason: str) -> str:
 async def _complete(request: Any, body: Body, kind: str, payload: Any, default_max: int | None,
                     chat: bool, echo: str = "") -> Any:
     c = ctx(request)
-    name = body.str("model", required=True, nonempty=True, max_len=512)
+    name = body.text("model", required=True, nonempty=True, max_len=512)
     options = sampling(_sampling_fields(body, default_max))
-    stream = bool(body.bool("stream", False))
+    stream = bool(body.flag("stream", False))
     include_usage = _include_usage(body, stream)
     schema = _schema(body)
     grammar = await run_blocking(grammar_for, schema, "response_format") if schema is not None else None
@@ -245,11 +245,11 @@ async def completions(request: Any) -> Any:
         raise bad("'prompt' must be a string (token-id prompts and several prompts are not supported)", "prompt")
     if not prompt:
         raise bad("'prompt' must not be empty", "prompt")
-    if body.str("suffix"):
+    if body.text("suffix"):
         raise bad("'suffix' is not supported", "suffix")
-    if body.int("best_of", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
+    if body.integer("best_of", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    echo = prompt if body.bool("echo", False) else ""
+    echo = prompt if body.flag("echo", False) else ""
     return await _complete(request, body, "prompt", prompt, 16, chat=False, echo=echo)
 
 
@@ -257,14 +257,14 @@ async def completions(request: Any) -> Any:
 async def embeddings(request: Any) -> Any:
     c = ctx(request)
     body = Body(await read_json(request))
-    name = body.str("model", required=True, nonempty=True, max_len=512)
+    name = body.text("model", required=True, nonempty=True, max_len=512)
     raw = body.raw("input")
     texts = [raw] if isinstance(raw, str) else raw
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise bad("'input' must be a string or a non-empty list of strings (token ids are not supported)", "input")
     if len(texts) > MAX_INPUTS:
         raise bad(f"'input' has {len(texts)} texts; at most {MAX_INPUTS} per request", "input")
-    encoding = body.str("encoding_format", "float")
+    encoding = body.text("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise bad("'encoding_format' must be float or base64", "encoding_format")
     if body.raw("dimensions") is not None:

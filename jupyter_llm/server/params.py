@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,7 +77,7 @@ class Body:
         value = self.data.get(key)
         return default if value is None else value
 
-    def str(self, key: str, default: Any = _UNSET, *, required: bool = False, nonempty: bool = False,
+    def text(self, key: str, default: Any = _UNSET, *, required: bool = False, nonempty: bool = False,
             max_len: int | None = None) -> Any:
         value = self.data.get(key)
         if value is None:
@@ -93,7 +92,7 @@ class Body:
             raise bad(f"'{self._name(key)}' is longer than {max_len} characters", self._name(key))
         return value
 
-    def bool(self, key: str, default: Any = None) -> Any:
+    def flag(self, key: str, default: Any = None) -> Any:
         value = self.data.get(key)
         if value is None:
             return default
@@ -101,7 +100,7 @@ class Body:
             raise bad(f"'{self._name(key)}' must be true or false, not {_kind(value)}", self._name(key))
         return value
 
-    def int(self, key: str, default: Any = None, *, lo: int | None = None, hi: int | None = None) -> Any:
+    def integer(self, key: str, default: Any = None, *, lo: int | None = None, hi: int | None = None) -> Any:
         value = self.data.get(key)
         if value is None:
             return default
@@ -112,7 +111,7 @@ class Body:
         _check_range(self._name(key), value, lo, hi)
         return value
 
-    def float(self, key: str, default: Any = None, *, lo: float | None = None, hi: float | None = None) -> Any:
+    def number(self, key: str, default: Any = None, *, lo: float | None = None, hi: float | None = None) -> Any:
         value = self.data.get(key)
         if value is None:
             return default
@@ -132,7 +131,7 @@ class Body:
             raise bad(f"'{self._name(key)}' must be an object, not {_kind(value)}", self._name(key))
         return Body(value, prefix=f"{self._name(key)}.")
 
-    def list(self, key: str, *, required: bool = False) -> Any:
+    def array(self, key: str, *, required: bool = False) -> Any:
         value = self.data.get(key)
         if value is None:
             if required:
@@ -170,43 +169,18 @@ def _kind(value: Any) -> str:
 
 # -- keep_alive ------------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-FOREVER = None
-
-
 def keep_alive(value: Any) -> Any:
     """Ollama's keep_alive: seconds (a number) or a Go duration ("5m", "1h30m", "-1m").
 
     Returns seconds (0: unload right after this request) or None for forever (any negative
     value). Raises a 400 on anything else.
     """
-    if isinstance(value, bool):
-        raise bad("'keep_alive' must be a duration like \"5m\" or a number of seconds", "keep_alive")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise bad("'keep_alive' must be finite; use -1 to keep the model loaded forever", "keep_alive")
-        return FOREVER if value < 0 else float(value)
-    if not isinstance(value, str):
-        raise bad("'keep_alive' must be a duration like \"5m\" or a number of seconds", "keep_alive")
-    text = value.strip()
-    negative = text.startswith("-")
-    body = text[1:] if text[:1] in ("+", "-") else text
+    from ..options import parse_duration
+
     try:
-        seconds = float(body)  # a bare number in a string means seconds
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for match in _DURATION_PART.finditer(body):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _UNIT_S[match.group(2)]
-            pos = match.end()
-        if pos != len(body) or not body:
-            raise bad(f"'keep_alive' {value!r} is not a duration; use e.g. \"5m\", \"30s\", \"1h\", "
-                      "-1 (forever) or 0 (unload now)", "keep_alive") from None
-    if not math.isfinite(seconds):
-        raise bad("'keep_alive' must be finite; use -1 to keep the model loaded forever", "keep_alive")
-    return FOREVER if negative and seconds > 0 else seconds
+        return parse_duration(value)
+    except ValueError as exc:
+        raise bad(f"'{exc}", "keep_alive") from None  # "'keep_alive '5x': use …"
 
 
 # -- sampling --------------------------------------------------------------------------------
@@ -228,22 +202,22 @@ MAX_SEED = 2**64
 def common_sampling(b: Body, *, temperature_max: float) -> dict[str, Any]:
     """Sampling fields both APIs share (temperature, top_p, top_k, min_p, seed, repeat_penalty)."""
     out: dict[str, Any] = {}
-    value = b.float("temperature", lo=0.0, hi=temperature_max)
+    value = b.number("temperature", lo=0.0, hi=temperature_max)
     if value is not None:
         out["temperature"] = value
-    value = b.float("top_p", lo=0.0, hi=1.0)
+    value = b.number("top_p", lo=0.0, hi=1.0)
     if value is not None:
         out["top_p"] = value if value > 0 else 1e-6  # 0 means "only the top token"; ours needs > 0
-    value = b.int("top_k", lo=0, hi=1_000_000)
+    value = b.integer("top_k", lo=0, hi=1_000_000)
     if value is not None:
         out["top_k"] = value
-    value = b.float("min_p", lo=0.0, hi=1.0)
+    value = b.number("min_p", lo=0.0, hi=1.0)
     if value is not None:
         out["min_p"] = value
-    value = b.float("repeat_penalty", lo=0.0, hi=10.0)
+    value = b.number("repeat_penalty", lo=0.0, hi=10.0)
     if value is not None:
         out["repeat_penalty"] = value if value > 0 else 1.0  # llama.cpp treats ≤ 0 as "off"
-    seed = b.int("seed", lo=-MAX_SEED, hi=MAX_SEED)
+    seed = b.integer("seed", lo=-MAX_SEED, hi=MAX_SEED)
     if seed is not None:
         out["seed"] = None if seed < 0 else seed  # -1: a fresh seed, as in llama.cpp and Ollama
     return out
@@ -263,14 +237,14 @@ def ollama_options(options: Body | None, n_ctx_max: int) -> tuple[dict[str, Any]
         if value is not None and not isinstance(value, bool | int | float):
             raise bad(f"'options.{key}' must be a number or boolean", f"options.{key}")
     out = common_sampling(options, temperature_max=10.0)
-    predict = options.int("num_predict", lo=-2, hi=2**31)
+    predict = options.integer("num_predict", lo=-2, hi=2**31)
     if predict is not None and predict == 0:
         raise bad("'options.num_predict' must be ≥ 1, or -1 (until the end of the answer)", "options.num_predict")
     out["max_tokens"] = None if predict is None or predict < 0 else predict
     stop = options.stop()
     if stop:
         out["stop"] = stop
-    num_ctx = options.int("num_ctx", lo=16, hi=n_ctx_max)
+    num_ctx = options.integer("num_ctx", lo=16, hi=n_ctx_max)
     return out, num_ctx
 
 
@@ -306,7 +280,7 @@ def grammar_for(schema: dict[str, Any] | None, param: str = "format") -> str | N
     """The GBNF grammar constraining output to ``schema`` (400 if the schema cannot be compiled)."""
     if schema is None:
         return None
-    from ..runtime import schema_grammar
+    from ..runtime.process import schema_grammar
 
     try:
         return schema_grammar(schema)

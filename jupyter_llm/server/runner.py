@@ -16,13 +16,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ServerError
+from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
 from .auth import is_loopback, new_token
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 11434
-"""Ollama's port, so tools configured for Ollama find us (choose another if Ollama runs)."""
-DEFAULT_PARALLEL = 4
-DEFAULT_MAX_QUEUE = 16
 
 
 class Server:

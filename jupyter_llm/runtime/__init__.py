@@ -1,0 +1,15 @@
+"""The kernel's side of the worker processes.
+
+:mod:`~jupyter_llm.runtime.process` starts one worker per model and talks to it over the
+private socket (:class:`Runtime`, :class:`LoadReport`); :mod:`~jupyter_llm.runtime.stream` is
+what a generation gives back (:class:`Stream`, :class:`Chunk`, :class:`Completion`);
+:mod:`~jupyter_llm.runtime.grammar` turns JSON schemas into grammars without loading llama.cpp.
+"""
+
+from __future__ import annotations
+
+from .grammar import schema_grammar
+from .process import LoadReport, Runtime
+from .stream import Chunk, Completion, Stream
+
+__all__ = ["Chunk", "Completion", "LoadReport", "Runtime", "Stream", "schema_grammar"]

@@ -1,0 +1,491 @@
+"""The kernel side of a worker process: start it, send requests, stream answers, survive crashes.
+
+A :class:`Runtime` owns one worker (``python -m jupyter_llm.worker``, see its docstring for the
+protocol) and one reader thread that receives everything the worker sends and routes it to the
+request waiting for it. Every public method is thread-safe, so the HTTP server may call from
+several threads while a notebook cell streams.
+
+If the worker dies (SIGSEGV, SIGABRT, the OOM killer's SIGKILL) every pending and later call
+raises :class:`~jupyter_llm.errors.WorkerCrashedError` naming the signal and llama.cpp's last
+words; no wait ever blocks on a dead process. llama.cpp's log arrives as messages (not on the
+kernel's stderr), is kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory
+breakdown of the load (:class:`LoadReport`). What a generation returns (:class:`Stream`,
+:class:`Chunk`, :class:`Completion`) lives in :mod:`jupyter_llm.stream` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import config, wire
+from ..errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
+from ..options import AUTO, LoadOptions, SamplingOptions
+from .grammar import schema_grammar
+from .stream import Stream
+
+LogCallback = Callable[[int, str], None]
+log = logging.getLogger("jupyter_llm")
+
+_ROUTED = frozenset({wire.TOKEN, wire.FITTED, wire.DONE, wire.REPLY, wire.ERROR})
+"""Worker messages that answer one request (their second element is its id)."""
+_LIVENESS_S = 0.2
+"""How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What the worker actually loaded, measured: sizes, context, memory per device."""
+
+    name: str
+    path: str
+    pid: int
+    n_ctx: int
+    n_ctx_per_slot: int
+    """Context of one slot: ``n_ctx / parallel`` (each request's prompt plus answer)."""
+    n_ctx_train: int
+    n_layer: int
+    n_gpu_layers: int
+    parallel: int
+    n_batch: int
+    n_threads: int
+    load_s: float
+    rss_bytes: int
+    breakdown: dict[str, Any]
+    """Bytes per device from llama.cpp's own log: ``{"CPU": BufferSizes(weights, kv, compute, output)}``."""
+    metadata: dict[str, Any]
+    system_info: str
+    log: tuple[str, ...] = field(repr=False, default=())
+    """llama.cpp's log lines of the load (the breakdown is parsed from them)."""
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.metadata.get("chat_template"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (without the raw log)."""
+        out = {k: v for k, v in vars(self).items() if k not in ("log", "breakdown")}
+        out["breakdown"] = {dev: sizes.to_dict() for dev, sizes in self.breakdown.items()}
+        return out
+
+
+class Runtime:
+    """One model in one worker process. Create with :meth:`start`; always :meth:`close`."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], conn: Any, errfile: Any,
+                 on_log: LogCallback | None) -> None:
+        self.name = name
+        self._proc = proc
+        self._conn = conn
+        self._errfile = errfile
+        self._on_log = on_log
+        self._log_failed = False
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, queue.SimpleQueue[Any]] = {}
+        self._orphans: deque[int] = deque()
+        self._logs: deque[tuple[int, str]] = deque(maxlen=2000)
+        self._load_log: list[tuple[int, str]] | None = []
+        self._dead: JupyterLLMError | None = None
+        self._closing = False
+        self._start_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.report: LoadReport | None = None
+        self._reader = threading.Thread(target=self._read_loop, name=f"jupyter_llm-{name}", daemon=True)
+        self._reader.start()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
+              name: str | None = None, on_log: LogCallback | None = None,
+              _extra_bufts: bool = False, _prompt_cache: bool | None = None,
+              _fault: dict[str, str] | None = None) -> Runtime:
+        """Start a worker, load ``path`` there and return once it is ready to generate.
+
+        ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
+        receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
+        ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on (they crash quantized models
+        on Intel AMX CPUs). ``_prompt_cache=False`` makes the worker evaluate every prompt afresh
+        (tests and benchmarks compare). ``_fault`` (tests only) makes the worker die at a chosen
+        point with a chosen signal (see the worker's docstring). Raises ModelLoadError when
+        llama.cpp refuses the file or context, WorkerCrashedError when the worker dies.
+        """
+        options = options or LoadOptions(gpu_layers=0)
+        if options.gpu_layers == AUTO or options.n_ctx == AUTO:
+            raise ValueError("Runtime.start needs concrete gpu_layers and n_ctx; resolve 'auto' with the "
+                             "memory estimate first (ModelManager.load does)")
+        path = Path(path)
+        name = name or path.stem
+        parent, child = socket.socketpair()
+        # the worker's stdout and stderr (asserts, tracebacks): read back to explain a crash
+        errfile = tempfile.TemporaryFile(prefix="jupyter_llm-worker-")  # noqa: SIM115 (owned by the Runtime)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", wire.WORKER_MODULE, str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=errfile, stderr=errfile,
+                env=wire.worker_env(), start_new_session=True,  # the kernel's SIGINT is not the worker's
+            )
+        except BaseException:
+            parent.close()
+            errfile.close()
+            raise
+        finally:
+            child.close()
+        rt = cls(name, proc, wire.Pipe(parent.detach()), errfile, on_log)
+        try:
+            if _prompt_cache is None:
+                _prompt_cache = config.prompt_cache()
+            internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
+                        "fault": dict(_fault) if _fault else None}
+            rt._send((wire.LOAD, str(path), options.to_dict(), internal))
+            msg = rt._wait(rt._start_inbox)
+            if msg[0] == wire.CRASH:
+                raise _error_from(msg, rt)
+            if msg[0] == wire.LOAD_ERROR:
+                if msg[2] == "model":
+                    advice = ("Check that the file is a complete GGUF model (`%llm show` verifies it; pull "
+                              "it again if not).")
+                else:
+                    advice = (f"The context did not fit (n_ctx {options.n_ctx}, {options.parallel} slot(s)): "
+                              "try a smaller --ctx, a smaller KV type (--kv-type q8_0) or fewer slots.")
+                raise ModelLoadError(f"llama.cpp could not load {name} ({path}): {msg[1].strip()}. {advice}")
+            rt.report = rt._make_report(path, msg[1])
+            return rt
+        except BaseException:
+            rt._kill()
+            raise
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the worker to free everything and exit; kill it if it does not. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._send_quietly((wire.CLOSE,))
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._reader.join(timeout)
+        self._conn.close()
+        self._errfile.close()
+
+    def _kill(self) -> None:
+        with self._lock:
+            self._closing = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._reader.join(5)
+        self._conn.close()
+        self._errfile.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker process runs and has not been closed."""
+        return self._dead is None and not self._closing and self._proc.poll() is None
+
+    def rss_bytes(self) -> int:
+        """The worker's resident memory (VmRSS) in bytes; 0 once it is gone."""
+        return wire.rss(self.pid) if self._proc.poll() is None else 0
+
+    def logs(self, n: int | None = None) -> list[tuple[int, str]]:
+        """The last ``n`` (default: all kept) llama.cpp log messages as (level, text)."""
+        items = list(self._logs)
+        return items if n is None else items[-n:]
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, sampling: SamplingOptions | None = None, *,
+                 grammar: str | None = None, json_schema: dict[str, Any] | None = None) -> Stream:
+        """Complete a raw prompt (special tokens in it are parsed). Starts at once; iterate to stream."""
+        return self._generate("prompt", prompt, sampling, grammar, json_schema, None)
+
+    def chat(self, messages: list[dict[str, Any]], sampling: SamplingOptions | None = None, *,
+             grammar: str | None = None, json_schema: dict[str, Any] | None = None,
+             reserve: int | None = None) -> Stream:
+        """Answer a conversation, formatted with the model's own chat template.
+
+        ``json_schema`` constrains the answer to JSON matching the schema (``{}``: any JSON
+        object); ``grammar`` is a GBNF grammar with a ``root`` rule. Give at most one.
+        ``reserve``: drop the oldest turns until the prompt leaves that many tokens of the
+        slot for the answer (:meth:`Stream.fitted` says how many messages went); without it a
+        conversation that does not fit is refused.
+        """
+        fit = {"reserve": int(reserve)} if reserve is not None else None
+        return self._generate("chat", messages, sampling, grammar, json_schema, fit)
+
+    def _generate(self, kind: str, payload: Any, sampling: SamplingOptions | None,
+                  grammar: str | None, json_schema: dict[str, Any] | None, fit: dict[str, int] | None) -> Stream:
+        if grammar is not None and json_schema is not None:
+            raise ValueError("give either grammar or json_schema, not both")
+        if json_schema is not None:
+            grammar = schema_grammar(json_schema)
+        sampling = sampling or SamplingOptions()
+        rid, inbox = self._register()
+        try:
+            self._send((wire.GEN, rid, kind, payload, sampling.to_dict(), grammar, fit))
+        except BaseException:
+            self._forget(rid)
+            raise
+        return Stream(self, rid, inbox)
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the chat template makes of ``messages`` (with the generation prompt)."""
+        return self._call("render", messages)
+
+    def count_tokens(self, messages_or_prompt: str | list[dict[str, Any]]) -> int:
+        """Tokens a prompt (a string) or a conversation (after its template) takes."""
+        kind = "prompt" if isinstance(messages_or_prompt, str) else "chat"
+        return self._call("count", kind, messages_or_prompt)
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` in the model's vocabulary."""
+        return self._call("tokenize", text, add_special, parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._call("detokenize", list(tokens))
+
+    def embed(self, texts: list[str], *, normalize: bool = True) -> list[list[float]]:
+        """One pooled embedding per text (the model's pooling, MEAN if it has none)."""
+        rid, inbox = self._register()
+        self._send((wire.EMBED, rid, list(texts), normalize))
+        return self._reply(rid, inbox)
+
+    def stats(self) -> dict[str, Any]:
+        """Slots, busy slots, queued requests, token counters and the worker's RSS.
+
+        Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated),
+        ``prompt_tokens_cached`` (prompt tokens reused from a slot's cache instead), ``tokens_out``,
+        ``tokens_settled`` (generated tokens evaluated again while idle, see
+        :mod:`jupyter_llm.prompt_cache`). Now: ``slot_tokens``, how many tokens each slot's KV
+        holds; ``unsettled_tokens``, how many still wait to be evaluated again.
+        """
+        return self._call("stats")
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, name: str, *args: Any) -> Any:
+        rid, inbox = self._register()
+        self._send((wire.CALL, rid, name, args))
+        return self._reply(rid, inbox)
+
+    def _reply(self, rid: int, inbox: queue.SimpleQueue[Any]) -> Any:
+        try:
+            msg = self._wait(inbox)
+        finally:
+            self._forget(rid)
+        if msg[0] == wire.REPLY:
+            return msg[2]
+        raise _error_from(msg, self)
+
+    def _register(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._lock:
+            if self._dead is not None:
+                raise _fresh(self._dead)
+            if self._closing:
+                raise JupyterLLMError(f"{self.name} was unloaded; load it again with `%llm load {self.name}`")
+            rid = next(self._ids)
+            self._pending[rid] = inbox
+        return rid, inbox
+
+    def _forget(self, rid: int) -> None:
+        with self._lock:
+            self._pending.pop(rid, None)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+                while self._orphans:
+                    self._conn.send((wire.CANCEL, self._orphans.popleft()))
+        except OSError:
+            self._reader.join(5)  # the reader sees the EOF and works out why the worker died
+            raise self._gone() from None
+
+    def _send_quietly(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._send(message)
+        except (JupyterLLMError, ValueError):
+            pass
+
+    def _cancel_soon(self, rid: int) -> None:
+        """Cancel without waiting for the send lock (for ``Stream.__del__``)."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self._conn.send((wire.CANCEL, rid))
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._send_lock.release()
+        else:
+            self._orphans.append(rid)
+
+    def _wait(self, inbox: queue.SimpleQueue[Any]) -> tuple[Any, ...]:
+        # Blocks on the queue (woken at once by the reader); the timeout only re-checks liveness.
+        while True:
+            try:
+                return inbox.get(timeout=_LIVENESS_S)
+            except queue.Empty:
+                if not self._reader.is_alive() and inbox.empty():
+                    raise self._gone() from None
+
+    def _error(self, msg: tuple[Any, ...]) -> BaseException:
+        """The exception for a worker's ``error`` message or a ``crash`` notice."""
+        return _error_from(msg, self)
+
+    def _gone(self) -> JupyterLLMError:
+        return _fresh(self._dead) if self._dead else WorkerCrashedError(f"the worker running {self.name} is gone")
+
+    def _read_loop(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError, ValueError):
+                break
+            kind = msg[0]
+            if kind in _ROUTED:
+                inbox = self._pending.get(msg[1])
+                if inbox is not None:
+                    inbox.put(msg)
+            elif kind == wire.LOG:
+                self._log(msg[1], msg[2])
+            elif kind in (wire.LOADED, wire.LOAD_ERROR):
+                self._start_inbox.put(msg)
+        self._died()
+
+    def _log(self, level: int, text: str) -> None:
+        if level == wire.LOG_CONT and self._logs:  # ggml's continuation of the previous message
+            prev_level, prev = self._logs[-1]
+            self._logs[-1] = (prev_level, prev + text)
+        else:
+            self._logs.append((level, text))
+        if self._load_log is not None:
+            self._load_log.append((level, text))
+        if self._on_log is not None:
+            try:
+                self._on_log(level, text)
+            except Exception:  # a broken log view must not stop the model; said once
+                if not self._log_failed:
+                    self._log_failed = True
+                    log.exception("the log listener of %s failed (further failures not logged)", self.name)
+
+    def _died(self) -> None:
+        try:
+            code = self._proc.wait(10)
+        except subprocess.TimeoutExpired:  # it closed the socket but lives on: end it
+            self._proc.kill()
+            code = self._proc.wait()
+        with self._lock:
+            if self._closing:
+                error: JupyterLLMError = JupyterLLMError(
+                    f"{self.name} was unloaded; load it again with `%llm load {self.name}`")
+            else:
+                error = self._crash_error(code)
+            self._dead = error
+            inboxes = [self._start_inbox, *self._pending.values()]
+        for inbox in inboxes:
+            inbox.put((wire.CRASH, 0, error))
+
+    def _crash_error(self, code: int) -> WorkerCrashedError:
+        last, said = self._last_words()
+        if code < 0:
+            sig = signal.Signals(-code).name
+            what = f"was killed by {sig}"
+            if sig == "SIGKILL":
+                what += " (often the out-of-memory killer)"
+        else:
+            what = f"exited with code {code}"
+        if self.report is None:
+            what += " while loading"
+        message = f"the worker running {self.name} {what}"
+        if last:
+            message += f"; {said}: {last}"
+        message += (f". The kernel is fine: load it again with `%llm load {self.name}`; if it keeps "
+                    "crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0).")
+        return WorkerCrashedError(message, signal=-code if code < 0 else None, last_log=last)
+
+    def _last_words(self) -> tuple[str | None, str]:
+        """The last line the worker wrote to stderr (an assert, a traceback), else its last
+        error or warning log line; with how to introduce it."""
+        try:
+            self._errfile.seek(0, os.SEEK_END)
+            size = self._errfile.tell()
+            self._errfile.seek(max(0, size - 8192))
+            tail = self._errfile.read().decode("utf-8", "replace").strip().splitlines()
+        except (OSError, ValueError):
+            tail = []
+        if tail:
+            return tail[-1].strip(), "its last words"
+        for wanted, said in ((4, "llama.cpp's last error"), (3, "llama.cpp's last warning")):
+            for level, text in reversed(self._logs):
+                if level == wanted and text.strip():
+                    return text.strip(), said
+        return None, ""
+
+    def _make_report(self, path: Path, r: dict[str, Any]) -> LoadReport:
+        from ..memory.llama_log import MemoryLog
+
+        memory = MemoryLog()
+        lines = self._load_log or []
+        self._load_log = None  # later lines (e.g. the embedding context) are not the load's
+        for level, text in lines:
+            memory.feed(level, text)
+        offloaded = memory.layers_offloaded
+        return LoadReport(
+            name=self.name, path=str(path), pid=r["pid"], n_ctx=r["n_ctx"], n_ctx_per_slot=r["n_ctx_per_slot"],
+            n_ctx_train=r["n_ctx_train"], n_layer=r["n_layer"],
+            n_gpu_layers=offloaded[0] if offloaded else r["n_gpu_layers"], parallel=r["parallel"],
+            n_batch=r["n_batch"], n_threads=r["n_threads"], load_s=r["load_s"], rss_bytes=r["rss_bytes"],
+            breakdown=memory.breakdown(), metadata=r["metadata"], system_info=r["system_info"],
+            log=tuple("".join(t for _, t in lines).splitlines()),
+        )
+
+
+
+
+def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:
+    if msg[0] == wire.CRASH:
+        return _fresh(msg[2])
+    _, _, kind, message, extra = msg
+    if kind == "ContextOverflowError":
+        return ContextOverflowError(message, extra.get("n_tokens"), extra.get("n_ctx"))
+    if kind == "ValueError":
+        return ValueError(message)
+    return JupyterLLMError(f"{runtime.name}: {message}")
+
+
+def _fresh(error: JupyterLLMError) -> JupyterLLMError:
+    """A copy to raise: one crash is raised in many threads, each with its own traceback."""
+    return copy.copy(error).with_traceback(None)
+
+
+__all__ = ["LoadReport", "Runtime"]

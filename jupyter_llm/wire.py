@@ -1,0 +1,93 @@
+"""The contract between the kernel and its worker processes: the only module both sides import.
+
+The kernel (:mod:`jupyter_llm.runtime`) starts ``python -m jupyter_llm.worker FD`` and the
+probe ``python -m jupyter_llm.worker.probe …`` by module name, never importing their code; the
+worker side (:mod:`jupyter_llm.worker`) imports nothing of the kernel's but this module and
+:mod:`jupyter_llm.errors`. What crosses between them is defined here: the framing of the
+private socket (:class:`Pipe`), the message tags (the table in :mod:`jupyter_llm.worker`'s
+docstring), the environment a worker starts in (:func:`worker_env`) and how either side reads a
+process's resident memory (:func:`rss`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+# Kernel → worker.
+LOAD = "load"
+GEN = "gen"
+CANCEL = "cancel"
+EMBED = "embed"
+CALL = "call"
+CLOSE = "close"
+# Worker → kernel.
+LOADED = "loaded"
+LOAD_ERROR = "load_error"
+TOKEN = "tok"
+FITTED = "fit"
+DONE = "done"
+REPLY = "reply"
+ERROR = "error"
+LOG = "log"
+CLOSED = "closed"
+CRASH = "crash"
+"""Not sent by the worker: the kernel's reader puts it into every waiting inbox when it dies."""
+
+WORKER_MODULE = "jupyter_llm.worker"
+PROBE_MODULE = "jupyter_llm.worker.probe"
+
+LOG_ERROR = 4
+LOG_CONT = 5
+"""ggml's log levels as llama.cpp sends them: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 continuation
+of the previous message (docs/notes.md §2; llama-cpp-python's own level table is stale)."""
+
+
+class Pipe:
+    """Pickled messages, framed, over the private socket (both ends use it).
+
+    ``multiprocessing.connection.Connection.send`` builds a new ForkingPickler per message
+    (tens of µs); plain ``pickle.dumps`` takes about 2 µs per streamed token.
+    """
+
+    def __init__(self, fd: int) -> None:
+        from multiprocessing.connection import Connection
+
+        self._conn = Connection(fd)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def recv(self) -> Any:
+        return pickle.loads(self._conn.recv_bytes())
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker or probe process: ours, with the package importable and
+    ggml told not to fork gdb when it aborts (docs/notes.md §2)."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["GGML_NO_BACKTRACE"] = "1"
+    # Idle OpenMP threads sleep instead of spinning: on a small machine spinning threads starve
+    # the kernel and the worker's own Python threads between decodes.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (VmRSS), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

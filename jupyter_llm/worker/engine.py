@@ -1,0 +1,442 @@
+"""The decode engine inside the worker process: slots, continuous batching, sampling, text out.
+
+Runs only in :mod:`jupyter_llm.worker` (never imported by the kernel for llama.cpp work). One
+engine thread owns the context: every ``llama_decode``, sampling and KV operation happens there,
+because a context is not thread-safe (docs/notes.md §2). The worker's control thread may call the
+methods marked *control thread*: they touch only the vocabulary (read-only) and flags.
+
+Each step decodes the next token of every generating sequence in one batch, then one chunk
+(at most ``n_ubatch`` tokens) of the prompt of the oldest request still evaluating one (continuous
+batching, as llama-server does). Prompt chunks get their own decode: batched with another
+sequence's token, llama.cpp would split a chunk's first token off into a ubatch of its own, and
+a lone token is computed differently (see :mod:`jupyter_llm.prompt_cache`). Slot ``i`` is
+sequence ``i`` of a context made with ``kv_unified = False``: each slot owns ``n_ctx / parallel``
+KV cells. Only batch rows whose logits flag is set are sampled (anything else aborts the process).
+
+Prompt cache (:class:`~jupyter_llm.prompt_cache.SlotCache`): a slot keeps its KV when its request
+ends; the next request takes the slot holding the longest prefix of its prompt and evaluates
+only the rest. While the engine has nothing else to do it re-evaluates the tokens it generated
+one at a time, as a prompt would be, so that reusing them changes no output.
+
+Cancellation: a flag per request, checked between steps, plus an abort callback installed for
+steps that evaluate prompt tokens, so a long prompt stops within ~10 ms (``llama_decode``
+returns 2; the chunk's partial KV is removed). Idle-time re-evaluation is aborted the same way
+as soon as anything arrives in the inbox. Generation decodes run without the callback: it costs
+a GIL round trip per graph node (~3 % of a token here).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import wire
+from . import RequestError
+from .llama import llama_said
+from .prompt_cache import SlotCache, chunk_size
+from .text import TextOut, Vocab
+
+
+@dataclass(eq=False)
+class _Request:
+    rid: int
+    tokens: list[int]
+    chain: Any
+    max_tokens: int | None
+    out: TextOut
+    seed: int
+    t_recv: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    cancelled: bool = False
+    slot: int = -1
+    n_past: int = 0
+    n_prompt_done: int = 0
+    n_cached: int = 0
+    last_token: int = -1
+    n_gen: int = 0
+    n_unsent: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+
+class Engine:
+    """Generation and embeddings over one model and its context (see the module docstring)."""
+
+    def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
+                 send: Callable[[tuple[Any, ...]], None], errors: deque[str], prompt_cache: bool = True,
+                 batch_invariant: bool = True) -> None:
+        """``batch_invariant``: whether the backend computes a token's KV the same in any prompt
+        chunk of two or more tokens (measured true on the CPU without flash attention); then the
+        prompt cache reuses only such KV, and cached outputs equal uncached ones."""
+        self.L, self.model, self.ctx = L, model, ctx
+        self.parallel, self.n_threads = parallel, n_threads
+        self.send = send
+        self.errors = errors
+        """llama.cpp's recent ERROR log lines (the worker's log callback appends them)."""
+        self.text = Vocab(L, model)
+        """Tokenizing and the chat template (read-only: the control thread uses it too)."""
+        self.mem = L.llama_get_memory(ctx)
+        self.n_batch = L.llama_n_batch(ctx)
+        self.n_chunk = L.llama_n_ubatch(ctx)  # one ubatch per prompt decode: llama.cpp splits no further
+        self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # owns the token arrays decode reads
+        self.slots: list[_Request | None] = [None] * parallel
+        # A recurrent state cannot be cut back to re-evaluate its tail: it is reused as it is.
+        recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
+        self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
+                               exact=batch_invariant and self.n_chunk >= 4 and not recurrent)
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.requests: dict[int, _Request] = {}
+        self.pending: deque[_Request] = deque()
+        self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "prompt_tokens_cached": 0,
+                         "tokens_settled": 0}
+        """tokens_in: prompt tokens evaluated; prompt_tokens_cached: prompt tokens reused instead;
+        tokens_settled: generated tokens evaluated again while idle (see prompt_cache)."""
+        self._abort = False
+        self._settling = False
+        self._abort_cb = L.ggml_abort_callback(self._should_abort)  # referenced while set
+        self._no_abort = L.ggml_abort_callback()  # NULL
+        self._abort_on = False
+        self._embedder: Any = None  # an Embedder, made on the first embedding request
+        self.fault: Callable[[str], None] | None = None
+        """Tests only: called at "warm_up" and before each "decode" of generated tokens, to crash
+        the worker there (see the worker's ``internal["fault"]``)."""
+
+    def warm_up(self) -> int:
+        """A 2-token decode (returns llama_decode's code). It pages the weights in and turns the
+        crashes llama.cpp keeps for the first multi-token decode (docs/notes.md §2) into a failed load."""
+        token = self.text.bos if self.text.bos >= 0 else 0
+        self._put(0, token, 0, 0, False)
+        self._put(1, token, 1, 0, True)
+        self.batch.n_tokens = 2
+        if self.fault is not None:
+            self.fault("warm_up")
+        rc = self.L.llama_decode(self.ctx, self.batch)
+        self.L.llama_memory_clear(self.mem, True)
+        return int(rc)
+
+    # -- requests (control thread) -------------------------------------------------------------
+
+    def submit(self, rid: int, kind: str, payload: Any, sampling: dict[str, Any], grammar: str | None,
+               fit: dict[str, int] | None = None) -> None:
+        """Prepare a generation and queue it for the engine; raises RequestError on bad input.
+
+        ``fit`` (chat only): ``{"reserve": N}`` drops the conversation's oldest turns until the
+        prompt leaves N tokens for the answer in a slot; the kernel is told what was dropped
+        (a ``fit`` message) before any token.
+        """
+        if kind == "chat" and fit is not None:
+            tokens, dropped = self.text.fit(payload, reserve=int(fit["reserve"]), n_ctx=self.n_ctx_seq)
+            self.send((wire.FITTED, rid, dropped, len(tokens)))
+        else:
+            tokens = self.text.prompt_tokens(kind, payload)
+        if not tokens:
+            raise RequestError("ValueError", "the prompt is empty")
+        if len(tokens) >= self.n_ctx_seq:
+            raise RequestError(
+                "ContextOverflowError",
+                f"the prompt has {len(tokens)} tokens but a slot holds {self.n_ctx_seq} "
+                f"(context {self.n_ctx_seq * self.parallel} / {self.parallel} slots); shorten it, or "
+                "load the model with a larger --ctx or fewer --parallel slots",
+                n_tokens=len(tokens), n_ctx=self.n_ctx_seq)
+        seed = sampling["seed"]
+        seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
+        chain = self._chain(sampling, grammar, seed)
+        out = TextOut(tuple(sampling["stop"] or ()))
+        req = _Request(rid, tokens, chain, sampling["max_tokens"], out, seed)
+        self.requests[rid] = req
+        self.inbox.put(req)
+
+    def _chain(self, s: dict[str, Any], grammar: str | None, seed: int) -> Any:
+        L = self.L
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = L.llama_sampler_chain_init(params)
+        add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if grammar:
+            self.errors.clear()
+            g = L.llama_sampler_init_grammar(self.text.vocab, grammar.encode(), b"root")
+            if not g:
+                L.llama_sampler_free(chain)
+                raise RequestError("ValueError", "the grammar does not parse: " + llama_said(self.errors, "?"))
+            add(g)
+        # every key is present: the kernel sends SamplingOptions whole (its defaults are the only ones)
+        if s["repeat_penalty"] != 1.0:
+            add(L.llama_sampler_init_penalties(64, s["repeat_penalty"], 0.0, 0.0))
+        if s["temperature"] <= 0.0:
+            add(L.llama_sampler_init_greedy())
+            return chain
+        if s["top_k"] > 0:
+            add(L.llama_sampler_init_top_k(s["top_k"]))
+        add(L.llama_sampler_init_top_p(s["top_p"], 1))
+        add(L.llama_sampler_init_min_p(s["min_p"], 1))
+        add(L.llama_sampler_init_temp(s["temperature"]))
+        add(L.llama_sampler_init_dist(seed))
+        return chain
+
+    def cancel(self, rid: int) -> None:
+        """Flag a request and abort the decode in flight (a long prompt stops within ~10 ms)."""
+        req = self.requests.get(rid)
+        if req is not None:
+            req.cancelled = True
+            self._abort = True  # a spurious abort only makes the engine redo one step
+
+    def stats(self) -> dict[str, Any]:
+        """Slots, busy slots, queued requests, the counters, and how many tokens each slot's KV holds."""
+        busy = sum(1 for s in self.slots if s is not None)
+        return {"slots": self.parallel, "busy": busy, "queued": len(self.pending) + self.inbox.qsize(),
+                **self.counters, **self.cache.stats()}
+
+    # -- engine thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The engine loop until ``"close"`` arrives in the inbox."""
+        try:
+            while self._step():
+                pass
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # to the captured stderr: the kernel reports its last line
+            sys.stderr.flush()
+            os._exit(70)
+
+    def _should_abort(self, _data: Any) -> bool:
+        # Called by llama.cpp between graph nodes (engine thread): a cancel, or new work while
+        # the engine only settles.
+        return self._abort or (self._settling and not self.inbox.empty())
+
+    def _step(self) -> bool:
+        self._abort = False  # reset *before* reading cancel flags: a later cancel still aborts
+        idle = not self.pending and all(s is None for s in self.slots) and not self.cache.unsettled
+        item = self.inbox.get() if idle else None  # block only when there is nothing to do
+        while True:
+            if item is None:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if isinstance(item, _Request):
+                self.pending.append(item)
+                self.counters["requests"] += 1
+            elif item == "close":
+                self._shutdown()
+                return False
+            else:
+                self._run_embed(*item)
+            item = None
+        for req in [r for r in (*self.slots, *self.pending) if r is not None and r.cancelled]:
+            if req.slot < 0:
+                self.pending.remove(req)
+            self._finish(req, "cancelled")
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        while free and self.pending:
+            self._assign(self.pending.popleft(), free)
+        if any(s is not None for s in self.slots):
+            self._decode_step()
+        elif self.inbox.empty():
+            self._settle_step()
+        return True
+
+    def _assign(self, req: _Request, free: list[int]) -> None:
+        """Give ``req`` one of the ``free`` slots, reusing the KV of the prefix it already holds."""
+        slot = self.cache.pick(req.tokens, free)
+        free.remove(slot)
+        n_cached = self.cache.reuse(slot, req.tokens)
+        req.slot, req.t_start = slot, time.perf_counter()
+        req.n_past = req.n_prompt_done = req.n_cached = n_cached
+        self.slots[slot] = req
+        self.cache.touch(slot)
+        self.counters["prompt_tokens_cached"] += n_cached
+
+    def _decode_step(self) -> None:
+        active = [r for r in self.slots if r is not None]
+        generating = [r for r in active if r.n_prompt_done == len(r.tokens)]
+        if generating:
+            self._generate_step(generating)
+        prompting = [r for r in active if r.slot >= 0 and r.n_prompt_done < len(r.tokens)]
+        if prompting:
+            self._prompt_step(min(prompting, key=lambda r: r.t_start))
+
+    def _generate_step(self, reqs: list[_Request]) -> None:
+        """The next token of every generating sequence, in one decode (not abortable)."""
+        for n, req in enumerate(reqs):
+            self._put(n, req.last_token, req.n_past, req.slot, True)
+        if self.fault is not None:
+            self.fault("decode")
+        if not self._decode(len(reqs), abortable=False, what=reqs):
+            return
+        now = time.perf_counter()
+        for req in reqs:
+            self.cache.decoded(req.slot, [req.last_token])
+            req.n_past += 1
+        for n, req in enumerate(reqs):
+            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, n), now)
+
+    def _prompt_step(self, req: _Request) -> None:
+        """One chunk of one request's prompt; samples its first token after the last chunk."""
+        left = len(req.tokens) - req.n_prompt_done
+        take = chunk_size(left, self.n_chunk)
+        start = req.n_prompt_done
+        for j in range(take):
+            self._put(j, req.tokens[start + j], req.n_past + j, req.slot, j == left - 1)
+        if not self._decode(take, abortable=take > 1, what=[req]):
+            return
+        self.counters["tokens_in"] += take
+        self.cache.decoded(req.slot, req.tokens[start:start + take])
+        req.n_past += take
+        req.n_prompt_done += take
+        if take == left:
+            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, take - 1), time.perf_counter())
+
+    def _settle_step(self) -> None:
+        """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
+        job = self.cache.next_settle(self.n_chunk)
+        if job is None:
+            return
+        slot, tokens = job
+        pos = len(self.cache.tokens[slot])
+        for j, token in enumerate(tokens):
+            self._put(j, token, pos + j, slot, False)
+        self._settling = True
+        try:
+            rc = self._run_decode(len(tokens), abortable=True)
+        finally:
+            self._settling = False
+        if rc == 0:
+            self.cache.decoded(slot, tokens)
+            self.counters["tokens_settled"] += len(tokens)
+        elif rc == 2:  # new work arrived: it goes first; the slot keeps what is settled
+            self.L.llama_memory_seq_rm(self.mem, slot, pos, -1)
+            self.cache.interrupted(slot)
+        else:
+            self.cache.clear(slot)
+
+    def _decode(self, n: int, *, abortable: bool, what: list[_Request]) -> bool:
+        """Decode the first ``n`` batch rows for the requests ``what``. On failure their slots
+        drop what the decode left behind (an abort removes only the ubatch in flight), so each
+        holds exactly its cached tokens again; a real error also ends them."""
+        rc = self._run_decode(n, abortable=abortable)
+        if rc == 0:
+            return True
+        for req in what:
+            self.L.llama_memory_seq_rm(self.mem, req.slot, req.n_past, -1)
+        if rc != 2:  # 2 = aborted by a cancel: the next step redoes the others' tokens
+            message = f"llama_decode failed ({rc}): " + llama_said(self.errors, "see the worker log")
+            for req in what:
+                self._finish(req, "error", message)
+        return False
+
+    def _run_decode(self, n: int, *, abortable: bool) -> int:
+        if abortable != self._abort_on:
+            self._abort_on = abortable
+            self.L.llama_set_abort_callback(self.ctx, self._abort_cb if abortable else self._no_abort, None)
+        self.batch.n_tokens = n
+        return int(self.L.llama_decode(self.ctx, self.batch))
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _accept(self, req: _Request, token: int, now: float) -> None:
+        if req.n_gen == 0:
+            req.t_first = now
+        req.t_last = now
+        if self.text.is_eog(token):
+            self._finish(req, "stop")
+            return
+        req.n_gen += 1
+        req.n_unsent += 1
+        self.counters["tokens_out"] += 1
+        text, stopped = req.out.feed(self.text.piece(token))
+        if text:
+            self.send((wire.TOKEN, req.rid, text, req.n_unsent))
+            req.n_unsent = 0
+        if stopped:
+            self._finish(req, "stop")
+        elif (req.max_tokens is not None and req.n_gen >= req.max_tokens) or req.n_past >= self.n_ctx_seq:
+            self._finish(req, "length")
+        else:
+            req.last_token = token
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        if req.slot >= 0:
+            # The slot keeps its KV for the next request (also when cancelled: what was
+            # evaluated stays valid); after a failed decode nothing is trusted.
+            self.cache.released(req.slot, failed=error is not None)
+            self.slots[req.slot] = None
+            req.slot = -1
+        self.L.llama_sampler_free(req.chain)
+        self.requests.pop(req.rid, None)
+        if error is not None:
+            self.send((wire.ERROR, req.rid, "RuntimeError", error, {}))
+            return
+        if reason != "cancelled":
+            rest = req.out.flush()  # a stop-string prefix held back was real text after all
+            if rest:
+                self.send((wire.TOKEN, req.rid, rest, req.n_unsent))
+        prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
+        self.send((wire.DONE, req.rid, {
+            "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
+            "completion_tokens": req.n_gen,
+            "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
+            "gen_tok_per_s": (req.n_gen - 1) / gen_s if req.n_gen > 1 and gen_s > 0 else 0.0,
+            "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
+        }))
+
+    def _shutdown(self) -> None:
+        for req in [*self.pending, *(s for s in self.slots if s is not None)]:
+            self._finish(req, "cancelled")
+        self.pending.clear()
+
+    def free(self) -> None:
+        """Free the native objects this engine made (the worker frees context and model)."""
+        if self._embedder is not None:
+            self._embedder.free()
+        self.L.llama_batch_free(self.batch)
+
+    def _run_embed(self, rid: int, texts: list[str], normalize: bool) -> None:
+        # Embeddings use a context of their own, on this thread: it runs llama.cpp's compute.
+        try:
+            if self._embedder is None:
+                from .embedding import Embedder  # made on first use: most models never embed
+
+                self._embedder = Embedder(self.L, self.model, n_threads=self.n_threads, errors=self.errors)
+            inputs = [self.text.tokenize(t, add_special=True, parse_special=False) or [max(self.text.bos, 0)]
+                      for t in texts]
+            self.send((wire.REPLY, rid, self._embedder.embed(inputs, normalize)))
+        except RequestError as exc:
+            self.send((wire.ERROR, rid, exc.kind, str(exc), exc.extra))
+        except (TypeError, ValueError) as exc:  # e.g. texts that are not strings
+            self.send((wire.ERROR, rid, "ValueError", f"cannot embed these inputs: {exc}", {}))
+
+def _compile_template(source: str) -> Any:
+    """A chat template compiled in an immutable Jinja sandbox (templates come from downloads)."""
+    import json
+    from datetime import datetime
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
+    return env.from_string(source)
+
+
+__all__ = ["Engine"]

@@ -1,0 +1,74 @@
+"""Load options → llama.cpp's model and context parameters: the one mapping.
+
+The worker loads with it and the probe (:mod:`jupyter_llm.worker.probe`) measures with it, so
+an estimate's dry run creates exactly the context a load will. The options arrive as the dict
+of :class:`jupyter_llm.options.LoadOptions` (its field names; every key present).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
+"""ggml_type ids of the KV cache element types the options allow."""
+FLASH_ATTN = {False: 0, True: 1}
+"""LLAMA_FLASH_ATTN_TYPE_DISABLED / _ENABLED (llama.cpp's "auto" changes greedy output)."""
+LOAD_MODE_NONE = 0
+LOAD_MODE_MMAP = 1
+
+
+def threads(opts: dict[str, Any]) -> int:
+    """CPU threads for both phases: the option, else the number of cores."""
+    return int(opts.get("threads") or os.cpu_count() or 1)
+
+
+def model_params(L: Any, opts: dict[str, Any], *, extra_bufts: bool = False, dry_run: bool = False
+                 ) -> tuple[Any, Any]:
+    """``llama_model_params`` for ``opts`` and an object to keep referenced until the load
+    returns (the tensor-split array llama.cpp reads from).
+
+    ``extra_bufts``: llama.cpp's CPU extra buffer types (weight repacking), off by default
+    because they segfault quantized models on Intel AMX CPUs (docs/notes.md §2, §8).
+    ``dry_run``: read and allocate nothing (no_alloc, load mode NONE); the log still gives the
+    exact KV and compute sizes of every context made from the model (docs/notes.md §3).
+    """
+    mp = L.llama_model_default_params()
+    ngl = opts.get("gpu_layers", 0)
+    mp.n_gpu_layers = 0 if ngl in (None, "auto") else int(ngl)
+    mp.use_extra_bufts = bool(extra_bufts)
+    if dry_run:
+        mp.no_alloc = True
+        mp.load_mode = LOAD_MODE_NONE
+    keep = None
+    split = [float(x) for x in opts.get("tensor_split") or ()]
+    if split:
+        n_max = L.llama_max_devices()
+        keep = (ctypes.c_float * n_max)(*(split + [0.0] * n_max)[:n_max])
+        mp.tensor_split = keep
+    return mp, keep
+
+
+def context_params(L: Any, opts: dict[str, Any], *, n_threads: int) -> Any:
+    """``llama_context_params`` for ``opts``: ``parallel`` slots, each its own KV stream of
+    ``n_ctx / parallel`` cells; a batch holds at least one token per slot."""
+    parallel = int(opts["parallel"])
+    n_batch = max(int(opts["n_batch"]), parallel)
+    n_ctx = 0 if opts["n_ctx"] in (None, "auto") else int(opts["n_ctx"])  # 0: the training context
+    cp = base_context_params(L, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=int(opts["n_ubatch"]),
+                             n_seq=parallel, n_threads=n_threads)
+    cp.flash_attn_type = FLASH_ATTN[bool(opts["flash_attn"])]
+    cp.type_k = cp.type_v = KV_TYPES[opts["kv_type"]]
+    cp.kv_unified = False
+    return cp
+
+
+def base_context_params(L: Any, *, n_ctx: int, n_batch: int, n_ubatch: int, n_seq: int, n_threads: int) -> Any:
+    """llama_context_params with our fixed choices: no perf counters, the same threads for
+    prompt and generation, n_ubatch never above n_batch."""
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n_seq
+    cp.n_threads = cp.n_threads_batch = n_threads
+    cp.no_perf = True
+    return cp
