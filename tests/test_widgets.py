@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from jupyter_llm.manager import ModelManager
+from jupyter_llm.notebook import picker as picker_module
 from jupyter_llm.notebook import widgets
 
 
@@ -26,7 +27,7 @@ def _widths(html: str) -> list[str]:
 
 
 def test_picker_lists_cached_models_and_pullable_aliases(manager: ModelManager) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         values = [v for _, v in picker.model.options]
         assert values[0] == "smollm2"
@@ -42,7 +43,7 @@ def test_picker_lists_cached_models_and_pullable_aliases(manager: ModelManager) 
 
 
 def test_picker_estimate_reprices_when_a_slider_moves(manager: ModelManager) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         picker.model.value = "smollm2"
         # 30 layers + the output layer; contexts up to the model's training context
@@ -71,7 +72,7 @@ def test_picker_estimate_reprices_when_a_slider_moves(manager: ModelManager) -> 
 
 
 def test_picker_turns_red_when_the_load_would_not_fit(manager: ModelManager) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         picker.model.value = "smollm2"
         assert "jp-LLM-bar-over" not in picker.estimate_view.value
@@ -79,7 +80,7 @@ def test_picker_turns_red_when_the_load_would_not_fit(manager: ModelManager) -> 
         from jupyter_llm.memory.devices import Device
 
         small = Device("CPU", "cpu", "tiny host", 200 << 20, 100 << 20, 100 << 20)
-        picker._devices_cache = (time.monotonic() + 3600, [small])
+        manager._devices_cache = (time.monotonic() + 3600, [small])  # the reading estimates use
         picker.context.value = 8192
         assert not picker.estimate.fits
         assert "jp-LLM-bar-over" in picker.estimate_view.value
@@ -90,7 +91,7 @@ def test_picker_turns_red_when_the_load_would_not_fit(manager: ModelManager) -> 
 
 
 def test_auto_shows_what_it_chose(manager: ModelManager) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         picker.model.value = "smollm2"
         picker.ctx_auto.value = True
@@ -106,7 +107,7 @@ def test_auto_shows_what_it_chose(manager: ModelManager) -> None:
 @pytest.mark.slow
 def test_memory_bars_change_on_load_and_unload(manager: ModelManager) -> None:
     mem = widgets.memory_widget(manager, period=0)
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         idle = mem.html.value
         assert 'data-device="CPU"' in idle
@@ -139,7 +140,7 @@ def test_memory_bars_change_on_load_and_unload(manager: ModelManager) -> None:
 
 
 def test_picker_pull_shows_progress_and_selects_the_model(manager: ModelManager, smollm2_path: Path) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         picker.pull(str(smollm2_path)).join(60)
         assert "pulled" in picker.pull_status.value, picker.pull_status.value
@@ -152,7 +153,7 @@ def test_picker_pull_shows_progress_and_selects_the_model(manager: ModelManager,
 
 
 def test_picker_errors_are_shown_not_raised(manager: ModelManager) -> None:
-    picker = widgets.picker(manager)
+    picker = picker_module.picker(manager)
     try:
         picker.pull("no-such-model-anywhere").join(30)
         assert "did you mean" in picker.pull_status.value or "not found" in picker.pull_status.value
@@ -172,7 +173,7 @@ def test_magics_return_the_widgets(manager: ModelManager, monkeypatch: pytest.Mo
     picker = ip.run_line_magic("llm", "picker")
     mem = ip.run_line_magic("llm", "mem")
     try:
-        assert isinstance(picker, widgets.ModelPicker)
+        assert isinstance(picker, picker_module.ModelPicker)
         assert isinstance(mem, widgets.MemoryWidget)
         assert picker.manager is manager and mem.manager is manager
     finally:

@@ -9,66 +9,25 @@
  *   "idle": JupyterLab and ipykernel exchange background requests, and retrying there loops;
  * - a kernel without the extension answers an open with comm_close: that means "not loaded".
  *
- * Requests carry a random id (several browser tabs can share one kernel-opened comm, and all of
- * them see every reply) and are answered exactly once; a closed comm rejects what is pending.
+ * Requests and their replies (and the incident behind resending one) are in `requests.ts`, the
+ * structural kernel types in `kernel.ts`.
  */
 import { IDisposable } from '@lumino/disposable';
 import { ISignal, Signal } from '@lumino/signaling';
 
+import { ICommLike, IKernelLike } from './kernel';
 import {
   Action,
   COMM_TARGET,
+  DEFAULT_REFRESH_SECONDS,
   IAlias,
   IHello,
   INotice,
-  IRequest,
   IState,
   KernelMessage,
   PROTOCOL_VERSION
 } from './protocol';
-
-/** The part of `Kernel.IComm` the client uses (a structural subset, so tests can fake it). */
-export interface ICommLike {
-  readonly commId: string;
-  readonly isDisposed: boolean;
-  onMsg: (msg: { content: { data: unknown } }) => void | PromiseLike<void>;
-  onClose: (msg: { content: { data: unknown } }) => void | PromiseLike<void>;
-  open(data?: any): unknown;
-  /** With `disposeOnDone` false the returned future also hears the kernel refusing the message. */
-  send(data: any, metadata?: any, buffers?: any[], disposeOnDone?: boolean): IFutureLike | unknown;
-  close(data?: any): unknown;
-}
-
-/** The part of a shell future the client uses. */
-export interface IFutureLike {
-  onReply: (msg: any) => void | PromiseLike<void>;
-  dispose(): void;
-}
-
-/** The part of `Kernel.IKernelConnection` the client uses. */
-export interface IKernelLike {
-  readonly id: string;
-  readonly status: string;
-  readonly connectionStatus: string;
-  readonly isDisposed: boolean;
-  readonly statusChanged: ISignal<any, any>;
-  readonly connectionStatusChanged: ISignal<any, any>;
-  registerCommTarget(
-    targetName: string,
-    callback: (comm: any, msg: any) => void | PromiseLike<void>
-  ): void;
-  removeCommTarget(
-    targetName: string,
-    callback: (comm: any, msg: any) => void | PromiseLike<void>
-  ): void;
-  createComm(targetName: string, commId?: string): ICommLike;
-  requestExecute(content: {
-    code: string;
-    silent?: boolean;
-    store_history?: boolean;
-    stop_on_error?: boolean;
-  }): { done: PromiseLike<any>; onIOPub: (msg: any) => void | PromiseLike<void> };
-}
+import { PendingRequests, RequestError } from './requests';
 
 /**
  * - `connecting`: a comm open was sent, no answer yet (a busy kernel answers after its cell);
@@ -86,27 +45,6 @@ export type ClientStatus =
   | 'dead'
   | 'disposed';
 
-/** An error the kernel reported for a request (its Python type and message). */
-export class RequestError extends Error {
-  constructor(
-    readonly type: string,
-    message: string,
-    readonly details: { [key: string]: unknown } = {}
-  ) {
-    super(message);
-    this.name = type;
-  }
-}
-
-interface IPending {
-  resolve: (value: any) => void;
-  reject: (reason: Error) => void;
-  message: IRequest;
-  /** Sent again once already (after the kernel could not take it). */
-  retried: boolean;
-  future: IFutureLike | null;
-}
-
 /** Options for {@link LLMClient}. */
 export interface IClientOptions {
   /** Seconds between the kernel's periodic device refreshes (0: only on events). */
@@ -120,8 +58,11 @@ export class LLMClient implements IDisposable {
     readonly kernel: IKernelLike,
     options: IClientOptions = {}
   ) {
-    this._refresh = options.refresh ?? 2;
-    this._newId = options.newId ?? randomId;
+    this._refresh = options.refresh ?? DEFAULT_REFRESH_SECONDS;
+    this._requests = new PendingRequests({
+      newId: options.newId,
+      refused: () => this._reattach()
+    });
     this.kernel.registerCommTarget(COMM_TARGET, this._onKernelOpen);
     this.kernel.statusChanged.connect(this._onKernelStatus, this);
     this.kernel.connectionStatusChanged.connect(this._onConnection, this);
@@ -175,7 +116,10 @@ export class LLMClient implements IDisposable {
    * Ask the kernel's manager to do something; resolves with its result or rejects with a
    * {@link RequestError}. The kernel runs it in a background thread, so the kernel stays free.
    */
-  request<T = unknown>(action: Action, args: { [key: string]: unknown } = {}): Promise<T> {
+  request<T = unknown>(
+    action: Action,
+    args: { [key: string]: unknown } = {}
+  ): Promise<T> {
     const comm = this._comm;
     if (this._status !== 'attached' || comm === null || comm.isDisposed) {
       return Promise.reject(
@@ -185,13 +129,7 @@ export class LLMClient implements IDisposable {
         )
       );
     }
-    const id = this._newId();
-    const message: IRequest = { kind: 'request', id, action, args };
-    return new Promise<T>((resolve, reject) => {
-      const pending: IPending = { resolve, reject, message, retried: false, future: null };
-      this._pending.set(id, pending);
-      this._send(comm, pending);
-    });
+    return this._requests.send<T>(comm, action, args);
   }
 
   /** Change how often the kernel pushes device memory when nothing else happens. */
@@ -252,7 +190,7 @@ export class LLMClient implements IDisposable {
     }
     const comm = this._comm;
     this._comm = null;
-    this._rejectAll('the panel stopped following this kernel');
+    this._requests.rejectAll('the panel stopped following this kernel');
     if (comm && !comm.isDisposed) {
       try {
         comm.close();
@@ -267,63 +205,6 @@ export class LLMClient implements IDisposable {
     this.kernel.connectionStatusChanged.disconnect(this._onConnection, this);
     this._setStatus('disposed');
     Signal.clearData(this);
-  }
-
-  // -- sending ---------------------------------------------------------------------------
-
-  private _send(comm: ICommLike, pending: IPending): void {
-    try {
-      // keep the future: a kernel that cannot route the message answers with an error reply
-      const future = comm.send(pending.message, {}, [], false) as IFutureLike | undefined;
-      if (future && typeof future === 'object' && 'onReply' in future) {
-        pending.future = future;
-        future.onReply = (msg: any) => {
-          if (msg?.content?.status === 'error') {
-            this._undelivered(pending, msg.content);
-          }
-        };
-      }
-    } catch (error) {
-      this._settle(pending.message.id);
-      pending.reject(error instanceof Error ? error : new Error(String(error)));
-    }
-  }
-
-  /**
-   * The kernel refused a request without running it. Seen with JupyterLab 4.6, which sends comm
-   * messages over a per-target kernel subshell and can delete that subshell while a new comm
-   * still uses it ("Unknown subshell_id"): every later message on that comm is lost. So: attach
-   * a fresh comm and send the request once more; a second refusal is an error.
-   */
-  private _undelivered(pending: IPending, content: { ename?: string; evalue?: string }): void {
-    const id = pending.message.id;
-    if (!this._pending.has(id)) {
-      return;
-    }
-    if (pending.retried) {
-      this._settle(id);
-      pending.reject(new RequestError(content.ename ?? 'KernelError',
-        `${pending.message.action}: the kernel could not take the request (${content.evalue ?? 'no reason given'})`));
-      return;
-    }
-    pending.future?.dispose();
-    pending.future = null;
-    pending.retried = true;
-    this._resend.push(pending);
-    if (this._comm !== null) {
-      // left open and wired: replies to requests already running in the kernel still arrive on it
-      this._comm = null;
-      this._setStatus('connecting');
-      this._openOnce();
-    }
-  }
-
-  /** Forget a request (its reply came, or it failed) and release its future. */
-  private _settle(id: string): IPending | undefined {
-    const pending = this._pending.get(id);
-    this._pending.delete(id);
-    pending?.future?.dispose();
-    return pending;
   }
 
   // -- attaching -------------------------------------------------------------------------
@@ -343,7 +224,11 @@ export class LLMClient implements IDisposable {
     this._opening = comm;
     this._wire(comm);
     this._setStatus('connecting');
-    const hello: IHello = { kind: 'hello', protocol: PROTOCOL_VERSION, refresh: this._refresh };
+    const hello: IHello = {
+      kind: 'hello',
+      protocol: PROTOCOL_VERSION,
+      refresh: this._refresh
+    };
     try {
       comm.open(hello);
     } catch {
@@ -352,8 +237,24 @@ export class LLMClient implements IDisposable {
     }
   }
 
+  /**
+   * The kernel refused a request on the comm in use, so that comm is lost: attach a fresh one
+   * (the requests wait for its hello). The old comm is left open and wired: replies to requests
+   * already running in the kernel still arrive on it.
+   */
+  private _reattach(): void {
+    if (this._comm !== null) {
+      this._comm = null;
+      this._setStatus('connecting');
+      this._openOnce();
+    }
+  }
+
   /** The kernel opened a comm to us (it loaded the extension, or another open was answered). */
-  private _onKernelOpen = (comm: ICommLike, msg: { content: { data: unknown } }): void => {
+  private _onKernelOpen = (
+    comm: ICommLike,
+    msg: { content: { data: unknown } }
+  ): void => {
     if (this.isDisposed) {
       return;
     }
@@ -380,7 +281,7 @@ export class LLMClient implements IDisposable {
     }
     this._opening = null;
     if (old !== null) {
-      this._rejectAll('the kernel replaced the connection');
+      this._requests.rejectAll('the kernel replaced the connection');
       this._closeQuietly(old);
     }
   }
@@ -410,9 +311,7 @@ export class LLMClient implements IDisposable {
         this._lastError = null;
         this._setState(message.state);
         this._setStatus('attached');
-        for (const pending of this._resend.splice(0)) {
-          this._send(comm, pending);
-        }
+        this._requests.resend(comm);
         if (message.refresh !== this._refresh) {
           // a kernel-opened comm (or another tab) set another rate: this panel's setting wins
           this.setRefresh(this._refresh);
@@ -423,19 +322,9 @@ export class LLMClient implements IDisposable {
           this._setState(message.state);
         }
         break;
-      case 'reply': {
-        const pending = this._settle(message.id);
-        if (pending === undefined) {
-          return; // another tab's request on a shared comm
-        }
-        if (message.ok) {
-          pending.resolve(message.result);
-        } else {
-          const { type, message: text, ...details } = message.error;
-          pending.reject(new RequestError(type, text, details));
-        }
+      case 'reply':
+        this._requests.reply(message);
         break;
-      }
       case 'event':
         if (comm === this._comm) {
           this._noticed.emit(message.event);
@@ -457,8 +346,14 @@ export class LLMClient implements IDisposable {
       return;
     }
     this._comm = null;
-    this._rejectAll('the kernel closed the connection (%unload_ext, or a restart)');
-    if (!this.isDisposed && this._status !== 'restarting' && this._status !== 'dead') {
+    this._requests.rejectAll(
+      'the kernel closed the connection (%unload_ext, or a restart)'
+    );
+    if (
+      !this.isDisposed &&
+      this._status !== 'restarting' &&
+      this._status !== 'dead'
+    ) {
       this._setStatus('not-loaded');
     }
   }
@@ -473,13 +368,13 @@ export class LLMClient implements IDisposable {
       // the kernel's comms are gone with its process; open once when the new one is idle
       this._comm = null;
       this._opening = null;
-      this._rejectAll('the kernel restarted');
+      this._requests.rejectAll('the kernel restarted');
       this._reopenAfterRestart = true;
       this._setStatus('restarting');
     } else if (status === 'dead') {
       this._comm = null;
       this._opening = null;
-      this._rejectAll('the kernel died');
+      this._requests.rejectAll('the kernel died');
       this._setStatus('dead');
     } else if (status === 'idle' && this._reopenAfterRestart) {
       this._reopenAfterRestart = false;
@@ -495,14 +390,6 @@ export class LLMClient implements IDisposable {
   }
 
   // -- bookkeeping ------------------------------------------------------------------------
-
-  private _rejectAll(reason: string): void {
-    const pending = [...this._pending.keys()].map(id => this._settle(id)!);
-    this._resend = [];
-    for (const p of pending) {
-      p.reject(new RequestError('ConnectionClosed', `${p.message.action}: ${reason}`));
-    }
-  }
 
   private _setState(state: IState): void {
     this._state = state;
@@ -527,16 +414,8 @@ export class LLMClient implements IDisposable {
   private _version: string | null = null;
   private _lastError: string | null = null;
   private _refresh: number;
-  private _newId: () => string;
-  private _pending = new Map<string, IPending>();
-  private _resend: IPending[] = [];
+  private _requests: PendingRequests;
   private _statusChanged = new Signal<this, ClientStatus>(this);
   private _stateChanged = new Signal<this, IState>(this);
   private _noticed = new Signal<this, INotice>(this);
-}
-
-function randomId(): string {
-  const bytes = new Uint8Array(12);
-  globalThis.crypto.getRandomValues(bytes);
-  return Array.from(bytes, b => b.toString(16).padStart(2, '0')).join('');
 }

@@ -12,14 +12,19 @@ import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { IKernelLike, LLMClient } from './client';
-import { IPanelSettings, LLMPanel } from './panel';
+import { LLMClient } from './client';
+import { IKernelLike } from './kernel';
+import { LLMPanel } from './panel';
+import { DEFAULT_SETTINGS, IPanelSettings, panelSettings } from './settings';
 import iconSvg from '../style/icons/llm.svg';
 
 const PLUGIN_ID = 'jupyter-llm:plugin';
 const PANEL_ID = 'jupyter-llm-sidebar';
 
-export const llmIcon = new LabIcon({ name: 'jupyter-llm:icon', svgstr: iconSvg });
+export const llmIcon = new LabIcon({
+  name: 'jupyter-llm:icon',
+  svgstr: iconSvg
+});
 
 /**
  * Keeps one client for the kernel of the notebook the user is working in: a new notebook or a
@@ -34,7 +39,7 @@ class KernelFollower {
     this._follow(tracker.currentWidget);
   }
 
-  settings: IPanelSettings = { refresh: 2, devices: [] };
+  settings: Readonly<IPanelSettings> = DEFAULT_SETTINGS;
 
   private _follow(widget: NotebookPanel | null): void {
     if (widget === null || widget.sessionContext === this._session) {
@@ -57,17 +62,28 @@ class KernelFollower {
   private _update(): void {
     const session = this._session;
     const kernel = session?.session?.kernel ?? null;
-    this._setKernel(kernel as unknown as IKernelLike | null, session?.path.split('/').pop() ?? '');
+    this._setKernel(
+      kernel as unknown as IKernelLike | null,
+      session?.path.split('/').pop() ?? ''
+    );
   }
 
   private _setKernel(kernel: IKernelLike | null, label: string): void {
     const current = this.panel.client;
-    if (current !== null && kernel !== null && current.kernel === kernel && !current.isDisposed) {
+    if (
+      current !== null &&
+      kernel !== null &&
+      current.kernel === kernel &&
+      !current.isDisposed
+    ) {
       this.panel.setClient(current, label); // a rename: same kernel, same comm
       return;
     }
     current?.dispose();
-    const client = kernel && !kernel.isDisposed ? new LLMClient(kernel, { refresh: this.settings.refresh }) : null;
+    const client =
+      kernel && !kernel.isDisposed
+        ? new LLMClient(kernel, { refresh: this.settings.refresh })
+        : null;
     this.panel.setClient(client, label);
   }
 
@@ -76,7 +92,8 @@ class KernelFollower {
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
-  description: 'Local language models of the active kernel: memory per device, pull, load, unload, serve.',
+  description:
+    'Local language models of the active kernel: memory per device, pull, load, unload, serve.',
   autoStart: true,
   requires: [INotebookTracker],
   optional: [ISettingRegistry, ILayoutRestorer],
@@ -103,17 +120,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
         .load(PLUGIN_ID)
         .then(settings => {
           const apply = () => {
-            const value: IPanelSettings = {
-              refresh: Number(settings.get('refreshRate').composite ?? 2),
-              devices: (settings.get('devices').composite as string[] | undefined) ?? []
-            };
+            const value = panelSettings(key => settings.get(key).composite);
             follower.settings = value;
             panel.setSettings(value);
           };
           apply();
           settings.changed.connect(apply);
         })
-        .catch(reason => console.error('jupyter-llm: cannot load settings', reason));
+        .catch(reason =>
+          console.error('jupyter-llm: cannot load settings', reason)
+        );
     }
   }
 };

@@ -1,7 +1,8 @@
 /**
  * Pure functions from the kernel's state to what the panel draws: byte sizes, the segments of
- * a device's stacked bar, predicted-against-measured rows per loaded model, and load options
- * typed into the form. No DOM here, so all of it is unit-tested in node.
+ * a device's stacked bar and of a loaded model's share of each device, predicted-against-measured
+ * rows per loaded model, and load options typed into the form. No DOM here, so all of it is
+ * unit-tested in node.
  */
 import {
   IBufferSizes,
@@ -30,7 +31,8 @@ export function humanBytes(n: number | null | undefined): string {
 }
 
 /** What a segment of a stacked bar stands for; also its CSS modifier class. */
-export type SegmentKind = 'weights' | 'kv' | 'compute' | 'other' | 'free' | 'over';
+export type SegmentKind =
+  'weights' | 'kv' | 'compute' | 'other' | 'free' | 'over';
 
 export interface ISegment {
   kind: SegmentKind;
@@ -50,33 +52,48 @@ export const SEGMENT_LABELS: { [K in SegmentKind]: string } = {
   over: 'missing'
 };
 
-/** Does a llama.cpp device key ("CPU", "CUDA0") or an estimate row id name this device? */
-export function sameDevice(device: IDevice, key: string): boolean {
-  return key === device.id || (!!device.backend && key === device.backend);
-}
-
-/** The bytes one loaded model holds on a device: measured when known, else its estimate. */
-export function modelOnDevice(model: ILoadedModel, device: IDevice): IBufferSizes | null {
-  for (const [key, sizes] of Object.entries(model.measured ?? {})) {
-    if (sameDevice(device, key)) {
-      return sizes;
-    }
+/**
+ * The bytes one loaded model holds on a device: measured when known, else its estimate. The
+ * kernel keys both by the device's id ("CPU", "GPU0"), so one key finds either.
+ */
+export function modelOnDevice(
+  model: ILoadedModel,
+  device: IDevice
+): IBufferSizes | null {
+  const measured = model.measured?.[device.id];
+  if (measured !== undefined) {
+    return measured;
   }
-  const row = (model.estimate?.devices ?? []).find(r => sameDevice(device, r.device_id));
+  const row = (model.estimate?.devices ?? []).find(
+    r => r.device_id === device.id
+  );
   return row ?? null;
 }
 
 /** `label` is the whole tooltip; by default the kind and the size. */
-function segment(kind: SegmentKind, bytes: number, total: number, label?: string): ISegment {
+function segment(
+  kind: SegmentKind,
+  bytes: number,
+  total: number,
+  label?: string
+): ISegment {
   const fraction = total > 0 ? Math.max(0, Math.min(1, bytes / total)) : 0;
-  return { kind, bytes, fraction, label: label ?? `${SEGMENT_LABELS[kind]}: ${humanBytes(bytes)}` };
+  return {
+    kind,
+    bytes,
+    fraction,
+    label: label ?? `${SEGMENT_LABELS[kind]}: ${humanBytes(bytes)}`
+  };
 }
 
 /**
  * A device's bar: for each loaded model its weights, KV and graph (output buffers count as
  * graph), then what other processes use, then free memory; widths relative to the device total.
  */
-export function deviceSegments(device: IDevice, loaded: ILoadedModel[]): ISegment[] {
+export function deviceSegments(
+  device: IDevice,
+  loaded: ILoadedModel[]
+): ISegment[] {
   const total = device.total_bytes;
   const segments: ISegment[] = [];
   let ours = 0;
@@ -86,9 +103,30 @@ export function deviceSegments(device: IDevice, loaded: ILoadedModel[]): ISegmen
       continue;
     }
     const compute = sizes.compute + sizes.output;
-    segments.push(segment('weights', sizes.weights, total, `${model.name} weights: ${humanBytes(sizes.weights)}`));
-    segments.push(segment('kv', sizes.kv, total, `${model.name} KV cache: ${humanBytes(sizes.kv)}`));
-    segments.push(segment('compute', compute, total, `${model.name} compute graph: ${humanBytes(compute)}`));
+    segments.push(
+      segment(
+        'weights',
+        sizes.weights,
+        total,
+        `${model.name} weights: ${humanBytes(sizes.weights)}`
+      )
+    );
+    segments.push(
+      segment(
+        'kv',
+        sizes.kv,
+        total,
+        `${model.name} KV cache: ${humanBytes(sizes.kv)}`
+      )
+    );
+    segments.push(
+      segment(
+        'compute',
+        compute,
+        total,
+        `${model.name} compute graph: ${humanBytes(compute)}`
+      )
+    );
     ours += sizes.weights + sizes.kv + compute;
   }
   // mmapped weights may count as page cache, not "used": never draw a negative remainder
@@ -96,6 +134,40 @@ export function deviceSegments(device: IDevice, loaded: ILoadedModel[]): ISegmen
   segments.push(segment('other', other, total));
   segments.push(segment('free', Math.max(0, device.free_bytes), total));
   return segments.filter(s => s.bytes > 0 || s.kind === 'free');
+}
+
+/** What one loaded model holds on one device, for the bar on its card. */
+export interface IModelShare {
+  device: string;
+  /** Bytes the model holds there in all. */
+  held: number;
+  /** Weights, KV and graph as shares of `held`. */
+  segments: ISegment[];
+}
+
+/** One share per device the model uses: weights / KV / graph as parts of what it holds there. */
+export function modelShares(
+  model: ILoadedModel,
+  devices: IDevice[]
+): IModelShare[] {
+  const shares: IModelShare[] = [];
+  for (const device of devices) {
+    const segments = deviceSegments(device, [model]).filter(
+      s => s.kind !== 'other' && s.kind !== 'free'
+    );
+    if (segments.length > 0) {
+      const held = segments.reduce((sum, s) => sum + s.bytes, 0);
+      shares.push({
+        device: device.id,
+        held,
+        segments: segments.map(s => ({
+          ...s,
+          fraction: held > 0 ? s.bytes / held : 0
+        }))
+      });
+    }
+  }
+  return shares;
 }
 
 /**
@@ -116,12 +188,33 @@ export function estimateSegments(row: IEstimateRow): ISegment[] {
   ] as [SegmentKind, number][]) {
     const drawn = Math.min(bytes, room);
     room -= drawn;
-    segments.push(segment(kind, drawn, scale, `${SEGMENT_LABELS[kind]}: ${humanBytes(bytes)}`));
+    segments.push(
+      segment(
+        kind,
+        drawn,
+        scale,
+        `${SEGMENT_LABELS[kind]}: ${humanBytes(bytes)}`
+      )
+    );
   }
   if (needed < free) {
-    segments.push(segment('free', free - needed, scale, `still free: ${humanBytes(free - needed)}`));
+    segments.push(
+      segment(
+        'free',
+        free - needed,
+        scale,
+        `still free: ${humanBytes(free - needed)}`
+      )
+    );
   } else if (needed > free) {
-    segments.push(segment('over', needed - free, scale, `missing: ${humanBytes(needed - free)} more than is free`));
+    segments.push(
+      segment(
+        'over',
+        needed - free,
+        scale,
+        `missing: ${humanBytes(needed - free)} more than is free`
+      )
+    );
   }
   return segments.filter(s => s.bytes > 0);
 }
@@ -149,8 +242,13 @@ export function compareModel(model: ILoadedModel): IComparisonRow[] {
     }
   }
   for (const [key, sizes] of Object.entries(model.measured ?? {})) {
-    // the estimate names devices "CPU", "GPU0"; llama.cpp "CPU", "CUDA0": CPU matches directly
-    const row = rows.get(key) ?? { device: key, predicted: null, measured: null, error: null };
+    // measured and estimated rows are keyed alike ("CPU", "GPU0"): one row per device
+    const row = rows.get(key) ?? {
+      device: key,
+      predicted: null,
+      measured: null,
+      error: null
+    };
     row.measured = sizes.total;
     if (row.predicted) {
       row.error = (sizes.total - row.predicted) / row.predicted;
@@ -180,7 +278,11 @@ export interface IOptionsForm {
 
 /** Form text → load options, or an error message that says what to type instead. */
 export function parseOptions(form: IOptionsForm): ILoadOptions | string {
-  const whole = (text: string, min: number, what: string): number | 'auto' | string => {
+  const whole = (
+    text: string,
+    min: number,
+    what: string
+  ): number | 'auto' | string => {
     const t = text.trim().toLowerCase();
     if (t === '' || t === 'auto') {
       return 'auto';
@@ -214,17 +316,25 @@ export function parseOptions(form: IOptionsForm): ILoadOptions | string {
   };
 }
 
-/** Devices the settings ask to show (an empty list shows all). */
+/**
+ * Devices the settings ask to show (an empty list shows all). The user may name a device by its
+ * id or by the llama.cpp backend name the kernel reports for it ("GPU0" or "CUDA0").
+ */
 export function visibleDevices(devices: IDevice[], shown: string[]): IDevice[] {
   const valid = devices.filter(d => !d.error);
   if (shown.length === 0) {
     return valid;
   }
-  return valid.filter(d => shown.includes(d.id) || (!!d.backend && shown.includes(d.backend)));
+  return valid.filter(
+    d => shown.includes(d.id) || (!!d.backend && shown.includes(d.backend))
+  );
 }
 
 /** "unloads in 4 min" / "kept loaded" for a model's expiry. */
-export function expiry(model: ILoadedModel, now: number = Date.now() / 1000): string {
+export function expiry(
+  model: ILoadedModel,
+  now: number = Date.now() / 1000
+): string {
   if (model.expires_at === null || model.expires_at === undefined) {
     return 'kept loaded';
   }

@@ -3,14 +3,21 @@
  *
  * The kernel's model manager owns all state; `State` is its `snapshot()` as JSON. The kernel
  * pushes the whole snapshot (batched to a few per second); the panel sends requests and gets
- * exactly one reply per request id. Kept in sync with jupyter_llm/comm.py.
+ * exactly one reply per request id. Kept in sync with jupyter_llm/notebook/comm.py.
  */
 
-/** The comm target name registered by the kernel (jupyter_llm/comm.py, TARGET). */
+/** The comm target name registered by the kernel (jupyter_llm/notebook/comm.py, TARGET). */
 export const COMM_TARGET = 'jupyter_llm';
 
 /** Protocol version; the kernel sends its own in `hello`. */
 export const PROTOCOL_VERSION = 1;
+
+/**
+ * Seconds between the kernel's periodic device refreshes unless the settings say otherwise
+ * (0: only on events). schema/plugin.json restates it as `refreshRate`'s default, since JSON
+ * cannot import; a unit test keeps the two equal.
+ */
+export const DEFAULT_REFRESH_SECONDS = 2;
 
 /** Bytes a model holds on one device, by purpose (llama.cpp's own accounting). */
 export interface IBufferSizes {
@@ -31,7 +38,7 @@ export interface IEstimateRow extends IBufferSizes {
   margin?: number;
 }
 
-/** A memory estimate in the shape jupyter_llm.estimate.MemoryEstimate.to_dict() gives. */
+/** A memory estimate in the shape jupyter_llm.memory.estimate.MemoryEstimate.to_dict() gives. */
 export interface IEstimate {
   model?: string;
   /** The options the estimate assumed ("auto" resolved). */

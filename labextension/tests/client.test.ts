@@ -6,131 +6,10 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
-import { Signal } from '@lumino/signaling';
-
-import { ICommLike, IKernelLike, LLMClient, RequestError } from '../src/client';
+import { LLMClient } from '../src/client';
 import { COMM_TARGET, IState } from '../src/protocol';
-
-const STATE: IState = {
-  models: [{ name: 'smollm2', source: 'pip', files: ['/m.gguf'], size: 98362432 }],
-  loaded: [],
-  pulls: [],
-  devices: [],
-  server: null
-};
-
-class FakeFuture {
-  onReply: (msg: any) => void = () => undefined;
-  disposed = false;
-  dispose(): void {
-    this.disposed = true;
-  }
-  /** The kernel refuses the message (as ipykernel does for an unknown subshell). */
-  refuse(evalue = "Unknown subshell_id 'gone'"): void {
-    this.onReply({ content: { status: 'error', ename: 'UnknownSubshellError', evalue } });
-  }
-}
-
-class FakeComm implements ICommLike {
-  constructor(
-    readonly kernel: FakeKernel,
-    readonly commId: string,
-    readonly openedByKernel: boolean
-  ) {}
-  onMsg: ICommLike['onMsg'] = () => undefined;
-  onClose: ICommLike['onClose'] = () => undefined;
-  opened: unknown[] = [];
-  sent: any[] = [];
-  futures: FakeFuture[] = [];
-  closed = false;
-  get isDisposed(): boolean {
-    return this.closed;
-  }
-  open(data?: unknown): void {
-    this.opened.push(data);
-    this.kernel.opens.push(this);
-  }
-  send(data: unknown): FakeFuture {
-    this.sent.push(data);
-    const future = new FakeFuture();
-    this.futures.push(future);
-    return future;
-  }
-  close(): void {
-    this.closed = true;
-  }
-  /** The kernel sends a comm message. */
-  receive(data: unknown): void {
-    void this.onMsg({ content: { data } });
-  }
-  /** The kernel closes the comm. */
-  closeFromKernel(): void {
-    this.closed = true;
-    void this.onClose({ content: { data: {} } });
-  }
-  hello(state: IState = STATE, refresh = 2): void {
-    this.receive({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [{ name: 'mistral', description: 'd' }],
-      refresh, state });
-  }
-}
-
-class FakeKernel implements IKernelLike {
-  id = 'kernel-1';
-  status = 'idle';
-  connectionStatus = 'connected';
-  isDisposed = false;
-  statusChanged = new Signal<any, string>(this);
-  connectionStatusChanged = new Signal<any, string>(this);
-  targets = new Map<string, (comm: any, msg: any) => void>();
-  opens: FakeComm[] = [];
-  executed: string[] = [];
-  executeResult: { error?: { ename: string; evalue: string } } = {};
-  private n = 0;
-
-  registerCommTarget(name: string, cb: (comm: any, msg: any) => void): void {
-    this.targets.set(name, cb);
-  }
-  removeCommTarget(name: string): void {
-    this.targets.delete(name);
-  }
-  createComm(): FakeComm {
-    return new FakeComm(this, `c${++this.n}`, false);
-  }
-  /** The kernel opens a comm to the front end (as `%load_ext jupyter_llm` does). */
-  openFromKernel(data: unknown): FakeComm {
-    const comm = new FakeComm(this, `k${++this.n}`, true);
-    this.targets.get(COMM_TARGET)!(comm, { content: { data } });
-    return comm;
-  }
-  requestExecute(content: { code: string }) {
-    this.executed.push(content.code);
-    const future = {
-      onIOPub: (_msg: any): void => undefined,
-      done: Promise.resolve().then(() => {
-        const error = this.executeResult.error;
-        if (error) {
-          future.onIOPub({ header: { msg_type: 'error' }, content: error });
-          return { content: { status: 'error', ...error } };
-        }
-        return { content: { status: 'ok' } };
-      })
-    };
-    return future;
-  }
-  setStatus(status: string): void {
-    this.status = status;
-    this.statusChanged.emit(status);
-  }
-  setConnection(status: string): void {
-    this.connectionStatus = status;
-    this.connectionStatusChanged.emit(status);
-  }
-}
-
-function ids(): () => string {
-  let n = 0;
-  return () => `r${++n}`;
-}
+import { RequestError } from '../src/requests';
+import { FakeComm, FakeKernel, ids, STATE } from './fakes';
 
 describe('LLMClient attaching', () => {
   it('registers the comm target and opens one comm with a hello on start', () => {
@@ -138,7 +17,11 @@ describe('LLMClient attaching', () => {
     const client = new LLMClient(kernel, { refresh: 3 });
     assert.ok(kernel.targets.has(COMM_TARGET));
     assert.equal(kernel.opens.length, 1);
-    assert.deepEqual(kernel.opens[0].opened[0], { kind: 'hello', protocol: 1, refresh: 3 });
+    assert.deepEqual(kernel.opens[0].opened[0], {
+      kind: 'hello',
+      protocol: 1,
+      refresh: 3
+    });
     assert.equal(client.status, 'connecting');
   });
 
@@ -150,7 +33,10 @@ describe('LLMClient attaching', () => {
     kernel.opens[0].hello();
     assert.equal(client.status, 'attached');
     assert.deepEqual(client.state, STATE);
-    assert.deepEqual(client.aliases.map(a => a.name), ['mistral']);
+    assert.deepEqual(
+      client.aliases.map(a => a.name),
+      ['mistral']
+    );
     assert.equal(client.kernelVersion, '0.1.0');
     assert.equal(states.length, 1);
   });
@@ -164,7 +50,11 @@ describe('LLMClient attaching', () => {
       kernel.setStatus('busy');
       kernel.setStatus('idle');
     }
-    assert.equal(kernel.opens.length, 1, 'an open on every idle loops forever (NOTES §7)');
+    assert.equal(
+      kernel.opens.length,
+      1,
+      'an open on every idle loops forever (NOTES §7)'
+    );
   });
 
   it('waits for the websocket before opening', () => {
@@ -182,10 +72,19 @@ describe('LLMClient attaching', () => {
     const kernel = new FakeKernel();
     const client = new LLMClient(kernel);
     const own = kernel.opens[0];
-    const fromKernel = kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2,
-      state: STATE });
+    const fromKernel = kernel.openFromKernel({
+      kind: 'hello',
+      protocol: 1,
+      version: '0.1.0',
+      aliases: [],
+      refresh: 2,
+      state: STATE
+    });
     assert.equal(client.status, 'attached');
-    assert.ok(own.closed, 'the redundant comm is closed so the kernel forgets its view');
+    assert.ok(
+      own.closed,
+      'the redundant comm is closed so the kernel forgets its view'
+    );
     assert.ok(!fromKernel.closed);
   });
 
@@ -229,10 +128,21 @@ describe('LLMClient enabling', () => {
     const done = client.enable();
     assert.equal(client.status, 'enabling');
     assert.deepEqual(kernel.executed, ['%load_ext jupyter_llm']);
-    kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2, state: STATE });
+    kernel.openFromKernel({
+      kind: 'hello',
+      protocol: 1,
+      version: '0.1.0',
+      aliases: [],
+      refresh: 2,
+      state: STATE
+    });
     await done;
     assert.equal(client.status, 'attached');
-    assert.equal(kernel.opens.length, 1, 'no extra open once the kernel opened its comm');
+    assert.equal(
+      kernel.opens.length,
+      1,
+      'no extra open once the kernel opened its comm'
+    );
   });
 
   it('opens once more when the extension was already loaded (no comm comes)', async () => {
@@ -247,17 +157,27 @@ describe('LLMClient enabling', () => {
 
   it('keeps the kernel error when the extension cannot be imported', async () => {
     const kernel = new FakeKernel();
-    kernel.executeResult.error = { ename: 'ModuleNotFoundError', evalue: "No module named 'jupyter_llm'" };
+    kernel.executeResult.error = {
+      ename: 'ModuleNotFoundError',
+      evalue: "No module named 'jupyter_llm'"
+    };
     const client = new LLMClient(kernel);
     kernel.opens[0].closeFromKernel();
     await client.enable();
     assert.equal(client.status, 'not-loaded');
-    assert.match(client.lastError ?? '', /ModuleNotFoundError: No module named 'jupyter_llm'/);
+    assert.match(
+      client.lastError ?? '',
+      /ModuleNotFoundError: No module named 'jupyter_llm'/
+    );
   });
 });
 
 describe('LLMClient requests', () => {
-  function attached(): { kernel: FakeKernel; client: LLMClient; comm: FakeComm } {
+  function attached(): {
+    kernel: FakeKernel;
+    client: LLMClient;
+    comm: FakeComm;
+  } {
     const kernel = new FakeKernel();
     const client = new LLMClient(kernel, { newId: ids() });
     const comm = kernel.opens[0];
@@ -268,17 +188,40 @@ describe('LLMClient requests', () => {
   it('sends a request and resolves with the reply of the same id', async () => {
     const { client, comm } = attached();
     const pending = client.request('load', { name: 'smollm2' });
-    assert.deepEqual(comm.sent.at(-1), { kind: 'request', id: 'r1', action: 'load', args: { name: 'smollm2' } });
-    comm.receive({ kind: 'reply', id: 'other-tab', ok: true, result: 'not mine' });
-    comm.receive({ kind: 'reply', id: 'r1', ok: true, result: { name: 'smollm2', pid: 7 } });
+    assert.deepEqual(comm.sent.at(-1), {
+      kind: 'request',
+      id: 'r1',
+      action: 'load',
+      args: { name: 'smollm2' }
+    });
+    comm.receive({
+      kind: 'reply',
+      id: 'other-tab',
+      ok: true,
+      result: 'not mine'
+    });
+    comm.receive({
+      kind: 'reply',
+      id: 'r1',
+      ok: true,
+      result: { name: 'smollm2', pid: 7 }
+    });
     assert.deepEqual(await pending, { name: 'smollm2', pid: 7 });
   });
 
   it('rejects with the kernel error type, message and details', async () => {
     const { client, comm } = attached();
     const pending = client.request('load', { name: 'big' });
-    comm.receive({ kind: 'reply', id: 'r1', ok: false,
-      error: { type: 'WontFitError', message: 'big will not fit', estimate: { fits: false, devices: [] } } });
+    comm.receive({
+      kind: 'reply',
+      id: 'r1',
+      ok: false,
+      error: {
+        type: 'WontFitError',
+        message: 'big will not fit',
+        estimate: { fits: false, devices: [] }
+      }
+    });
     await assert.rejects(pending, (e: RequestError) => {
       assert.equal(e.type, 'WontFitError');
       assert.equal(e.message, 'big will not fit');
@@ -297,29 +240,55 @@ describe('LLMClient requests', () => {
   it('refuses requests while not attached', async () => {
     const kernel = new FakeKernel();
     const client = new LLMClient(kernel);
-    await assert.rejects(client.request('unload', { name: 'x' }), /not loaded in this kernel/);
+    await assert.rejects(
+      client.request('unload', { name: 'x' }),
+      /not loaded in this kernel/
+    );
   });
 
   it('pushes states and notices from the kernel', () => {
     const { client, comm } = attached();
     const notices: unknown[] = [];
     client.noticed.connect((_, n) => notices.push(n));
-    const next = { ...STATE, pulls: [{ name: 'smollm2', status: 'downloading', completed: 5, total: 10 }] };
+    const next = {
+      ...STATE,
+      pulls: [
+        { name: 'smollm2', status: 'downloading', completed: 5, total: 10 }
+      ]
+    };
     comm.receive({ kind: 'state', state: next });
-    comm.receive({ kind: 'event', event: { type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' } });
+    comm.receive({
+      kind: 'event',
+      event: { type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' }
+    });
     assert.deepEqual(client.state, next);
-    assert.deepEqual(notices, [{ type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' }]);
+    assert.deepEqual(notices, [
+      { type: 'unloaded', name: 'smollm2', reason: 'keep_alive expired' }
+    ]);
   });
 
   it('tells the kernel its refresh rate when the kernel uses another one', () => {
     const kernel = new FakeKernel();
     const client = new LLMClient(kernel, { refresh: 5, newId: ids() });
-    const comm = kernel.openFromKernel({ kind: 'hello', protocol: 1, version: '0.1.0', aliases: [], refresh: 2,
-      state: STATE });
+    const comm = kernel.openFromKernel({
+      kind: 'hello',
+      protocol: 1,
+      version: '0.1.0',
+      aliases: [],
+      refresh: 2,
+      state: STATE
+    });
     assert.equal(client.status, 'attached');
-    assert.deepEqual(comm.sent, [{ kind: 'request', id: 'r1', action: 'configure', args: { refresh: 5 } }]);
+    assert.deepEqual(comm.sent, [
+      { kind: 'request', id: 'r1', action: 'configure', args: { refresh: 5 } }
+    ]);
     client.setRefresh(0);
-    assert.deepEqual(comm.sent.at(-1), { kind: 'request', id: 'r2', action: 'configure', args: { refresh: 0 } });
+    assert.deepEqual(comm.sent.at(-1), {
+      kind: 'request',
+      id: 'r2',
+      action: 'configure',
+      args: { refresh: 0 }
+    });
   });
 
   it('releases the request future when the reply comes', async () => {
@@ -336,12 +305,25 @@ describe('LLMClient requests', () => {
     comm.futures[0].refuse();
     assert.equal(client.status, 'connecting');
     assert.equal(kernel.opens.length, 2, 'a new comm is opened');
-    assert.ok(!comm.closed, 'the old comm stays open for replies already under way');
+    assert.ok(
+      !comm.closed,
+      'the old comm stays open for replies already under way'
+    );
     const fresh = kernel.opens[1];
     fresh.hello();
     assert.equal(client.status, 'attached');
-    assert.deepEqual(fresh.sent.at(-1), { kind: 'request', id: 'r1', action: 'serve', args: { port: 0 } });
-    fresh.receive({ kind: 'reply', id: 'r1', ok: true, result: { running: true } });
+    assert.deepEqual(fresh.sent.at(-1), {
+      kind: 'request',
+      id: 'r1',
+      action: 'serve',
+      args: { port: 0 }
+    });
+    fresh.receive({
+      kind: 'reply',
+      id: 'r1',
+      ok: true,
+      result: { running: true }
+    });
     assert.deepEqual(await pending, { running: true });
   });
 
@@ -351,7 +333,11 @@ describe('LLMClient requests', () => {
     comm.futures[0].refuse();
     kernel.opens[1].hello();
     kernel.opens[1].futures.at(-1)!.refuse('still gone');
-    await assert.rejects(pending, (e: RequestError) => e.type === 'UnknownSubshellError' && /still gone/.test(e.message));
+    await assert.rejects(
+      pending,
+      (e: RequestError) =>
+        e.type === 'UnknownSubshellError' && /still gone/.test(e.message)
+    );
   });
 
   it('does not open a second comm when the kernel opened one during enable', async () => {
