@@ -67,5 +67,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     from .notebook import comm
 
     comm.close_all()
-    if manager._manager is not None:
-        manager._manager.close()
+    manager.close_manager()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from .chat import ChatSession
-from .errors import ModelLoadError, ModelNotFoundError, WontFitError, WorkerCrashedError
+from .errors import JupyterLLMError, ModelLoadError, ModelNotFoundError, WontFitError, WorkerCrashedError
 from .loaded import LoadedModel, same_load
 from .options import AUTO, LoadOptions, SamplingOptions
 from .progress import Listener, PullProgress
@@ -417,6 +417,11 @@ class ModelManager:
             model.runtime.close()
             self._emit("unloaded", name=model.name, reason="worker died")
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: a closed manager loads nothing more."""
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Unload everything (the extension is being unloaded or the kernel shuts down)."""
         self._closed.set()
@@ -451,10 +456,20 @@ _manager_lock = threading.Lock()
 
 
 def get_manager() -> ModelManager:
-    """The kernel's one manager (created on first use)."""
+    """The kernel's one manager (created on first use, and anew after :func:`close_manager`)."""
     global _manager
     with _manager_lock:
-        if _manager is None:
+        if _manager is None or _manager.closed:
             _manager = ModelManager()
         return _manager
+
+
+def close_manager() -> None:
+    """Close the kernel's manager (``%unload_ext``): its workers stop and its keep_alive
+    thread ends. The next :func:`get_manager` (``%load_ext`` again) makes a working one."""
+    global _manager
+    with _manager_lock:
+        current, _manager = _manager, None
+    if current is not None:
+        current.close()
 

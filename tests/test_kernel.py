@@ -171,6 +171,27 @@ def test_keep_alive_expiry_unloads_and_frees_the_worker(kernel: Kernel) -> None:
     assert "No model is loaded" in run.texts()[-1]
 
 
+def test_reload_ext_leaves_a_working_manager_whose_keep_alive_still_unloads(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 512 --keep-alive -1")
+    old = int(kernel.ok("from jupyter_llm.manager import get_manager\n"
+                        "print(get_manager().get('smollm2').runtime.pid)").texts()[-1])
+    kernel.ok("%reload_ext jupyter_llm")
+    assert not Path(f"/proc/{old}").exists() or _wait_gone(old, 10), "unloading the extension stops its workers"
+    run = kernel.ok("%llm load smollm2 --ctx 512 --keep-alive 1s\n"
+                    "from jupyter_llm.manager import get_manager\n"
+                    "print(get_manager().get('smollm2').runtime.pid)")
+    pid = int(run.texts()[-1].strip())
+    assert _wait_gone(pid, 15), "after %reload_ext, keep_alive must still unload the model"
+    assert "No model is loaded" in kernel.ok("%llm ps").texts()[-1]
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return not Path(f"/proc/{pid}").exists()
+
+
 def test_format_code_puts_the_answer_into_a_new_cell(kernel: Kernel) -> None:
     kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
     run = kernel.ok("%%chat --new --format code --temperature 0 --max-tokens 60\n"

@@ -62,3 +62,18 @@ def test_json_schema_grammar_keeps_llama_cpp_out_of_the_kernel() -> None:
                          check=True)
     result = json.loads(out.stdout)
     assert result == {"root": True, "loaded": []}
+
+
+def test_public_functions_survive_importing_every_submodule() -> None:
+    # A submodule named like a public function (the old jupyter_llm.estimate / .devices modules)
+    # replaced the package attribute on first import: "'module' object is not callable".
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(jupyter_llm.__path__, "jupyter_llm."):
+        if info.name.endswith("__main__") or ".worker" in info.name:
+            continue  # entry points and the worker process's code are not imported by the kernel
+        importlib.import_module(info.name)
+    for name in PINNED:
+        obj = getattr(jupyter_llm, name)
+        assert not isinstance(obj, type(jupyter_llm)), f"jupyter_llm.{name} is a module, not the public {name}"
