@@ -1,0 +1,283 @@
+"""Benchmark: our speed against llama.cpp itself, each contender alone on the machine.
+
+Baselines that are not ours (docs/notes.md §8): llama.cpp's own ``llama-server`` built from the
+llama.cpp that the pinned llama-cpp-python vendors (``scripts/build-llama-cpp.sh``), and a plain
+decode loop through the ctypes bindings, both in llama.cpp's default environment (no OpenMP or
+ggml variable of ours). One contender is alive at a time; rounds alternate; every round's
+numbers are printed, then medians and the ratios against the targets:
+
+=====================================================  ==============================
+Python API and ``%%chat`` tok/s vs the plain loop      ≥ 0.95×
+their time to first token vs the plain loop            ≤ plain loop + 10 ms
+our API, 1 client, vs ``llama-server -np 4``           ≥ 0.95×
+our API, 4 clients, vs ``llama-server -np 4``          ≥ 1.0×
+TTFT of a request arriving while 3 others generate      ≤ llama-server's
+a kernel cell (``sum(range(10**7))``) while generating  ≤ 2× its idle time
+worker CPU seconds in the 10 s after an answer         < 0.05 s
+=====================================================  ==============================
+
+    .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTION = ("Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the sea, "
+            "the weather and the village in detail.")
+PROMPTS = [f"Request {i}: {p}" for i, p in enumerate((
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe, in detail, a day in the life of a medieval blacksmith.",
+    "Explain how a steam engine works, step by step, for a curious child.",
+    "Write a travel guide to an imaginary island with three towns."))]
+
+
+def clean_env() -> dict[str, str]:
+    """llama.cpp's default environment: ours without any OpenMP or ggml setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "GGML_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "bench"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- single-stream contenders ------------------------------------------------------------------------
+
+def plain_loop(args: argparse.Namespace, prompt: str) -> dict[str, float]:
+    """The ctypes decode loop of bench_runtime.py, in its own process, llama.cpp's environment."""
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_runtime.py"), "--raw", "--model", args.model,
+           "--tokens", str(args.tokens), "--ctx", str(args.ctx), "--threads", str(args.threads), "--batch", "512"]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps({"prompt": prompt, "tokens": 8}) + "\n")  # warm, as the others are
+        proc.stdin.flush()
+        proc.stdout.readline()
+        proc.stdin.write(json.dumps({"prompt": prompt, "tokens": args.tokens}) + "\n")
+        proc.stdin.flush()
+        out = json.loads(proc.stdout.readline())
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    return {"tok_s": out["tok_per_s"], "ttft_s": out["ttft_s"]}
+
+
+def python_api(args: argparse.Namespace) -> dict[str, float]:
+    import jupyter_llm as llm
+
+    model = llm.load(args.model, n_ctx=args.ctx, threads=args.threads, gpu_layers=0, keep_alive=None)
+    try:
+        messages = [{"role": "user", "content": QUESTION}]  # a list: no conversation kept between calls
+        list(model.chat(messages, stream=True, temperature=0, max_tokens=8))  # warm-up
+        t0 = time.perf_counter()
+        times = [time.perf_counter() for _ in model.chat(messages, stream=True, temperature=0,
+                                                         max_tokens=args.tokens, seed=1)]
+    finally:
+        llm.unload(all=True)
+    span = times[-1] - times[0]
+    return {"tok_s": (len(times) - 1) / span if span else 0.0, "ttft_s": times[0] - t0}
+
+
+def chat_cell(args: argparse.Namespace, kernel: Any) -> dict[str, float]:
+    """``%%chat`` in a real kernel, the kernel's responsiveness while it generates, and the
+    worker's CPU time once the answer has ended."""
+    from bench_chat import kernel_round
+
+    kernel.ok(f"%llm load {args.model} --ctx {args.ctx} --threads {args.threads} --keep-alive -1 --gpu-layers 0")
+    try:
+        kernel_round(kernel, 8)  # warm-up
+        chat = kernel_round(kernel, args.tokens)
+        pid = int(kernel.ok("from jupyter_llm.manager import get_manager\n"
+                            "print(get_manager().ps()[0].runtime.pid)").texts()[-1])
+        before = cpu_seconds(pid)
+        time.sleep(10)
+        idle_cpu = cpu_seconds(pid) - before
+        timing = ("import time\nt = time.perf_counter(); sum(range(10**7)); print(time.perf_counter() - t)")
+        idle = float(kernel.ok(timing).texts()[-1])
+        kernel.ok("import threading, jupyter_llm as _llm\n"
+                  "_m = _llm.Model(_llm.ps()[0].name)\n"
+                  "_bg = threading.Thread(target=lambda: _m.chat('Tell a long story.', temperature=0, "
+                  "max_tokens=400))\n_bg.start(); time.sleep(0.5)")
+        busy = float(kernel.ok(timing).texts()[-1])
+        kernel.ok("_bg.join()")
+    finally:
+        kernel.ok("%llm unload --all")
+    return {"tok_s": chat["tok_per_s"], "ttft_s": chat["ttft_s"], "idle_cpu_s": idle_cpu,
+            "cell_busy_over_idle": busy / idle}
+
+
+# -- servers -------------------------------------------------------------------------------------------
+
+def start_llama_server(args: argparse.Namespace, binary: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    import httpx
+
+    port = free_port()
+    log = open(Path(tempfile.gettempdir()) / "bench_llama_server.log", "wb")  # noqa: SIM115 — lives with proc
+    proc = subprocess.Popen([str(binary), "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
+                             "-t", str(args.threads), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel),
+                             "-ngl", "0"], stdout=log, stderr=log, env=clean_env())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited ({proc.returncode}); see {log.name}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, {"url": url, "token": "", "model": Path(args.model).name}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"llama-server did not start; see {log.name}")
+
+
+def start_ours(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    import bench_server
+
+    return bench_server.start_ours(args)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_round(info: dict[str, str], args: argparse.Namespace, tokenizer: Any) -> dict[str, float]:
+    """1 client, 4 clients, and the first token of a request that arrives while 3 others generate."""
+    from bench_server import run_clients, stream_one
+
+    run_clients(info, 1, 8, tokenizer)  # warm-up
+    one = run_clients(info, 1, args.tokens, tokenizer)
+    four = run_clients(info, args.parallel, args.tokens, tokenizer)
+    background: list[Any] = []
+    others = [threading.Thread(target=stream_one, args=(info, PROMPTS[i], args.tokens * 2, background))
+              for i in range(args.parallel - 1)]
+    for t in others:
+        t.start()
+    time.sleep(1.0)  # they are generating now
+    late: list[Any] = []
+    stream_one(info, PROMPTS[-1] + " (late)", 16, late)
+    for t in others:
+        t.join()
+    return {"x1": one["tok_s"], f"x{args.parallel}": four["tok_s"], "ttft_under_load_s": late[0][3]}
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ctx", type=int, default=2048, help="context per request (and of the single streams)")
+    p.add_argument("--parallel", type=int, default=4)
+    args = p.parse_args()
+
+    build = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-cpp.sh")], capture_output=True, text=True)
+    if build.returncode != 0:
+        raise SystemExit(f"could not build llama.cpp's tools: {build.stderr.strip()[-500:]}")
+    llama_server = Path(build.stdout.strip().splitlines()[-1]) / "llama-server"
+
+    import bench_server
+
+    from jupyter_llm.manager import get_manager
+    from jupyter_llm.options import LoadOptions
+    from tests.kernel import Kernel
+
+    home = tempfile.mkdtemp(prefix="bench-speed-")
+    os.environ["JUPYTER_LLM_HOME"] = home
+    manager = get_manager()
+    loaded = manager.load(args.model, LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads))
+    prompt = loaded.runtime.render([{"role": "user", "content": QUESTION}])  # the same prompt for all
+    manager.unload(all=True)
+    tokenizer = bench_server.Tokenizer(args.model)
+    kernel = Kernel({"JUPYTER_LLM_HOME": home})
+    kernel.ok("%load_ext jupyter_llm")
+
+    print(f"model {Path(args.model).name}, {args.threads} threads, ctx {args.ctx} per stream, {args.tokens} "
+          f"greedy tokens, {args.parallel} slots, {args.rounds} rounds; CPU: {_cpu()}", flush=True)
+    rows: dict[str, list[dict[str, float]]] = {}
+    try:
+        for r in range(args.rounds):
+            got = {"plain loop": plain_loop(args, prompt), "Python API": python_api(args),
+                   "%%chat": chat_cell(args, kernel)}
+            proc, info = start_ours(args)
+            try:
+                got["our API"] = server_round(info, args, tokenizer)
+            finally:
+                stop(proc)
+            proc_l, info_l = start_llama_server(args, llama_server)
+            try:
+                got["llama-server"] = server_round(info_l, args, tokenizer)
+            finally:
+                stop(proc_l)
+            for name, res in got.items():
+                rows.setdefault(name, []).append(res)
+                print(f"round {r + 1}: {name:>13}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+    finally:
+        kernel.close()
+        manager.close()
+
+    med = {name: {k: statistics.median(x[k] for x in v) for k in v[0]} for name, v in rows.items()}
+    plain, api, chat, ours, base = (med[n] for n in ("plain loop", "Python API", "%%chat", "our API", "llama-server"))
+    n = f"x{args.parallel}"
+    table = [
+        ("Python API / plain loop tok/s", api["tok_s"] / plain["tok_s"], "≥ 0.95"),
+        ("%%chat / plain loop tok/s", chat["tok_s"] / plain["tok_s"], "≥ 0.95"),
+        ("Python API TTFT − plain loop (ms)", (api["ttft_s"] - plain["ttft_s"]) * 1000, "≤ 10"),
+        ("%%chat TTFT − plain loop (ms)", (chat["ttft_s"] - plain["ttft_s"]) * 1000, "≤ 10"),
+        ("our API x1 / llama-server x1", ours["x1"] / base["x1"], "≥ 0.95"),
+        (f"our API {n} / llama-server {n}", ours[n] / base[n], "≥ 1.0"),
+        ("TTFT under load: ours / llama-server", ours["ttft_under_load_s"] / base["ttft_under_load_s"], "≤ 1.0"),
+        ("kernel cell while generating / idle", chat["cell_busy_over_idle"], "≤ 2"),
+        ("worker CPU s in 10 s after an answer", chat["idle_cpu_s"], "< 0.05"),
+    ]
+    print("\nmedians: " + json.dumps(med))
+    print("\nresult (medians of rounds):")
+    for label, value, target in table:
+        print(f"  {label:>40}: {value:8.3f}   target {target}")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
