@@ -30,8 +30,9 @@ cmake -S "$ROOT/src/vendor/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Releas
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_RPC=ON >/dev/null
 # The rpc-server target is called ggml-rpc-server in some trees, rpc-server in others.
+targets=$(cmake --build "$ROOT/build" --target help)  # whole, before grep: pipefail and grep -q's SIGPIPE
 rpc_target=rpc-server
-cmake --build "$ROOT/build" --target help | grep -q "ggml-rpc-server" && rpc_target=ggml-rpc-server
+if grep -q "ggml-rpc-server" <<<"$targets"; then rpc_target=ggml-rpc-server; fi
 cmake --build "$ROOT/build" --target llama-server llama-bench "$rpc_target" -j "$(nproc)" >/dev/null
 mkdir -p "$BIN"
 cp "$ROOT/build/bin/llama-server" "$ROOT/build/bin/llama-bench" "$BIN/"
