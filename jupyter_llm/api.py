@@ -3,15 +3,17 @@
 >>> import jupyter_llm as llm
 >>> model = llm.load("smollm2")
 >>> model.chat("Name a colour.")
->>> for piece in model.chat("And another?", stream=True): print(piece, end="")
+>>> for piece in model.chat("And another?", stream=True): print(piece, end="")  # the same conversation
+>>> model.history  # [user, assistant, user, assistant]
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, LoadOptions, SamplingOptions
+from .options import DEFAULT_MAX_QUEUE, LoadOptions, SamplingOptions
 
 
 def _manager() -> Any:
@@ -49,9 +51,9 @@ def rm(name: str) -> list[str]:
     return _manager().remove(name)
 
 
-def cp(source: str, destination: str) -> Any:
-    """Give a cached model a second name (no bytes copied)."""
-    return _manager().copy(source, destination)
+def cp(source: str, destination: str, *, force: bool = False) -> Any:
+    """Give a cached model a second name (no bytes copied); ``force`` lets it shadow an alias."""
+    return _manager().copy(source, destination, force=force)
 
 
 def devices() -> list[Any]:
@@ -86,11 +88,20 @@ def ps() -> list[Any]:
 
 class Model:
     """A handle on a loaded model. It stays valid across keep_alive unloads: using it again
-    reloads the model with the same options."""
+    reloads the model with the same options.
+
+    ``chat`` with a string continues the handle's own conversation, as ``ollama run`` does:
+    each exchange is kept in :attr:`history` and sent with the next message; :meth:`reset`
+    (or ``new=True``) starts over, and a conversation that outgrows the context drops its
+    oldest turns with a warning. A list of messages is answered as given and not remembered,
+    as Ollama's and OpenAI's chat APIs do: the caller keeps that history.
+    """
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self._options = _manager().get(name).options
+        from .chat import ChatSession
+
+        self.name = _manager().get(name).name
+        self._conversation = ChatSession(name, model=name)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
@@ -99,23 +110,44 @@ class Model:
         manager = _manager()
         try:
             return manager.get(self.name)
-        except LookupError:
-            return manager.load(self.name, self._options)
+        except LookupError:  # unloaded since (keep_alive): the manager reloads it as last loaded
+            return manager.load(self.name)
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """This handle's conversation so far: the user's and the model's messages, in order
+        (the system prompt is sent first but not listed)."""
+        return [dict(m) for m in self._conversation.messages]
+
+    def reset(self, *, system: str | None = None) -> None:
+        """Forget this handle's conversation; ``system`` replaces the system prompt (``""``
+        removes it; None keeps it)."""
+        self._conversation.reset(system=system)
 
     def chat(self, messages: str | Sequence[dict[str, str]], *, stream: bool = False,
-             json_schema: dict[str, Any] | None = None, **sampling: Any) -> Any:
-        """Answer a message (a string) or a list of ``{"role", "content"}`` messages.
+             json_schema: dict[str, Any] | None = None, system: str | None = None, new: bool = False,
+             **sampling: Any) -> Any:
+        """Answer a message: a string continues this handle's conversation, a list of
+        ``{"role", "content"}`` messages is answered as given (see the class doc).
 
-        Returns the text, or with ``stream=True`` an iterator of text pieces.
+        Returns the text, or with ``stream=True`` an iterator of text pieces (the exchange is
+        remembered when the iteration ends; leaving it early stops the generation).
         ``json_schema`` constrains the answer to JSON matching the schema (``{}``: any JSON).
+        ``system`` sets the conversation's system prompt (a different one starts it over);
+        ``new=True`` starts it over. Sampling options as :class:`~jupyter_llm.options.SamplingOptions`.
         """
         if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
+            if new or (system is not None and system != self._conversation.system):
+                self.reset(system=system)
+            return self._run("chat", messages, stream, json_schema, sampling)
+        if new or system is not None:
+            raise TypeError("system= and new= are for this handle's conversation (a string message); "
+                            "a list of messages carries its own system message")
         return self._run("chat", list(messages), stream, json_schema, sampling)
 
     def generate(self, prompt: str, *, stream: bool = False, json_schema: dict[str, Any] | None = None,
                  **sampling: Any) -> Any:
-        """Continue ``prompt`` as raw text (no chat template)."""
+        """Continue ``prompt`` as raw text (no chat template, no history)."""
         return self._run("generate", prompt, stream, json_schema, sampling)
 
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> Any:
@@ -127,6 +159,7 @@ class Model:
         return vectors[0] if single else vectors
 
     def unload(self) -> None:
+        """Stop the model's worker now (the handle reloads it when used again)."""
         _manager().unload(self.name)
 
     @property
@@ -139,35 +172,53 @@ class Model:
     def _run(self, kind: str, payload: Any, stream: bool, json_schema: dict[str, Any] | None,
              sampling: dict[str, Any]) -> Any:
         options = SamplingOptions(**sampling)
-        iterator = self._stream(kind, payload, options, json_schema)
+        # The warning about dropped turns points at the caller's line: through chat() and
+        # _run() when the text is joined here, directly when the caller iterates.
+        iterator = self._stream(kind, payload, options, json_schema, warn_level=2 if stream else 4)
         if stream:
             return iterator
         return "".join(iterator)
 
-    def _stream(self, kind: str, payload: Any, options: SamplingOptions,
-                json_schema: dict[str, Any] | None) -> Iterator[str]:
+    def _stream(self, kind: str, payload: Any, options: SamplingOptions, json_schema: dict[str, Any] | None,
+                warn_level: int) -> Iterator[str]:
         from . import chat
 
         model = self._loaded()
         with _manager().using(model.name):
-            if kind == "chat":
-                chunks: Iterator[Any] = iter(chat.start(model, payload, options, json_schema=json_schema))
+            if kind == "generate":
+                generation = model.runtime.generate(payload, options, json_schema=json_schema)
+                with generation:  # leaving early stops the generation in the worker
+                    for chunk in generation:
+                        yield chunk.text
+                return
+            if isinstance(payload, str):
+                conversation = self._conversation
+                turn = chat.start(model, conversation.prompt_messages(payload), options, json_schema=json_schema,
+                                  fit=True, session=conversation, user=payload)
+                notice = chat.fit_notice(turn.dropped, turn.n_ctx, "`model.reset()` starts over")
+                if notice:
+                    warnings.warn(notice, UserWarning, stacklevel=warn_level)
             else:
-                chunks = iter(model.runtime.generate(payload, options, json_schema=json_schema))
-            for chunk in chunks:
-                yield chunk.text
+                turn = chat.start(model, payload, options, json_schema=json_schema)
+            with turn.stream:
+                for chunk in turn:
+                    yield chunk.text
 
 
-def serve(*, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, auth: bool = True,
-          parallel: int = DEFAULT_PARALLEL, max_queue: int = DEFAULT_MAX_QUEUE, origins: Sequence[str] = (),
+def serve(*, host: str | None = None, port: int | None = None, token: str | None = None, auth: bool = True,
+          parallel: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, origins: Sequence[str] | None = None,
           allowed_hosts: Sequence[str] = ()) -> Any:
     """Serve this kernel's models over Ollama's and OpenAI's HTTP APIs (in a background thread).
 
     Binds loopback by default and requires a bearer token (generated unless ``token`` is given;
-    ``auth=False`` only on loopback). Models not loaded are loaded on demand with ``parallel``
-    slots (concurrent requests decoded together); beyond ``parallel + max_queue`` requests per
-    model the API answers 503. ``origins`` lists the web origins allowed to call it (CORS).
-    Returns the server: ``.url``, ``.token``, ``.status()``, ``.stop()``.
+    ``auth=False`` only on loopback). Every model is served with ``parallel`` slots (concurrent
+    requests decoded together): models not loaded are loaded on demand with them, one the
+    notebook loaded with fewer is reloaded with them while idle, its other options kept;
+    beyond ``parallel + max_queue`` requests per model the API answers 503. ``origins`` lists
+    the web origins allowed to call it (CORS). ``host``/``port``, ``parallel`` and ``origins``
+    not given come from ``JUPYTER_LLM_HOST``/``OLLAMA_HOST``, ``JUPYTER_LLM_PARALLEL``/
+    ``OLLAMA_NUM_PARALLEL`` and ``JUPYTER_LLM_ORIGINS``/``OLLAMA_ORIGINS``, else 127.0.0.1:11434,
+    4 slots and none. Returns the server: ``.url``, ``.token``, ``.status()``, ``.stop()``.
     """
     from . import server
 

@@ -84,6 +84,8 @@ class Turn:
         self._lock = threading.Lock()
         self.dropped = stream.fitted()
         """How many of the oldest messages were dropped to make the conversation fit."""
+        self.load_notices: list[str] = []
+        """What loading the model for this turn had to say (options reused, models evicted)."""
         if session is not None:
             session.forget_oldest(self.dropped)
 
@@ -147,26 +149,41 @@ def session_turn(manager: ModelManager, session: ChatSession, user: str, samplin
                  model: str | None = None, system: str | None = None, new: bool = False,
                  json_schema: dict[str, Any] | None = None) -> Turn:
     """The next turn of ``session``: reset it when asked (or when the system prompt changed),
-    load the model on demand (the named one, else the session's, else the most recently used
-    loaded one), and start the turn fitted to the context."""
+    pick the model (:func:`choose_model`, loading it on demand) and start the turn fitted to
+    the context. The history goes on with whichever model answers."""
     if new or (system is not None and system != session.system):
         session.reset(system=system)
-    name = model or session.model
-    if name is not None and not manager.is_loaded(name):
-        manager.load(name)
+    name = choose_model(manager, session, model)
+    loaded_now = manager.load(name) if name is not None and not manager.is_loaded(name) else None
     loaded = manager.get(name)
     session.model = loaded.name
-    return start(loaded, session.prompt_messages(user), sampling, json_schema=json_schema, fit=True,
+    turn = start(loaded, session.prompt_messages(user), sampling, json_schema=json_schema, fit=True,
                  session=session, user=user)
+    if loaded_now is not None:
+        turn.load_notices = list(loaded_now.notices)
+    return turn
 
 
-def fit_notice(dropped: int, n_ctx: int) -> str | None:
-    """The visible notice for messages dropped to fit, None when none were."""
+def choose_model(manager: ModelManager, session: ChatSession, named: str | None) -> str | None:
+    """The model that answers the next turn: the one the user named, else the one loaded most
+    recently (a user who runs ``%llm load`` of another model means to chat with it next), else
+    the session's own, reloaded (keep_alive unloaded it); None when there is none of these
+    (the manager then says what to load)."""
+    if named:
+        return named
+    loaded = manager.ps()
+    if loaded:
+        return max(loaded, key=lambda m: m.chosen_at).name
+    return session.model
+
+
+def fit_notice(dropped: int, n_ctx: int, restart: str = "`%%chat --new` starts over") -> str | None:
+    """The visible notice for messages dropped to fit, None when none were; ``restart`` says
+    how to start the conversation over in the front end that shows it."""
     if not dropped:
         return None
     s = "s" if dropped != 1 else ""
-    return (f"dropped the {dropped} oldest message{s} of this conversation to fit the {n_ctx}-token "
-            "context (`%%chat --new` starts over)")
+    return f"dropped the {dropped} oldest message{s} of this conversation to fit the {n_ctx}-token context ({restart})"
 
 
 def slot_context(model: LoadedModel) -> int:

@@ -14,27 +14,28 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from . import config
 from .chat import ChatSession
-from .errors import JupyterLLMError, ModelLoadError, ModelNotFoundError, WontFitError, WorkerCrashedError
-from .loaded import LoadedModel, same_load
-from .options import AUTO, LoadOptions, SamplingOptions
+from .errors import ModelLoadError, ModelNotFoundError, WorkerCrashedError
+from .loaded import LoadedModel, Use, describe, same_load
+from .loading import GpuCheck, RememberedOptions, record_or_path
+from .options import LoadOptions, SamplingOptions
 from .progress import Listener, PullProgress
 from .store.records import ModelRecord, Store
 
 if TYPE_CHECKING:
+    from .eviction import Eviction
     from .memory.devices import Device
     from .memory.estimate import MemoryEstimate
     from .runtime import Completion
     from .runtime.stream import Chunk
     from .server.runner import Server
-    from .store.gguf_info import GGUFInfo
 
 log = logging.getLogger("jupyter_llm")
 
 Event = dict[str, Any]
 EventListener = Callable[[Event], None]
 
-DEFAULT_MAX_LOADED = 3
 _DEVICE_TTL = 1.0
 """Seconds a device reading is reused for estimates (see ModelManager._devices_for_estimate)."""
 
@@ -42,9 +43,12 @@ _DEVICE_TTL = 1.0
 class ModelManager:
     """Owns models, workers, pulls, sessions and events for one kernel."""
 
-    def __init__(self, store: Store | None = None, *, max_loaded: int = DEFAULT_MAX_LOADED) -> None:
+    def __init__(self, store: Store | None = None, *, max_loaded: int | None = None) -> None:
         self.store = store or Store()
         self.max_loaded = max_loaded
+        """Models kept loaded at most; None: ``config.max_loaded()`` (unset: memory alone decides)."""
+        self._remembered = RememberedOptions()
+        self._gpu_check = GpuCheck()
         self._lock = threading.RLock()
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -146,10 +150,10 @@ class ModelManager:
         return self.store.require(name)
 
     def show(self, name: str) -> dict[str, Any]:
-        """Everything known about a stored model: record, header facts, bytes per layer."""
+        """Everything known about a stored model (or a GGUF path): record, header facts, bytes per layer."""
         from .store.gguf import scan_cached
 
-        record = self.record(name)
+        record = record_or_path(name, self.record)
         return {"record": record, "info": scan_cached(record.path)}
 
     def remove(self, name: str) -> list[str]:
@@ -158,11 +162,13 @@ class ModelManager:
         if record.name in self._loaded:
             self.unload(record.name)
         deleted = self.store.remove(record.name)
+        self._remembered.forget(record.name)
         self._emit("models")
         return deleted
 
-    def copy(self, source: str, destination: str) -> ModelRecord:
-        record = self.store.copy(source, destination)
+    def copy(self, source: str, destination: str, *, force: bool = False) -> ModelRecord:
+        """A second name for the same files; ``force`` lets the name shadow an alias on purpose."""
+        record = self.store.copy(source, destination, force=force)
         self._emit("models")
         return record
 
@@ -175,18 +181,13 @@ class ModelManager:
 
         return list_devices(include_llama=include_llama)
 
-    def resolve_options(self, name: str, options: LoadOptions | None = None, **overrides: Any
-                        ) -> tuple[ModelRecord, GGUFInfo, LoadOptions]:
-        """Record, header info and the options with "auto" resolved against free memory now."""
-        from .memory.estimate import fit
-        from .store.gguf import scan_cached
+    def remembered_options(self, name: str) -> LoadOptions | None:
+        """The options of ``name``'s last explicit load, which a load by name alone uses; or None."""
+        record = self.store.get(name)
+        return self._remembered.get(name) or (self._remembered.get(record.name) if record else None)
 
-        record = self.record(name)
-        options = (options or LoadOptions()).with_(**overrides) if overrides else (options or LoadOptions())
-        info = scan_cached(record.path)
-        if options.gpu_layers == AUTO or options.n_ctx == AUTO:
-            options = fit(info, options, self._devices_for_estimate())
-        return record, info, options
+    def _gpus_checked(self, devices: list[Device], options: LoadOptions) -> list[Device]:
+        return self._gpu_check.devices(devices, options, lambda: self.devices(include_llama=True))
 
     def _devices_for_estimate(self) -> list[Device]:
         """Free memory as the estimate should see it: what our own loaded workers use is
@@ -203,36 +204,57 @@ class ModelManager:
         return devices
 
     def estimate(self, name: str, options: LoadOptions | None = None, **overrides: Any) -> MemoryEstimate:
-        """What loading ``name`` with ``options`` would take on each device."""
+        """What loading ``name`` (or a GGUF path) with ``options`` would take on each device;
+        without options, what loading it by name would use (see :meth:`load`)."""
         from .memory.estimate import estimate
+        from .store.gguf import scan_cached
 
-        _, info, options = self.resolve_options(name, options, **overrides)
-        return estimate(info, options, self._devices_for_estimate())
+        record = record_or_path(name, self.record)
+        requested, _ = self._remembered.choose(record.name, options, overrides)
+        devices = self._devices_for_estimate()
+        return estimate(scan_cached(record.path), requested, self._gpus_checked(devices, requested))
 
     # -- loading -----------------------------------------------------------------------------
 
     def load(self, name: str, options: LoadOptions | None = None, *, force: bool = False,
              pull: bool = True, listeners: list[Listener] | tuple[Listener, ...] = (),
-             **overrides: Any) -> LoadedModel:
+             remember: bool = True, **overrides: Any) -> LoadedModel:
         """Load ``name`` into its own worker process (pulling it first if needed).
 
-        Refuses with WontFitError when the estimate says it will not fit, unless ``force``.
-        Loading a model that is already loaded with the same options returns it.
+        Without ``options``: those of ``name``'s last explicit load (a reload after keep_alive,
+        an unload or by ``%%chat`` keeps what the user chose); given ones replace them, unless
+        ``remember=False`` (an API client's on-demand load). Idle models in the way are evicted
+        (:mod:`jupyter_llm.eviction`); WontFitError if it still will not fit, unless ``force``.
+        Already loaded alike: returned. ``model.notices`` say what else it did, for the caller.
         """
+        from .eviction import plan, refusal
+        from .loading import resolve
         from .memory.estimate import estimate as estimate_memory
         from .runtime.process import Runtime
+        from .store.gguf import scan_cached
 
         if pull and self.store.get(name) is None and not self._is_loaded(name):
-            record = self.pull(name, listeners=listeners)
-            name = record.name
-        record, info, resolved = self.resolve_options(name, options, **overrides)
+            name = self.pull(name, listeners=listeners).name
+        record = self.record(name)
         name = record.name
+        requested, reused = self._remembered.choose(name, options, overrides)
+        # remembered once loaded: a refused or failed load must not spoil the next reload
+        remembered = self._remembered if remember and not reused else None
+        info = scan_cached(record.path)
+        devices = self._devices_for_estimate()
+        resolved, notes = resolve(info, requested, devices, self._gpus_checked(devices, requested))
         while True:
             with self._lock:
                 current = self._loaded.get(name)
-                if current is not None and current.runtime.alive and same_load(current.options, resolved):
+                if current is not None and current.runtime.alive and (
+                        same_load(current.options, resolved)
+                        or (current.requested is not None and same_load(current.requested, requested))):
                     current.last_used = time.time()
-                    current.options = current.options.with_(keep_alive=resolved.keep_alive)
+                    if remember:
+                        current.chosen_at = current.last_used
+                    current.options = current.options.with_(keep_alive=requested.keep_alive)
+                    if remembered is not None:
+                        remembered.remember(name, requested)
                     return current
                 pending = self._loading.get(name)
                 if pending is None:
@@ -242,25 +264,35 @@ class ModelManager:
             pending.wait()  # another thread is loading this model: use its result
         try:
             if current is not None:
-                self.unload(name)
-            estimate = estimate_memory(info, resolved, self._devices_for_estimate())
+                self.unload(name, reason="reloaded with other options")
+            with self._lock:
+                others = [m for n, m in self._loaded.items() if n != name]
+            cap = self.max_loaded if self.max_loaded is not None else config.max_loaded()
+            evictions, estimate = plan(lambda devices: estimate_memory(info, resolved, devices),
+                                       self._devices_for_estimate(), others, cap)
             if not estimate.fits and not force:
-                raise WontFitError(
-                    f"{name} will not fit: {estimate.suggestion()} — or pass --force to try anyway",
-                    estimate,
-                )
-            self._make_room(exclude=name)
+                raise refusal(name, estimate, others)
+            evicted = [e for e in evictions if self._evict(e, name)]
+            notes += [e.notice for e in evicted]
+            if reused:
+                notes.insert(0, f"reloaded {name} with the options of its last load: {describe(resolved)}")
             self._emit("loading", name=name, options=resolved.to_dict())
             try:
                 runtime = Runtime.start(record.path, resolved, name=name)
             except (ModelLoadError, WorkerCrashedError) as exc:
                 self._emit("load_failed", name=name, error=str(exc))
                 raise
-            model = LoadedModel(name=name, record=record, options=resolved, estimate=estimate, runtime=runtime)
+            model = LoadedModel(name=name, record=record, options=resolved, estimate=estimate, runtime=runtime,
+                                requested=requested, notices=notes)
+            if not remember:  # loaded for an API client, not chosen by the user
+                model.chosen_at = 0.0
             with self._lock:
                 self._loaded[name] = model
+            if remembered is not None:
+                remembered.remember(name, requested)
             self._ensure_reaper()
-            self._emit("loaded", model=model.to_dict())
+            self._emit("loaded", model=model.to_dict(), reload=reused, notices=list(notes),
+                       evicted=[{"name": e.model.name, "freed": e.freed} for e in evicted])
             return model
         finally:
             with self._lock:
@@ -279,18 +311,17 @@ class ModelManager:
         with self._lock:
             return name in self._loaded
 
-    def _make_room(self, *, exclude: str) -> None:
-        """Evict the least recently used idle models beyond ``max_loaded``."""
-        while True:
-            with self._lock:
-                others = [m for n, m in self._loaded.items() if n != exclude]
-                if len(others) < self.max_loaded:
-                    return
-                idle = sorted((m for m in others if m.active == 0), key=lambda m: m.last_used)
-                if not idle:
-                    return  # everything is busy: allow one more rather than kill a generation
-                victim = idle[0].name
-            self.unload(victim, reason="evicted (least recently used)")
+    def _evict(self, eviction: Eviction, name: str) -> bool:
+        """Unload an eviction's model unless a request started using it meanwhile."""
+        model = eviction.model
+        with self._lock:
+            if self._loaded.get(model.name) is not model or model.active:
+                return False
+            del self._loaded[model.name]
+        model.runtime.close()
+        self._emit("unloaded", name=model.name, reason=eviction.reason(name), freed=eviction.freed,
+                   evicted_for=name)
+        return True
 
     def get(self, name: str | None = None) -> LoadedModel:
         """A loaded model by name (None: the only/most recently used one)."""
@@ -328,9 +359,14 @@ class ModelManager:
 
     # -- using a model -----------------------------------------------------------------------
 
-    def using(self, name: str | None) -> _Using:
+    def using(self, name: str | None) -> Use:
         """Context manager marking a model busy (keep_alive starts counting after it exits)."""
-        return _Using(self, self.get(name))
+        return Use(self._lock, self.get(name), self._used)
+
+    def _used(self, model: LoadedModel) -> None:
+        self._emit("used", name=model.name)
+        if model.options.keep_alive == 0:
+            self.reap()
 
     def set_keep_alive(self, name: str, keep_alive: float | None) -> LoadedModel:
         """Change how long a loaded model stays after its last use (Ollama's per-request
@@ -429,26 +465,6 @@ class ModelManager:
             self.server.stop()
             self.server = None
         self.unload(all=True, reason="shutdown")
-
-
-class _Using:
-    def __init__(self, manager: ModelManager, model: LoadedModel) -> None:
-        self.manager = manager
-        self.model = model
-
-    def __enter__(self) -> LoadedModel:
-        with self.manager._lock:
-            self.model.active += 1
-            self.model.last_used = time.time()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        with self.manager._lock:
-            self.model.active -= 1
-            self.model.last_used = time.time()
-        self.manager._emit("used", name=self.model.name)
-        if self.model.options.keep_alive == 0:
-            self.manager.reap()
 
 
 _manager: ModelManager | None = None

@@ -3,6 +3,9 @@
 Shared by the estimate (what would this take?), the runtime (load it) and every front end
 (magics, widgets, the sidebar, the HTTP API), so that all of them mean the same thing: every
 default is stated here once, and :func:`parse_duration` is the one reader of keep_alive values.
+The load defaults of n_ctx, kv_type, flash_attn and keep_alive follow the environment when the
+user set ``JUPYTER_LLM_*`` or Ollama's ``OLLAMA_*`` variables for them (:mod:`jupyter_llm.config`),
+read at each ``LoadOptions()``; explicit arguments win.
 """
 
 from __future__ import annotations
@@ -65,6 +68,41 @@ def parse_duration(value: Any) -> float | None:
         raise ValueError(usage)
     return None if negative and seconds > 0 else seconds
 
+DEFAULT_CTX = 4096
+"""Context of a load in tokens (shared by its slots)."""
+
+
+def _default_keep_alive() -> float | None:
+    from . import config  # the environment is read at each LoadOptions(), not at import
+
+    found = config.keep_alive()
+    if found is None:
+        return DEFAULT_KEEP_ALIVE
+    name, raw = found
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r}: {exc}; or unset it (5m)") from None
+
+
+def _default_ctx() -> int:
+    from . import config
+
+    return config.context_length() or DEFAULT_CTX
+
+
+def _default_kv_type() -> str:
+    from . import config
+
+    return config.kv_cache_type() or "f16"
+
+
+def _default_flash_attn() -> bool:
+    from . import config
+
+    return bool(config.flash_attention())
+
+
 GpuLayers = int | Literal["auto"]
 Context = int | Literal["auto"]
 
@@ -75,19 +113,19 @@ class LoadOptions:
 
     gpu_layers: GpuLayers = AUTO
     """Layers offloaded to GPUs; 0 = CPU only; ``"auto"`` = as many as fit (0 without a GPU)."""
-    n_ctx: Context = 4096
+    n_ctx: Context = field(default_factory=_default_ctx)
     """Context length in tokens shared by all slots; ``"auto"`` = largest that fits, capped at
     the model's training context."""
-    kv_type: str = "f16"
+    kv_type: str = field(default_factory=_default_kv_type)
     """KV cache element type: f16, q8_0 or q4_0 (quantized V needs flash attention)."""
-    flash_attn: bool = False
+    flash_attn: bool = field(default_factory=_default_flash_attn)
     threads: int | None = None
     """CPU threads for generation; None = the number of cores."""
     parallel: int = 1
     """Slots: sequences decoded together in one batch (the HTTP API's concurrent requests)."""
     n_batch: int = 512
     n_ubatch: int = 512
-    keep_alive: float | None = DEFAULT_KEEP_ALIVE
+    keep_alive: float | None = field(default_factory=_default_keep_alive)
     """Seconds idle before the model is unloaded; None = forever; 0 = right after use."""
     tensor_split: tuple[float, ...] = field(default_factory=tuple)
 

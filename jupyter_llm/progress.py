@@ -1,7 +1,7 @@
 """One progress source for slow work (pulls), fanned out to every view.
 
 A pull emits :class:`PullProgress` events; listeners turn them into a tqdm bar (text in a
-terminal, an ipywidgets bar in a notebook, via ``tqdm.auto``), the sidebar's state, or the
+terminal, an ipywidgets bar in a notebook, see :func:`bar_class`), the sidebar's state, or the
 HTTP API's NDJSON stream. The statuses follow Ollama's pull stream ("pulling manifest",
 "downloading", "verifying sha256 digest", "success") so the API can pass them through.
 """
@@ -9,6 +9,7 @@ HTTP API's NDJSON stream. The statuses follow Ollama's pull stream ("pulling man
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -70,11 +71,7 @@ class TqdmListener:
     """Shows one tqdm bar per downloaded file (a widget in notebooks, text in terminals)."""
 
     def __init__(self, tqdm_class: Any = None) -> None:
-        if tqdm_class is None:
-            from tqdm.auto import tqdm  # deferred: tqdm.auto probes for ipywidgets
-
-            tqdm_class = tqdm
-        self._tqdm = tqdm_class
+        self._tqdm = tqdm_class if tqdm_class is not None else bar_class()
         self._bars: dict[str, Any] = {}
 
     def __call__(self, event: PullProgress) -> None:
@@ -98,6 +95,26 @@ class TqdmListener:
                 for bar in self._bars.values():
                     bar.close()
                 self._bars.clear()
+
+
+def bar_class() -> Any:
+    """tqdm's widget bar in a kernel that has ipywidgets, else its text bar.
+
+    Chosen here rather than through ``tqdm.auto``, whose import emits TqdmExperimentalWarning
+    and hides it with ``warnings.catch_warnings``: that saves and restores the process-wide
+    filters, so when another thread does the same meanwhile the warning reaches the cell and
+    the kernel can be left ignoring every later warning. This path touches no filters.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if getattr(shell, "kernel", None) is not None:  # a front end that can show widgets
+        from tqdm import notebook  # deferred, like every heavy import: ipywidgets comes with it
+
+        if notebook.IProgress is not None:
+            return notebook.tqdm
+    from tqdm.std import tqdm
+
+    return tqdm
 
 
 def _short(text: str, width: int = 40) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ CANCEL = "cancel"
 EMBED = "embed"
 CALL = "call"
 CLOSE = "close"
+PING = "ping"
+"""Answered by the worker's control thread at once, even while it loads or decodes: a worker
+that does not answer is hung (stopped, deadlocked), not busy."""
 # Worker → kernel.
 LOADED = "loaded"
 LOAD_ERROR = "load_error"
@@ -33,6 +38,7 @@ REPLY = "reply"
 ERROR = "error"
 LOG = "log"
 CLOSED = "closed"
+PONG = "pong"
 CRASH = "crash"
 """Not sent by the worker: the kernel's reader puts it into every waiting inbox when it dies."""
 
@@ -49,21 +55,59 @@ class Pipe:
     """Pickled messages, framed, over the private socket (both ends use it).
 
     ``multiprocessing.connection.Connection.send`` builds a new ForkingPickler per message
-    (tens of µs); plain ``pickle.dumps`` takes about 2 µs per streamed token.
+    (tens of µs); plain ``pickle.dumps`` takes about 2 µs per streamed token. The framing is
+    Connection's own (a 4-byte big-endian length, or -1 and an 8-byte one), also for
+    :meth:`send` with a ``timeout``, which writes it without blocking.
     """
 
     def __init__(self, fd: int) -> None:
         from multiprocessing.connection import Connection
 
         self._conn = Connection(fd)
+        self._sender: Any = None
+        self.broken = False
+        """A send timed out partway through a message: the stream cannot be used any more."""
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        self._conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+    def send(self, message: tuple[Any, ...], timeout: float | None = None) -> None:
+        """Send one message. With ``timeout``: raise TimeoutError if the other side has not taken
+        it within that many seconds (a stopped process takes nothing once the socket buffer is
+        full). If part of the message went, :attr:`broken` is set: give up on the other side."""
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        if timeout is None:
+            self._conn.send_bytes(data)
+            return
+        n = len(data)
+        header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        self._send_within(memoryview(header + data), time.monotonic() + timeout)
+
+    def _send_within(self, data: memoryview, deadline: float) -> None:
+        import select
+        import socket
+
+        if self._sender is None:  # a second handle on the socket, for sends that must not block
+            self._sender = socket.socket(fileno=os.dup(self._conn.fileno()))
+        whole = len(data)
+        while data:
+            try:
+                data = data[self._sender.send(data, socket.MSG_DONTWAIT):]
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self._sender], [], left)[1]:
+                self.broken = len(data) < whole
+                raise TimeoutError("the other side stopped reading")
 
     def recv(self) -> Any:
         return pickle.loads(self._conn.recv_bytes())
 
+    def pending(self) -> bool:
+        """Whether something has arrived that is not read yet (does not read it)."""
+        return bool(self._conn.poll(0))
+
     def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
         self._conn.close()
 
 

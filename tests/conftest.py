@@ -26,6 +26,7 @@ def isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setenv("OLLAMA_MODELS", str(root / "ollama"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(root / "runtime"))  # servers' token files
     for name in ("JUPYTER_LLM_HF_ENDPOINT", "HF_ENDPOINT", "JUPYTER_LLM_OLLAMA_REGISTRY", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     return root

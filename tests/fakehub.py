@@ -16,12 +16,13 @@ It never sends ``X-Xet-Hash`` (huggingface_hub would switch to Xet with no fallb
 :class:`LoopbackServer` (also used by ``tests/fakeollama.py``) runs a ThreadingHTTPServer on
 port 0 in a daemon thread that shuts itself down after ``lifetime`` seconds, logs every
 request (method, path, Range, status, body bytes actually sent) and injects faults into blob
-responses: drop the connection after N bytes, corrupt byte K, throttle, delay, fail with a
-status.
+responses: drop the connection after N bytes, corrupt byte K, throttle (down to a byte at a
+time), delay, fail with a status, send a chunked body longer than the blob.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -64,6 +66,7 @@ class _Faults:
     rate: float | None = None
     delays: list[float] = field(default_factory=list)
     ignore_range: bool = False
+    overlong: dict[str, int] = field(default_factory=dict)
 
 
 class LoopbackServer:
@@ -161,13 +164,13 @@ class LoopbackServer:
         with self._lock:
             self.faults.delays.extend([seconds] * times)
 
+    def overlong(self, key: str, extra: int) -> None:
+        """Serve blob ``key`` chunked (no Content-Length) with ``extra`` bytes after its end."""
+        self.faults.overlong[key] = extra
+
     def ignore_range(self, value: bool = True) -> None:
         """Answer 200 with the whole blob even when a Range was asked for."""
         self.faults.ignore_range = value
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self.faults = _Faults()
 
     # -- log queries ---------------------------------------------------------------------------
 
@@ -240,15 +243,23 @@ class LoopbackServer:
             partial = True
         entry.start = start
         entry.status = 206 if partial else 200
+        extra = faults.overlong.get(key, 0)
         handler.send_response(entry.status)
         handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(end - start + 1))
+        # A chunked body announces no length: only what the client already knows bounds it.
+        handler.send_header(*(("Transfer-Encoding", "chunked") if extra else ("Content-Length", str(end - start + 1))))
         handler.send_header("Accept-Ranges", "bytes")
         handler.send_header("ETag", f'"{key}"')
         if partial:
             handler.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         handler.end_headers()
         if method == "HEAD":
+            return
+        if extra:  # the blob's bytes, then `extra` more, chunked
+            for chunk in chain((data[i:min(i + _PIECE, end + 1)] for i in range(start, end + 1, _PIECE)),
+                               (bytes(min(_PIECE, extra - i)) for i in range(0, extra, _PIECE)), [b""]):
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))  # b"" is the last chunk
+                entry.sent += len(chunk)
             return
         with self._lock:
             drops = faults.drop_after.get(key, [])
@@ -258,7 +269,8 @@ class LoopbackServer:
         flips = faults.corrupt.get(key, set())
         pos = start
         began = time.monotonic()
-        piece = _PIECE if not faults.rate else max(1024, min(_PIECE, int(faults.rate / 20)))
+        # Slow rates send small pieces, down to a byte at a time: a trickle, not a stall.
+        piece = _PIECE if not faults.rate else max(1, min(_PIECE, int(faults.rate / 20)))
         while pos <= end:
             upto = min(end + 1, pos + piece, stop_at if stop_at is not None else end + 1)
             chunk = data[pos:upto]
@@ -279,10 +291,8 @@ class LoopbackServer:
     def _drop(handler: BaseHTTPRequestHandler) -> None:
         # Everything written so far reaches the client, then EOF before Content-Length is met.
         handler.wfile.flush()
-        try:
+        with contextlib.suppress(OSError):
             handler.connection.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         handler.close_connection = True
 
 

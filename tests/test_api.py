@@ -26,7 +26,7 @@ def model(smollm2_path: Path) -> Iterator[llm.Model]:
 
 def test_chat_returns_text_and_streams_the_same_text(model: llm.Model) -> None:
     whole = model.chat("Name one colour.", temperature=0, max_tokens=12)
-    pieces = list(model.chat("Name one colour.", temperature=0, max_tokens=12, stream=True))
+    pieces = list(model.chat("Name one colour.", new=True, temperature=0, max_tokens=12, stream=True))
     assert whole and len(pieces) > 1
     assert "".join(pieces) == whole
 
@@ -57,3 +57,58 @@ def test_a_handle_survives_unload_and_reloads(model: llm.Model) -> None:
     assert not Path(f"/proc/{pid}").exists()
     assert model.chat("Say hi.", temperature=0, max_tokens=4)
     assert [m.name for m in llm.ps()] == ["smollm2"]
+
+
+def test_a_string_continues_the_handles_own_conversation(model: llm.Model) -> None:
+    first = model.chat("My name is Ada.", temperature=0, max_tokens=8)
+    streamed = "".join(model.chat("And what is my name?", stream=True, temperature=0, max_tokens=8))
+    assert [m["role"] for m in model.history] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in model.history] == ["My name is Ada.", first, "And what is my name?", streamed]
+    model.chat("Hello again.", new=True, temperature=0, max_tokens=4)
+    assert len(model.history) == 2 and model.history[0]["content"] == "Hello again.", "new=True starts over"
+    model.reset()
+    assert model.history == []
+
+
+def test_a_list_of_messages_is_answered_as_given_without_history(model: llm.Model) -> None:
+    messages = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada."},
+                {"role": "user", "content": "What is my name?"}]
+    assert model.chat(messages, temperature=0, max_tokens=8)
+    assert model.history == [], "the caller keeps the history of a list (as Ollama's and OpenAI's APIs)"
+    assert len(messages) == 3, "the caller's list is not changed"
+
+
+def test_a_long_conversation_drops_its_oldest_turns_with_a_warning(model: llm.Model) -> None:
+    filler = "The quick brown fox jumps over the lazy dog. " * 20  # ~200 tokens; the context is 1024
+    with pytest.warns(UserWarning, match="dropped the .* oldest message.*model.reset"):
+        for _ in range(6):
+            model.chat(f"Summarise: {filler}", temperature=0, max_tokens=16)
+    assert model.history[-2]["content"] == f"Summarise: {filler}"
+    assert len(model.history) < 12, "the dropped turns are gone from the handle's history too"
+
+
+def test_a_system_prompt_starts_the_conversation(model: llm.Model) -> None:
+    model.chat("Hi.", system="Answer in one word.", temperature=0, max_tokens=4)
+    model.chat("Again.", temperature=0, max_tokens=4)
+    assert len(model.history) == 4, "the same (or no) system prompt continues"
+    model.chat("Hi.", system="Answer in French.", temperature=0, max_tokens=4)
+    assert len(model.history) == 2, "a different system prompt starts a new conversation"
+
+
+def test_the_readmes_python_example_runs_as_it_reads(smollm2_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    manager_module._manager = None
+    manager = manager_module.get_manager()
+    manager.store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
+    namespace: dict[str, object] = {}
+    try:
+        exec(compile(example, "README.md", "exec"), namespace)
+        model = namespace["model"]
+        assert isinstance(model, llm.Model)
+        # after reset(), the list was not remembered and the JSON question was
+        assert [m["content"] for m in model.history if m["role"] == "user"] == ["Give me a person."]
+        assert llm.ps() == [], "the example ends by unloading"
+    finally:
+        manager.close()
+        manager_module._manager = None

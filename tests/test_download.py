@@ -20,6 +20,7 @@ from jupyter_llm.errors import (
     IntegrityError,
     PullError,
     RemoteError,
+    StoreError,
 )
 from jupyter_llm.store import download
 from jupyter_llm.store.download import fetch, get_bytes
@@ -255,3 +256,131 @@ def test_get_bytes_returns_small_documents_and_maps_client_errors(hub: FakeHub) 
     with pytest.raises(RemoteError) as info:
         get_bytes(f"{hub.url}/api/models/nobody/nothing")
     assert info.value.status == 404
+
+
+# -- bodies longer than announced --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("announced_by", ["the caller's size", "the Content-Range"])
+def test_a_body_longer_than_announced_is_stopped_at_that_size_and_discarded(
+    hub: FakeHub, blob: tuple[str, bytes, str], tmp_path: Path, announced_by: str
+) -> None:
+    url, data, sha = blob
+    hub.overlong(sha, 200 * MB)  # chunked, no Content-Length: only the announced size bounds it
+    dest = tmp_path / "out.gguf"
+    size: int | None = len(data)
+    if announced_by == "the Content-Range":
+        dest.with_name(dest.name + ".partial").write_bytes(data[:MB])  # a resume: the 206 says the total
+        size = None
+    written: list[int] = []
+    began = time.monotonic()
+    with pytest.raises(IntegrityError, match="more than the 12582912 bytes"):
+        fetch(url, dest, sha256=sha, size=size, on_bytes=lambda c, t: written.append(c))
+    assert max(written) <= len(data), "not one byte beyond the announced size reached the disk"
+    assert not dest.exists() and _leftovers(dest) == []
+    assert hub.bytes_sent(sha) < len(data) + 32 * MB  # what sat in socket buffers, not 200 MB
+    assert time.monotonic() - began < 10
+
+
+# -- links and other non-files in the store ------------------------------------------------------
+
+
+def test_a_planted_partial_symlink_is_refused_and_its_target_untouched(
+    hub: FakeHub, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    url, data, sha = blob
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "store" / "out.gguf"
+    dest.parent.mkdir()
+    dest.with_name(dest.name + ".partial").symlink_to(victim)
+    with pytest.raises(StoreError, match="symbolic link"):
+        fetch(url, dest, sha256=sha, size=len(data))
+    assert victim.read_bytes() == b"precious"
+    assert hub.blob_gets(sha) == [] and not dest.exists()
+
+
+def test_a_planted_lock_symlink_is_refused_and_creates_nothing(
+    hub: FakeHub, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    url, data, sha = blob
+    dest = tmp_path / "store" / "out.gguf"
+    dest.parent.mkdir()
+    target = tmp_path / "created-through-the-link"
+    dest.with_name(dest.name + ".lock").symlink_to(target)
+    with pytest.raises(StoreError, match="symbolic link"):
+        fetch(url, dest, sha256=sha, size=len(data))
+    assert not target.exists() and hub.blob_gets(sha) == []
+
+
+def test_a_symlink_in_place_of_the_finished_file_is_not_trusted(
+    hub: FakeHub, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    url, data, sha = blob
+    victim = tmp_path / "victim.gguf"
+    impostor = os.urandom(len(data))  # the right size, so a stat() that follows links says "done"
+    victim.write_bytes(impostor)
+    dest = tmp_path / "store" / "out.gguf"
+    dest.parent.mkdir()
+    dest.symlink_to(victim)
+    fetch(url, dest, sha256=sha, size=len(data))
+    assert not dest.is_symlink() and dest.read_bytes() == data
+    assert victim.read_bytes() == impostor
+
+
+def test_a_fifo_in_place_of_the_partial_is_refused_without_blocking(
+    hub: FakeHub, blob: tuple[str, bytes, str], tmp_path: Path
+) -> None:
+    url, data, sha = blob
+    dest = tmp_path / "out.gguf"
+    fifo = dest.with_name(dest.name + ".partial")
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fetch(url, dest, sha256=sha, size=len(data))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # release an open() blocked on the FIFO before failing
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail("fetch blocked on a FIFO in place of its partial")
+    assert isinstance(outcome[0], StoreError) and "not a regular file" in str(outcome[0])
+    assert hub.blob_gets(sha) == []
+
+
+def test_a_public_registry_cannot_send_a_pull_to_this_machine() -> None:
+    # Narrow unit test of the guard with a stand-in resolver: "registry.test" plays a public
+    # host (a loopback server cannot be public); the pull tests cover a local origin for real.
+    import httpx
+
+    from jupyter_llm.errors import RemoteError
+    from jupyter_llm.store.http import LocalGuard
+
+    table = {"registry.test": ["93.184.216.34"], "cdn.test": ["2606:2800:220:1::1"], "127.0.0.1": ["127.0.0.1"],
+             "intranet.test": ["10.1.2.3"], "rebound.test": ["93.184.216.35", "127.0.0.1"]}
+    guard = LocalGuard(resolve=lambda host: table[host])
+    guard(httpx.Request("GET", "https://registry.test/v2/x/manifests/latest"))
+    guard(httpx.Request("GET", "https://cdn.test/blob"))  # another public host: a CDN, fine
+    for host in ("127.0.0.1", "intranet.test", "rebound.test"):
+        with pytest.raises(RemoteError, match="private network"):
+            guard(httpx.Request("GET", f"http://{host}/admin"))
+    local = LocalGuard(resolve=lambda host: table[host])
+    local(httpx.Request("GET", "http://127.0.0.1:9/v2/"))  # a registry the user runs locally
+    local(httpx.Request("GET", "http://intranet.test/blob"))
+
+
+def test_a_loopback_registry_redirecting_to_its_cdn_on_localhost_still_pulls(hub: FakeHub,
+                                                                              tmp_path: Path) -> None:
+    # the first request's host is local, so local redirects after it are allowed
+    from jupyter_llm.store.http import make_client
+
+    with make_client() as client:
+        response = client.get(f"{hub.endpoint}/api/models/none/none")
+    assert response.status_code in (200, 404)

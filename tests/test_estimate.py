@@ -11,7 +11,15 @@ import pytest
 
 from jupyter_llm.memory.devices import Device, list_devices
 from jupyter_llm.memory.estimate import MemoryEstimate, dry_run, estimate, fit
-from jupyter_llm.memory.formulas import GiB, MiB, context_cells, default_margin, is_formula_exact, layer_devices
+from jupyter_llm.memory.formulas import (
+    AUTO_CTX_CEILING,
+    GiB,
+    MiB,
+    context_cells,
+    default_margin,
+    is_formula_exact,
+    layer_devices,
+)
 from jupyter_llm.memory.llama_log import mib_to_bytes
 from jupyter_llm.memory.probe import measure
 from jupyter_llm.options import AUTO, LoadOptions
@@ -218,6 +226,24 @@ def test_auto_context_is_capped_at_the_training_context(smollm2: GGUFInfo) -> No
     assert fit(smollm2, LoadOptions(gpu_layers=0, n_ctx=AUTO), [host()]).n_ctx == 8192
 
 
+def test_auto_context_stops_at_a_ceiling_for_a_huge_training_context(tmp_path: Path) -> None:
+    # A GGUF claiming 2**27 tokens of training context once got ctx 2,102,272 (21.1 of 22 GiB).
+    huge = scan(write_tiny_llama(tmp_path / "huge.gguf", ctx=2**27))
+    devices = [host(free=22 * GiB)]
+    picked = fit(huge, LoadOptions(gpu_layers=0, n_ctx=AUTO), devices).n_ctx
+    assert picked == AUTO_CTX_CEILING == 32768
+    est = estimate(huge, LoadOptions(gpu_layers=0, n_ctx=AUTO), devices)
+    assert est.n_ctx == AUTO_CTX_CEILING and est.total < GiB
+
+
+def test_auto_context_keeps_the_margin_free_on_every_device(smollm2: GGUFInfo) -> None:
+    for free in (300 * MiB, 700 * MiB, 12 * GiB):
+        devices = [host(free=free)]
+        n_ctx = fit(smollm2, LoadOptions(gpu_layers=0, n_ctx=AUTO), devices).n_ctx
+        row = estimate(smollm2, options(int(n_ctx)), devices).device("CPU")
+        assert row.total + default_margin(free) <= free, f"{free / MiB:.0f} MiB free"
+
+
 def test_auto_context_shrinks_when_free_memory_is_small(smollm2: GGUFInfo) -> None:
     small = [host(free=300 * MiB)]
     n_ctx = fit(smollm2, LoadOptions(gpu_layers=0, n_ctx=AUTO), small).n_ctx
@@ -247,9 +273,21 @@ def test_a_tight_fit_suggests_a_smaller_context_and_a_quantized_cache(smollm2: G
     assert not est.fits
     text = est.suggestion() or ""
     n_ctx = fit(smollm2, LoadOptions(gpu_layers=0, n_ctx=AUTO), [host(free=300 * MiB)]).n_ctx
-    assert f"n_ctx={n_ctx} (--ctx {n_ctx}" in text
-    assert "--kv-type q8_0 --flash-attn; KV 95.6 MiB instead of 180.0 MiB" in text
-    assert "--flash-attn; graph 98.2 MiB instead of 166.4 MiB" in text
+    at_ctx = estimate(smollm2, options(int(n_ctx)), [host(free=300 * MiB)])
+    # every tip quotes the whole total it would need, not only the part that shrinks
+    assert f"n_ctx={n_ctx} (--ctx {n_ctx}; {at_ctx.total / MiB:.1f} MiB in all instead of 438.7 MiB" in text
+    fa = estimate(smollm2, options(8192, flash_attn=True), [host(free=300 * MiB)]).total / MiB
+    q8 = estimate(smollm2, options(8192, "q8_0", flash_attn=True), [host(free=300 * MiB)]).total / MiB
+    assert f"--kv-type q8_0 --flash-attn; {q8:.1f} MiB in all instead of 438.7 MiB (KV 95.6 MiB instead of " \
+           "180.0 MiB)" in text
+    assert f"--flash-attn; {fa:.1f} MiB in all instead of 438.7 MiB (graph 98.2 MiB instead of 166.4 MiB)" in text
+
+
+def test_gpu_layers_without_a_gpu_mean_the_cpu_and_the_estimate_says_so(smollm2: GGUFInfo) -> None:
+    est = estimate(smollm2, options(4096, gpu_layers=10), [host()])
+    assert est.options.gpu_layers == 0
+    assert any(n.startswith("no GPU found: gpu_layers=10 ignored") for n in est.notes)
+    assert not estimate(smollm2, options(4096, gpu_layers=10), [host(), gpu(0)]).notes
 
 
 def test_too_many_gpu_layers_suggest_fewer(smollm2: GGUFInfo) -> None:

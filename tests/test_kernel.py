@@ -49,6 +49,69 @@ def test_chat_streams_into_the_cell_in_several_steps(kernel: Kernel) -> None:
     assert meta["completion_tokens"] > 0
     assert "tok/s" in texts[-1] and "first token" in texts[-1]
     assert "▌" not in texts[-1], "the final redraw has no cursor"
+    plain = [u["content"]["data"]["text/plain"] for u in updates]
+    assert "tok/s" in plain[-1] and not any("<IPython" in p for p in plain), "text/plain carries the answer"
+
+
+def test_chat_metadata_records_how_the_model_was_loaded(kernel: Kernel) -> None:
+    from importlib.metadata import version
+
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1")
+    run = kernel.ok('%%chat --new --session p --system "Answer in one word." --temperature 0 --max-tokens 4\n'
+                    "Say hi.")
+    meta = run.updates()[-1]["content"]["metadata"]["jupyter_llm"]
+    assert (meta["n_ctx"], meta["kv_type"], meta["flash_attn"]) == (2048, "f16", False)
+    assert meta["system"] == "Answer in one word."
+    assert meta["llama_cpp"]["version"] == version("llama-cpp-python")
+    assert "CPU" in meta["llama_cpp"]["system_info"], "llama.cpp's own build and CPU features"
+    run = kernel.ok("import sys; print('llama_cpp' in sys.modules)")
+    assert run.texts()[-1].strip() == "False", "the version is read without importing llama_cpp"
+
+
+def test_chat_answers_with_the_most_recently_loaded_model_and_names_it(kernel: Kernel, tmp_path: Path) -> None:
+    tiny = write_tiny_llama(tmp_path / "tiny5.gguf")
+    kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
+    first = kernel.ok("%%chat --new --session m --temperature 0 --max-tokens 4\nHi.")
+    assert first.updates()[-1]["content"]["metadata"]["jupyter_llm"]["model"] == "smollm2"
+    kernel.ok(f"%llm load {tiny} --ctx 256 --keep-alive -1")
+    try:
+        run = kernel.ok("%%chat --session m --temperature 0 --max-tokens 4\nHi again.")
+        final = run.updates()[-1]["content"]
+        assert final["metadata"]["jupyter_llm"]["model"] == "tiny5", "the model loaded last answers"
+        assert "tiny5" in final["data"]["text/markdown"].rsplit("<sub>", 1)[-1], "the footer names it"
+        named = kernel.ok("%%chat -m smollm2 --session m --temperature 0 --max-tokens 4\nAnd now?")
+        assert named.updates()[-1]["content"]["metadata"]["jupyter_llm"]["model"] == "smollm2"
+    finally:
+        kernel.ok("%llm unload tiny5")
+
+
+def test_a_chat_that_reloads_its_model_says_what_the_load_did(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 512 --keep-alive -1")
+    kernel.ok("%%chat --new --session r --temperature 0 --max-tokens 4\nHi.")
+    kernel.ok("%llm unload --all")
+    run = kernel.ok("%%chat --session r --temperature 0 --max-tokens 4\nHi again.")
+    notes = [t for t in run.texts() if t.startswith("*⚠")]
+    assert any("reloaded smollm2" in t and "ctx=512" in t for t in notes), run.texts()
+
+
+def test_chat_prompts_refer_to_in_out_and_the_last_error(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1")
+    given = kernel.ok("21 * 2").reply["content"]["execution_count"]
+    failed = kernel.run("def broken():\n    return 1 / 0\nbroken()")
+    assert failed.status == "error"
+    raised = failed.reply["content"]["execution_count"]
+    run = kernel.ok(f"%%chat --new --session e --temperature 0 --max-tokens 8\n"
+                    f"Cell {{In[{given}]}} gave {{Out[{given}]}}. Why this error?\n{{Err}}")
+    meta = run.updates()[-1]["content"]["metadata"]["jupyter_llm"]
+    used = {u["ref"]: u for u in meta["substituted"]}
+    assert used[f"{{Out[{given}]}}"]["text"] == "42" and used[f"{{In[{given}]}}"]["text"] == "21 * 2"
+    assert used["{Err}"]["as"] == f"Err[{raised}]"
+    run = kernel.ok("import json; from jupyter_llm.manager import get_manager; "
+                    "print(json.dumps(get_manager().session('e').messages[0]['content']))")
+    prompt = json.loads(run.texts()[-1])
+    assert prompt.startswith("Cell 21 * 2 gave 42. Why this error?\n")
+    assert "ZeroDivisionError: division by zero" in prompt and "return 1 / 0" in prompt
+    assert "\x1b[" not in prompt, "the kernel's coloured traceback is sent without colours"
 
 
 def test_history_is_kept_and_new_starts_over(kernel: Kernel) -> None:
@@ -200,6 +263,10 @@ def test_format_code_puts_the_answer_into_a_new_cell(kernel: Kernel) -> None:
     assert len(payloads) == 1 and payloads[0]["replace"] is False
     assert payloads[0]["text"].strip(), "the new cell holds the code"
     assert "```" not in payloads[0]["text"]
+    for update in run.updates():
+        fences = [line for line in update["content"]["data"]["text/markdown"].splitlines()
+                  if line.startswith("```")]
+        assert len(fences) <= 2, "one code block while streaming, never fences inside fences"
 
 
 def test_format_json_returns_parsed_json(kernel: Kernel) -> None:

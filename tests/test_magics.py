@@ -75,8 +75,9 @@ def test_rm_and_cp_through_the_magic(magics: LLMMagics, tmp_path: Path) -> None:
 
 
 def test_variables_are_substituted_but_code_braces_stay() -> None:
-    text = substitute("Tell me about {topic}; keep {unknown} and {{literal}} and {'a': 1}", {"topic": "moons"})
+    text, used = substitute("Tell me about {topic}; keep {unknown} and {{literal}} and {'a': 1}", {"topic": "moons"})
     assert text == "Tell me about moons; keep {unknown} and {{literal}} and {'a': 1}"
+    assert used == [{"ref": "{topic}", "text": "moons"}]
 
 
 def test_code_format_extracts_the_first_fence() -> None:
@@ -96,3 +97,24 @@ def test_devices_lists_host_ram_with_its_llama_cpp_backend(magics: LLMMagics) ->
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     total_kib = int(meminfo["MemTotal"].split()[0])
     assert table.data[0].total_bytes == total_kib * 1024
+
+
+def test_show_has_a_table_of_bytes_per_layer(magics: LLMMagics, smollm2_path: Path) -> None:
+    from jupyter_llm.manager import get_manager
+    from jupyter_llm.store.gguf import scan
+
+    get_manager().store.put("smollm2", Pulled("pip", [smollm2_path], owned=[]))
+    shown = magics.llm("show smollm2")
+    layers = shown.sections[0]
+    assert layers.columns[:2] == ["layers", "bytes per layer"]
+    info = scan(smollm2_path)
+    sizes = info.layer_bytes()
+    covered = []
+    for row in (row for row in layers.rows if row[0][0].isdigit()):
+        first, _, last = row[0].partition("–")
+        covered += range(int(first), int(last or first) + 1)
+    assert covered == sorted(sizes), "every layer once, in order, identical neighbours as a range"
+    assert any(row[0] == "token_embd.weight" for row in layers.rows), "tensors outside the layers too"
+    text = repr(shown)
+    assert "bytes per layer" in text and f"0–{len(sizes) - 1}" in text
+    assert "layers" in shown._repr_html_() and "<table>" in shown._repr_html_()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from jupyter_llm import config
-from jupyter_llm.errors import AliasFileError, ModelNotFoundError
+from jupyter_llm.errors import AliasFileError, JupyterLLMError, ModelNotFoundError, StoreError
+from jupyter_llm.store import names
 from jupyter_llm.store.names import (
     HF_PREFIX,
     AliasRef,
@@ -76,6 +78,15 @@ def test_ollama_references_parse_and_round_trip(text: str, ref: OllamaRef, name:
                                  "ollama://m:bad tag"])
 def test_malformed_ollama_references_are_refused(bad: str) -> None:
     with pytest.raises(ModelNotFoundError, match="not a valid Ollama reference"):
+        parse(bad)
+
+
+@pytest.mark.parametrize("bad", ["ollama://../library/x:y", "ollama://a..b/ns/m:t", "ollama://.host/ns/m:t",
+                                 "ollama://-host.example/ns/m:t", f"ollama://{'a' * 64}.example/ns/m:t",
+                                 f"ollama://{'a.' * 127}example/ns/m:t", "ollama://host.example:99999/ns/m:t",
+                                 "ollama://host.example:0/ns/m:t", "ollama://host.example:/ns/m:t"])
+def test_an_ollama_registry_that_is_not_a_host_name_is_refused(bad: str) -> None:
+    with pytest.raises(ModelNotFoundError, match="is not a host name"):
         parse(bad)
 
 
@@ -284,3 +295,55 @@ def test_malformed_user_alias_file_names_the_file_and_the_problem(content: objec
     with pytest.raises(AliasFileError) as e:
         aliases()
     assert str(path) in str(e.value) and problem in str(e.value)
+
+
+# -- anything typed ------------------------------------------------------------------------------
+
+
+def test_no_reference_raises_anything_but_our_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from jupyter_llm.store.sources import ollama
+
+    monkeypatch.chdir(tmp_path)
+    pieces = ["hf.co/", "hf://", "ollama://", "pip:", "/", ":", ".", "..", "-", "~", "#", "==", "\\", "a", "Z9",
+              "\0", "\n", "\t", " ", "é", "\u200b", "\udcff", "x" * 300, "127.", "localhost", ":99999", ".gguf"]
+    rng = random.Random(11)
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        try:
+            ref = parse(text)
+            canonical(ref)
+            if isinstance(ref, OllamaRef) and ref.registry is not None:
+                httpx.URL(ollama.registry_url(ref))
+        except JupyterLLMError:
+            pass
+
+
+# -- store names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", ["tiny", "my model", "tiny-copy:v2", "Модель", "a" * 200])
+def test_a_plain_name_is_a_valid_store_name(good: str) -> None:
+    assert names.check_name(good) == good
+
+
+@pytest.mark.parametrize(("bad", "problem"), [
+    ("", "empty"), ("   ", "empty"), (" tiny", "spaces"), ("tiny\n", "spaces"),
+    ("a\nb", "control"), ("a\x00b", "control"), ("tab\tname", "control"), ("zero\u200bwidth", "control"),
+    ("x" * 256, "too long"), ("é" * 90, "too long"), (":" * 90, "too long"),
+])
+def test_a_store_name_that_cannot_be_stored_is_refused_with_the_reason(bad: str, problem: str) -> None:
+    with pytest.raises(StoreError, match=problem):
+        names.check_name(bad)
+    with pytest.raises(StoreError, match=problem):
+        names.check_name(bad, force=True)
+
+
+@pytest.mark.parametrize("shadow", ["smollm2", "SmolLM2", "smollm2:latest", "llama3.2:1b", "ｓｍｏｌｌｍ２",
+                                    f"{HF_PREFIX}u/r", "hf://u/r", "ollama://x:y", "pip:pkg", "./x.gguf",
+                                    "dir/model", "model.gguf", "~x"])
+def test_a_store_name_that_means_another_model_needs_force(shadow: str) -> None:
+    with pytest.raises(StoreError, match="force=True"):
+        names.check_name(shadow)
+    assert names.check_name(shadow, force=True) == shadow

@@ -3,11 +3,14 @@ no-auth only on loopback, a port in use is a clear error — and `%llm serve` dr
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import IPython
@@ -144,7 +147,8 @@ def test_no_auth_on_loopback_warns_and_serves_without_a_token(manager: ModelMana
 
 def test_a_generated_token_is_random_and_a_given_one_is_used(manager: ModelManager) -> None:
     first = api.serve(manager, port=0)
-    assert len(first.token) >= 32 and first.token in first.instructions()
+    assert len(first.token) >= 32 and first.token not in first.instructions()
+    assert api.token(manager) == first.token
     api.stop(manager)
     second = api.serve(manager, port=0)
     assert second.token != first.token
@@ -195,7 +199,7 @@ def test_the_serve_magic_starts_reports_and_stops_the_kernels_server() -> None:
     try:
         status = started.data
         assert status["running"] and status["parallel"] == 2 and status["origins"] == [ORIGIN]
-        assert status["token"] in started.text and status["url"] in started.text
+        assert status["token_fingerprint"] in started.text and status["url"] in started.text
         assert started._repr_markdown_().startswith("```")  # line breaks survive in a notebook
         assert get_manager().server.url == status["url"]
         reported = ip.run_line_magic("llm", "serve --status")
@@ -208,3 +212,54 @@ def test_the_serve_magic_starts_reports_and_stops_the_kernels_server() -> None:
     assert "not running" in ip.run_line_magic("llm", "serve --status").text
     with pytest.raises(Exception, match=r"not both|not allowed"):
         ip.run_line_magic("llm", "serve --token abc --no-auth")
+
+
+def _shown(ip: Any, obj: Any) -> str:
+    """Everything a notebook would save of ``obj`` as a cell's result (every mime type)."""
+    bundle, metadata = ip.display_formatter.format(obj)
+    return json.dumps([bundle, metadata])
+
+
+def test_the_token_never_reaches_a_cells_output_but_is_at_hand() -> None:
+    from jupyter_llm.manager import get_manager
+
+    ip = start_ipython() or IPython.get_ipython()
+    ip.run_line_magic("load_ext", "jupyter_llm")
+    started = ip.run_line_magic("llm", "serve --port 0")
+    try:
+        server = get_manager().server
+        token = server.token
+        status = api.status()
+        for obj in (started, ip.run_line_magic("llm", "serve --status"), server, status, get_manager().snapshot(),
+                    api.serve(get_manager(), port=server.port)):
+            shown = _shown(ip, obj)
+            assert token not in shown, shown
+        assert status["token_fingerprint"] in _shown(ip, started) and "jupyter_llm.server.token()" in started.text
+        assert api.token() == token and json.loads(json.dumps(status))["token"] == token  # the sidebar's copy
+        token_file = Path(status["token_file"])
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert json.loads(token_file.read_text())["token"] == token  # where the jupyter-llm commands look
+        assert str(token_file) in started.text
+        headers = {"Authorization": f"Bearer {api.token()}"}
+        assert httpx.get(f"{server.url}/api/tags", headers=headers).status_code == 200
+    finally:
+        ip.run_line_magic("llm", "serve --stop")
+    assert not token_file.exists() and api.token() is None
+
+
+def test_beyond_loopback_a_short_token_is_refused_and_the_real_address_is_shown(manager: ModelManager) -> None:
+    for host in ("0.0.0.0", "::"):
+        with pytest.raises(ServerError, match="16 characters"):
+            api.serve(manager, host=host, port=0, token="x" * 15)
+    assert manager.server is None
+    with pytest.warns(UserWarning, match="all interfaces") as warned:
+        server = api.serve(manager, host="0.0.0.0", port=0)  # a generated token: 32 characters
+    real = urlsplit(server.url)
+    assert real.hostname not in ("127.0.0.1", "0.0.0.0", "localhost") and real.port == server.port
+    assert server.url in str(warned[0].message) and server.url in server.instructions()
+    assert "WARNING" in server.instructions()
+    headers = {**auth(server), "Host": real.netloc}  # sent to loopback only, naming the real address
+    assert httpx.get(f"http://127.0.0.1:{server.port}/api/tags", headers=headers).status_code == 200
+    api.stop(manager)
+    with pytest.warns(UserWarning, match="all interfaces"):
+        api.serve(manager, host="0.0.0.0", port=0, token="a-long-enough-token-16")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
+import openai as openai_module
 import pytest
 
 from jupyter_llm.store.names import HF_PREFIX
@@ -188,6 +190,29 @@ def test_pull_streams_progress_from_the_same_pull_code(client: ollama.Client, se
     record = manager.store.get(name)
     assert record is not None and record.sha256 == hashlib.sha256(tiny).hexdigest()
     assert client.pull(name).status == "success"  # already there: answered at once
+
+
+def test_embed_caps_the_inputs_and_the_tokens_of_one_request(client: ollama.Client, served: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _, server = served
+    t0 = time.perf_counter()
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(MODEL, ["x"] * 2049)  # once: 10,000 inputs in 50 KB took 81 s and 700 MB
+    assert err.value.status_code == 400 and "2048" in err.value.error
+    monkeypatch.setenv("JUPYTER_LLM_EMBED_MAX_TOKENS", "300")
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(MODEL, ["the cat sat on the mat " * 20] * 3)  # ~370 tokens
+    assert err.value.status_code == 400 and "300 tokens" in err.value.error and "several requests" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(MODEL, ["x" * 1_000_000] * 7)  # refused by its size alone, before any tokenizing
+    assert err.value.status_code == 400 and "300 tokens" in err.value.error
+    with pytest.raises(openai_module.BadRequestError) as bad:
+        openai_module.OpenAI(base_url=f"{server.url}/v1", api_key=server.token).embeddings.create(
+            model=MODEL, input=["the cat sat on the mat " * 20] * 3)
+    assert "300 tokens" in str(bad.value)
+    assert time.perf_counter() - t0 < 20
+    ok = client.embed(MODEL, ["the cat sat on the mat " * 5] * 2)
+    assert len(ok.embeddings) == 2 and 40 < ok.prompt_eval_count <= 300
 
 
 def test_unknown_model_is_a_404_and_the_server_keeps_serving(client: ollama.Client) -> None:

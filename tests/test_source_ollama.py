@@ -14,7 +14,13 @@ from urllib.parse import urlsplit
 import pytest
 
 from jupyter_llm import config
-from jupyter_llm.errors import AmbiguousModelError, HostUnreachableError, IntegrityError, ModelNotFoundError
+from jupyter_llm.errors import (
+    AmbiguousModelError,
+    HostUnreachableError,
+    IntegrityError,
+    ModelNotFoundError,
+    RemoteError,
+)
 from jupyter_llm.progress import ProgressFanout, PullProgress
 from jupyter_llm.store.gguf import scan
 from jupyter_llm.store.names import OllamaRef, parse
@@ -148,6 +154,39 @@ def test_unreachable_registry_fails_fast(host: str, monkeypatch: pytest.MonkeyPa
     with pytest.raises(HostUnreachableError, match="cannot reach"):
         _pull("ollama://tiny")
     assert time.monotonic() - began < 5
+
+
+def test_a_blob_longer_than_its_manifest_says_is_stopped_there(registry: FakeOllamaRegistry,
+                                                                 tiny_gguf: bytes) -> None:
+    model = registry.add("library", "tiny", "latest", build_model(tiny_gguf))
+    registry.overlong(model.model_digest, 100 * MB)  # a chunked body: no length of its own
+    with pytest.raises(IntegrityError, match=f"more than the {len(tiny_gguf)} bytes"):
+        _pull("ollama://tiny")
+    blobs = config.home() / "ollama" / "blobs"
+    assert not (blobs / f"sha256-{model.model_digest}").exists()
+    assert [p.name for p in blobs.iterdir() if p.name.endswith(".partial")] == []
+    assert registry.bytes_sent(model.model_digest) < len(tiny_gguf) + 32 * MB
+
+
+def test_a_manifest_layer_without_a_size_is_refused_before_downloading(registry: FakeOllamaRegistry,
+                                                                       tiny_gguf: bytes) -> None:
+    model = build_model(tiny_gguf)
+    manifest = json.loads(model.manifest)
+    del manifest["layers"][0]["size"]
+    registry.add("library", "tiny", "latest", FakeModel(json.dumps(manifest).encode(), model.blobs,
+                                                         model.model_digest))
+    with pytest.raises(RemoteError, match="size"):
+        _pull("ollama://tiny")
+    assert registry.blob_gets(model.model_digest) == []
+
+
+@pytest.mark.parametrize(("registry", "scheme"), [
+    ("127.evil.example", "https"), ("127.0.0.1.example", "https"), ("127.0.0.1:8080", "http"),
+    ("127.1.2.3", "http"), ("localhost:11434", "http"), ("registry.example:5000", "https"),
+])
+def test_only_a_real_loopback_address_gets_plain_http(registry: str, scheme: str) -> None:
+    url = ollama.registry_url(OllamaRef(registry, "library", "tiny", "latest"))
+    assert url == f"{scheme}://{registry}"
 
 
 # -- a local Ollama store -----------------------------------------------------------------------------

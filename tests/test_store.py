@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
-from jupyter_llm.errors import ModelNotFoundError, StoreError
+from jupyter_llm.errors import JupyterLLMError, ModelNotFoundError, StoreError
 from jupyter_llm.store.records import Store
 from jupyter_llm.store.sources import Pulled
 from tests.ggufs import write_tiny_llama
@@ -94,3 +95,48 @@ def test_records_with_slashes_and_colons_round_trip(blob: Path) -> None:
     store.put(name, Pulled("ollama", [blob], owned=[blob]))
     assert store.get(name).name == name
     assert [p.name for p in store.root.iterdir()] == ["ollama%3A%2F%2Fhost%3A5000%2Fns%2Fmodel%3Atag.json"]
+
+
+@pytest.mark.parametrize(("destination", "problem"), [
+    ("", "empty"), ("x" * 300, "too long"), ("bad\nname", "control"), ("smollm2", "alias"),
+    ("SmolLM2:latest", "alias"), ("hf.co/team/Other-GGUF", "Hugging Face"),
+])
+def test_copy_refuses_a_name_the_store_cannot_hold_or_that_shadows_another_model(
+    blob: Path, destination: str, problem: str
+) -> None:
+    store = Store()
+    store.put("tiny", Pulled("pip", [blob], owned=[blob]))
+    with pytest.raises(StoreError, match=problem):
+        store.copy("tiny", destination)
+    assert [r.name for r in store.records()] == ["tiny"]
+
+
+def test_copy_over_an_alias_with_force_is_on_purpose(blob: Path) -> None:
+    store = Store()
+    store.put("tiny", Pulled("pip", [blob], owned=[blob]))
+    assert store.copy("tiny", "smollm2", force=True).files == [str(blob)]
+
+
+def test_looking_up_a_name_too_long_for_the_store_is_not_found(blob: Path) -> None:
+    store = Store()
+    store.put("tiny", Pulled("pip", [blob], owned=[blob]))  # the records directory exists
+    assert store.get("x" * 300) is None
+    with pytest.raises(ModelNotFoundError, match="not in the store"):
+        store.require("x" * 300)
+    with pytest.raises(ModelNotFoundError):
+        store.remove("bad\x00name")
+
+
+def test_no_name_makes_the_store_raise_anything_but_our_errors(blob: Path) -> None:
+    store = Store()
+    store.put("tiny", Pulled("pip", [blob], owned=[blob]))
+    pieces = ["a", "Z", ":", "/", ".", "%", " ", "\0", "\n", "é", "\u200b", "\udcff", "x" * 120, "smollm2", ":latest"]
+    rng = random.Random(16)
+    for _ in range(500):
+        name = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+        for operation in (store.get, store.require, store.remove, lambda n: store.copy("tiny", n)):
+            try:
+                operation(name)
+            except JupyterLLMError:
+                pass
+    assert store.get("tiny") is not None

@@ -14,6 +14,7 @@ Nothing is cached: widgets poll :func:`list_devices`, which takes a few millisec
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,12 +94,15 @@ def _cpu_name() -> str:
 
 def nvidia_gpus() -> list[Device]:
     """NVIDIA GPUs through NVML; an empty list when there is no pynvml, driver or GPU."""
+    if "pynvml" not in sys.modules:
+        # The "pynvml" distribution warns on import that it is deprecated in favour of
+        # nvidia-ml-py; both provide the same module, and the warning means nothing to a user.
+        # One filter for that message, not catch_warnings: this runs in the sidebar's thread,
+        # and catch_warnings there restores the filters over whatever the user's thread set
+        # meanwhile (tqdm.auto's import), leaving the kernel ignoring every later warning.
+        warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
     try:
-        with warnings.catch_warnings():
-            # the "pynvml" distribution warns on import that it is deprecated in favour of
-            # nvidia-ml-py; both provide the same module, and the warning means nothing to a user
-            warnings.simplefilter("ignore")
-            import pynvml
+        import pynvml
     except ImportError:
         return []
     try:

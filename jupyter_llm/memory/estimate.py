@@ -5,7 +5,12 @@ compute graph, output; the formulas are in :mod:`jupyter_llm.memory.formulas`) a
 they fit into each device's free memory, keeping a margin of 10 % of it or 1 GiB, whichever is
 smaller (:func:`~jupyter_llm.memory.formulas.default_margin`); host RAM "free" is
 ``MemAvailable``. :func:`fit` resolves ``"auto"`` GPU layers and context; a load that does not
-fit gets a suggestion with the numbers. For sliding-window, MLA, recurrent, hybrid and MoE
+fit gets a suggestion with the numbers, each tip quoting the total it would need.
+
+``n_ctx="auto"`` is the largest multiple of 256 that fits on every device with that margin left
+free, and at most the training context and ``AUTO_CTX_CEILING`` (32768) tokens. A positive
+``gpu_layers`` with no GPU among the devices is 0 with a note (:func:`cpu_only`), as llama.cpp
+ignores ``-ngl`` without one. For sliding-window, MLA, recurrent, hybrid and MoE
 models the formulas are approximate and ``estimate(..., refine=True)`` replaces KV and graph by
 a llama.cpp dry run (:mod:`jupyter_llm.memory.probe`); :func:`dry_run` gives that run's
 per-device breakdown. GPU compute splits are derived from the same phases but could not be
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..options import AUTO, LoadOptions
 from .formulas import (
+    AUTO_CTX_CEILING,
     CTX_PAD,
     DEFAULT_CTX_CAP,
     GiB,
@@ -142,9 +148,12 @@ def estimate(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = 
         from .devices import list_devices
 
         devices = list_devices()
+    options, cpu_note = cpu_only(options, devices)
     if options.gpu_layers == AUTO or options.n_ctx == AUTO:
         options = fit(parts, options, devices, margin=margin)
     result = _estimate(parts, options, devices, margin)
+    if cpu_note is not None:
+        result.notes.insert(0, cpu_note)
     if refine == "always" or (refine and not result.exact):
         result = _refined(parts, options, devices, margin, result)
     if not result.fits:
@@ -262,9 +271,10 @@ def fit(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = None,
     """Resolve ``gpu_layers="auto"`` and ``n_ctx="auto"`` against free memory.
 
     Layers: the most that fit on the GPUs (0 without GPUs), placed at the requested context
-    (``DEFAULT_CTX_CAP`` when that is "auto" too). Context: the largest multiple of 256 up to
-    the model's training context that fits everywhere, host RAM included. When nothing fits, the
-    smallest candidates are returned and :func:`estimate` says why it does not fit.
+    (``DEFAULT_CTX_CAP`` when that is "auto" too). Context: the largest multiple of 256 that
+    fits everywhere, host RAM included, with each device's margin kept free, up to the model's
+    training context and at most ``AUTO_CTX_CEILING``. When nothing fits, the smallest
+    candidates are returned and :func:`estimate` says why it does not fit.
     """
     options = options or LoadOptions()
     parts = _parts(info)
@@ -273,7 +283,7 @@ def fit(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = None,
 
         devices = list_devices()
     n_layer = int(parts[0].block_count or 0)
-    ctx_cap = int(parts[0].context_length or DEFAULT_CTX_CAP)
+    ctx_cap = min(int(parts[0].context_length or DEFAULT_CTX_CAP), AUTO_CTX_CEILING)
     if options.gpu_layers == AUTO:
         probe_ctx = options.n_ctx if options.n_ctx != AUTO else min(DEFAULT_CTX_CAP, ctx_cap)
         probe = options.with_(n_ctx=probe_ctx)
@@ -290,6 +300,21 @@ def fit(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = None,
             parts, options.with_(n_ctx=lowest + k * CTX_PAD), devices, margin).fits)
         options = options.with_(n_ctx=max(lowest + best * CTX_PAD, 16))
     return options
+
+
+def cpu_only(options: LoadOptions, devices: Sequence[Device]) -> tuple[LoadOptions, str | None]:
+    """``options`` with a positive ``gpu_layers`` set to 0 when ``devices`` hold no GPU, and the
+    note that says so (None when nothing changed).
+
+    llama.cpp itself warns and ignores ``-ngl`` without a GPU, and scripts pass ``-ngl 99``
+    everywhere; so it is not an error, but the user is told, and the report says 0, not N.
+    """
+    layers = options.gpu_layers
+    if layers == AUTO or int(layers) == 0 or any(d.kind == "gpu" for d in devices):
+        return options, None
+    return options.with_(gpu_layers=0), (
+        f"no GPU found: gpu_layers={layers} ignored, every layer runs on the CPU (as llama.cpp does; "
+        "--gpu-layers 0 or auto loads without this note)")
 
 
 def _gpus_fit(parts: list[GGUFInfo], opts: LoadOptions, devices: Sequence[Device], margin: int | None) -> bool:
@@ -329,18 +354,18 @@ def _suggest(parts: list[GGUFInfo], opts: LoadOptions, devices: Sequence[Device]
     ctx_opts = fit(parts, opts.with_(n_ctx=AUTO), devices, margin=margin)
     ctx_est = _estimate(parts, ctx_opts, devices, margin)
     if ctx_est.fits and int(ctx_opts.n_ctx) < int(opts.n_ctx):
-        tips.append(f"n_ctx={ctx_opts.n_ctx} (--ctx {ctx_opts.n_ctx}; KV {_human(ctx_est.kv)} instead "
-                    f"of {_human(est.kv)})")
+        tips.append(f"n_ctx={ctx_opts.n_ctx} (--ctx {ctx_opts.n_ctx}; {_in_all(ctx_est, est)}, KV "
+                    f"{_human(ctx_est.kv)} instead of {_human(est.kv)})")
         any_fits = True
     if not opts.flash_attn:
         fa_est = _estimate(parts, opts.with_(flash_attn=True), devices, margin)
-        tips.append(f"flash_attn=True (--flash-attn; graph {_human(fa_est.compute)} instead of "
-                    f"{_human(est.compute)}, {'fits' if fa_est.fits else 'still does not fit'})")
+        tips.append(f"flash_attn=True (--flash-attn; {_in_all(fa_est, est)} (graph {_human(fa_est.compute)} "
+                    f"instead of {_human(est.compute)}), {'fits' if fa_est.fits else 'still does not fit'})")
         any_fits |= fa_est.fits
     if opts.kv_type == "f16":
         q8_est = _estimate(parts, opts.with_(kv_type="q8_0", flash_attn=True), devices, margin)
-        tips.append(f"kv_type='q8_0' with flash_attn=True (--kv-type q8_0 --flash-attn; KV "
-                    f"{_human(q8_est.kv)} instead of {_human(est.kv)}, "
+        tips.append(f"kv_type='q8_0' with flash_attn=True (--kv-type q8_0 --flash-attn; {_in_all(q8_est, est)} "
+                    f"(KV {_human(q8_est.kv)} instead of {_human(est.kv)}), "
                     f"{'fits' if q8_est.fits else 'still does not fit'})")
         any_fits |= q8_est.fits
     text = "; ".join(lines)
@@ -363,6 +388,12 @@ def _suggest(parts: list[GGUFInfo], opts: LoadOptions, devices: Sequence[Device]
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
+def _in_all(tip: MemoryEstimate, asked: MemoryEstimate) -> str:
+    """The whole of what a tip needs beside what was asked for: a smaller KV cache alone can
+    hide a graph that grows, so a tip never quotes one buffer only."""
+    return f"{_human(tip.total)} in all instead of {_human(asked.total)}"
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "?"
@@ -372,6 +403,7 @@ def _human(n: int | None) -> str:
 __all__ = [
     "DeviceEstimate",
     "MemoryEstimate",
+    "cpu_only",
     "dry_run",
     "estimate",
     "fit",

@@ -50,6 +50,10 @@ CTX_PAD = 256
 """llama.cpp pads the context (and each slot's share) to a multiple of this."""
 DEFAULT_CTX_CAP = 4096
 """Context used to place GPU layers when both are "auto", and cap when a model has no n_ctx_train."""
+AUTO_CTX_CEILING = 32768
+"""The most ``n_ctx="auto"`` picks, whatever the training context says: some GGUFs claim 2**27
+tokens, and a context that only just fits makes a compute graph of many GiB and prompts that
+take minutes. Ollama's default context stops at 32k below 48 GiB of VRAM; ``--ctx N`` asks for more."""
 
 _APPROXIMATE_KEYS = (".ssm.", ".wkv.", ".rwkv.", "attention.kv_lora_rank", "attention.sliding_window",
                      ".expert_count", ".shortconv.", "full_attention_interval", ".time_mix")

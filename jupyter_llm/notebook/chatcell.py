@@ -1,29 +1,49 @@
-"""The ``%%chat`` cell: stream a chat turn into the cell's output.
+"""The ``%%chat`` cell: what its prompt may refer to, and drawing a chat turn as it streams.
 
-Tokens arrive from the worker as fast as it makes them; the output is redrawn at most every
+The prompt may name the notebook's state: ``{name}`` a variable, ``{In[n]}`` / ``{Out[n]}`` a
+cell's input and output, ``{Err}`` the last exception and ``{Err[n]}`` cell ``n``'s, with its
+traceback made compact (IPython ≥ 9 records each cell's exception; no exception handler of
+ours is involved). Unknown ``{names}`` and ``{{escaped}}`` braces stay as typed, so code in a
+prompt is safe; a reference to a cell that has no such input, output or exception is an error.
+
+Drawing depends on the front end. Where there is one that renders (a kernel), tokens arrive
+from the worker as fast as it makes them and the output is redrawn at most every
 ``REDRAW_SECONDS`` (less often when a redraw gets expensive), so rendering Markdown never holds
-generation back (the worker does not wait for the kernel). The final redraw adds a statistics
-line and metadata recording the model, its sha256, the sampling parameters and the seed, so an
-output can be reproduced.
+generation back; the final redraw adds a statistics line naming the model and metadata
+recording how the answer was made (model, sha256, load options, llama.cpp's version, sampling,
+seed, system prompt, what was substituted), so an output can be reproduced. In a terminal
+(no kernel) every display would be printed anew, so the answer is written to stdout as it
+comes, once.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.process import arg_split
 
 REDRAW_SECONDS = 0.1
-_VAR = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+TRACEBACK_LINES = 40
+"""Lines of a traceback sent to the model at most: the first few and the innermost frames."""
+
+_REF = re.compile(r"(?<!\{)\{(?:(In|Out|Err)\[(\d+)\]|([A-Za-z_][A-Za-z0-9_]*))\}(?!\})")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TB_HEADER = re.compile(r"^\S+\s{2,}(Traceback \(most recent call last\))$")
+_FENCE = re.compile(r"^ {0,3}(`{3,})([\w+-]*)[^\n`]*\n", re.M)
+_TYPING_FENCE = re.compile(r"(?:^|\n) {0,3}`+[^\n`]*\Z")
 
 
 @magic_arguments()
-@argument("-m", "--model", default=None, help="loaded (or cached) model; default: the last used")
+@argument("-m", "--model", default=None, help="loaded (or cached) model; default: the most recently loaded")
 @argument("--system", default=None, help="system prompt (starts a new conversation when it changes)")
 @argument("--new", action="store_true", help="forget this session's history first")
 @argument("--session", default="default", help="conversation name; each keeps its own history")
@@ -36,31 +56,117 @@ def _chat_args(line: str) -> None:
     """%%chat options."""
 
 
-def substitute(text: str, namespace: dict[str, Any]) -> str:
-    """Replace ``{name}`` with the notebook variable ``name``; unknown names and ``{{x}}`` stay."""
+# -- the prompt --------------------------------------------------------------------------------
+
+def substitute(text: str, namespace: Mapping[str, Any], errors: Mapping[int, str] | None = None
+               ) -> tuple[str, list[dict[str, Any]]]:
+    """Replace the references in ``text`` (see the module doc); returns the text and, for the
+    output's metadata, what each reference was replaced with.
+
+    ``namespace`` is the notebook's (``In`` and ``Out`` are IPython's there); ``errors`` maps
+    execution counts to their compact tracebacks (:func:`recorded_errors`). A notebook
+    variable named ``Err`` wins over the recorded exceptions.
+    """
+    used: list[dict[str, Any]] = []
 
     def repl(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return str(namespace[name]) if name in namespace else match.group(0)
+        kind, index, name = match.groups()
+        ref = match.group(0)
+        entry: dict[str, Any] = {"ref": ref}
+        if name is not None and name in namespace:
+            value = str(namespace[name])
+        elif name == "Err":
+            count, value = _last_error(errors)
+            entry["as"] = f"Err[{count}]"
+        elif name is not None:
+            return ref
+        else:
+            value = _cell(kind, int(index), namespace, errors)
+        entry["text"] = value
+        used.append(entry)
+        return value
 
-    return _VAR.sub(repl, text)
+    return _REF.sub(repl, text), used
 
+
+def prompt_from_cell(cell: str, shell: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The user message of a ``%%chat`` cell, references replaced (:func:`substitute`)."""
+    namespace = shell.user_ns if shell is not None else {}
+    return substitute(cell.strip(), namespace, recorded_errors(shell))
+
+
+def recorded_errors(shell: Any) -> dict[int, str] | None:
+    """Each cell's exception, compact, by execution count, from IPython's own record (≥ 9);
+    None where IPython keeps none."""
+    recorded = getattr(getattr(shell, "history_manager", None), "exceptions", None)
+    if not isinstance(recorded, Mapping):
+        return None
+    return {int(n): compact_traceback(e.get("traceback") or [f"{e.get('ename')}: {e.get('evalue')}"])
+            for n, e in recorded.items()}
+
+
+def compact_traceback(lines: Sequence[str]) -> str:
+    """IPython's traceback as a model should read it: no colours, rulers or blank lines, and at
+    most ``TRACEBACK_LINES`` lines (the outermost few and the innermost, where the error is)."""
+    kept = []
+    for line in _ANSI.sub("", "\n".join(lines)).splitlines():
+        line = line.rstrip()
+        if not line or set(line) == {"-"}:
+            continue
+        kept.append(_TB_HEADER.sub(r"\1:", line))
+    if len(kept) > TRACEBACK_LINES:
+        head, tail = 4, TRACEBACK_LINES - 5
+        kept = [*kept[:head], f"… ({len(kept) - head - tail} lines)", *kept[-tail:]]
+    return "\n".join(kept)
+
+
+def _last_error(errors: Mapping[int, str] | None) -> tuple[int, str]:
+    if errors is None:
+        raise UsageError("{Err} needs IPython ≥ 9, which records each cell's exception: pip install -U ipython")
+    if not errors:
+        raise UsageError("{Err} is the last exception, and no cell has raised one yet ({{Err}} keeps the braces)")
+    count = max(errors)
+    return count, errors[count]
+
+
+def _cell(kind: str, n: int, namespace: Mapping[str, Any], errors: Mapping[int, str] | None) -> str:
+    ref = f"{{{kind}[{n}]}}"
+    if kind == "In":
+        inputs = namespace.get("In") or []
+        if n >= len(inputs):
+            raise UsageError(f"{ref}: there is no cell {n} yet (this cell is In[{len(inputs) - 1}])")
+        return str(inputs[n])
+    if kind == "Out":
+        outputs = namespace.get("Out") or {}
+        if n not in outputs:
+            have = ", ".join(str(k) for k in sorted(outputs)[-5:]) or "none yet"
+            raise UsageError(f"{ref}: cell {n} has no output (cells with output: {have})")
+        return str(outputs[n])
+    if errors is None:
+        raise UsageError(f"{ref} needs IPython ≥ 9, which records each cell's exception: pip install -U ipython")
+    if n not in errors:
+        have = ", ".join(str(k) for k in sorted(errors)[-5:]) or "none yet"
+        raise UsageError(f"{ref}: cell {n} raised no exception (cells that did: {have})")
+    return errors[n]
+
+
+# -- the turn ----------------------------------------------------------------------------------
 
 def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
     """Run one ``%%chat`` turn; returns None (the output is the streamed display), or the
     parsed answer with ``--format json``."""
-    from IPython.display import display
-
     from .. import chat
     from ..options import SamplingOptions
 
     try:
-        args = parse_argstring(_chat_args, line)
+        args = _chat_args.parser.parse_args(arg_split(line, posix=True))  # quotes work, as in %llm
     except UsageError:
         raise
     except SystemExit as exc:  # argparse's choices error
         raise UsageError(str(exc)) from None
-    user = substitute(cell.strip(), shell.user_ns if shell is not None else {})
+    except ValueError as exc:  # shlex: "No closing quotation"
+        raise UsageError(f"cannot read `%%chat {line}`: {exc}; close the quote and run it again") from None
+    user, used = prompt_from_cell(cell, shell)
     if not user:
         raise UsageError("%%chat needs a message in the cell body")
 
@@ -77,12 +183,12 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         raise UsageError(str(exc)) from None
 
     session = manager.session(args.session)
-    renderer = _Renderer(args.format)
-    handle = None
+    before = session.model
+    renderer = Renderer(args.format)
+    view: _CellView | _TerminalView = _TerminalView(renderer) if in_terminal(shell) else _CellView(renderer)
     turn = None
     model = None
     text = ""
-    last = 0.0
     stopped = False
     result = None
     try:
@@ -90,20 +196,15 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
                                  new=args.new, json_schema={} if args.format == "json" else None)
         model = turn.model
         with manager.using(model.name):
-            if turn.notice:
-                display(_notice(turn.notice))
-            # Drawn while the worker evaluates the prompt, off the path to the first token.
-            handle = display(renderer.render("", final=False), display_id=True)
-            interval = REDRAW_SECONDS
+            if args.model is None and before is not None and before != model.name:
+                view.notice(f"answering with {model.name}, the model loaded most recently; this conversation "
+                            f"was with {before} so far (`%%chat -m {before}` goes back to it)")
+            for note in [*turn.load_notices, *([turn.notice] if turn.notice else [])]:
+                view.notice(note)
+            view.begin()
             for chunk in turn:
                 text += chunk.text
-                now = time.perf_counter()
-                if now - last >= interval:
-                    handle.update(renderer.render(text, final=False))
-                    last = time.perf_counter()
-                    # Redrawing costs more as the answer grows; keep it under ~5 % of the time so
-                    # the kernel never takes CPU the worker's threads need.
-                    interval = max(REDRAW_SECONDS, 20 * (last - now))
+                view.update(text, chunk.text)
     except KeyboardInterrupt:
         stopped = True
         raise
@@ -111,18 +212,8 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         if turn is not None and model is not None:
             result = turn.result
             turn.finish()
-            stats = _stats_line(result, stopped)
-            metadata = {"jupyter_llm": {
-                "model": model.name, "sha256": model.record.sha256, "session": session.name,
-                "sampling": sampling.to_dict(), "seed": seed, "stopped": stopped,
-                "prompt_tokens": getattr(result, "prompt_tokens", None),
-                "completion_tokens": getattr(result, "completion_tokens", None),
-            }}
-            final = renderer.render(text, final=True, stats=stats)
-            if handle is None:
-                display(final, metadata=metadata)
-            else:
-                handle.update(final, metadata=metadata)
+            view.end(text, _stats_line(model.name, result, stopped),
+                     _metadata(model, session, sampling, seed, stopped, result, used))
     if args.format == "code" and text:
         shell.set_next_input(extract_code(text), replace=False)
     if args.format == "json":
@@ -131,15 +222,50 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         except ValueError:
             cut = result is not None and result.finish_reason == "length"
             reason = "it hit --max-tokens; raise it" if cut else "the model stopped early"
-            display(_notice(f"the answer is not complete JSON ({reason}); the text is in the output above"))
+            view.notice(f"the answer is not complete JSON ({reason}); the text is in the output above")
             return None
     return None
 
 
-def _stats_line(result: Any, stopped: bool) -> str:
+def in_terminal(shell: Any) -> bool:
+    """No front end that redraws a display in place: a terminal IPython, or no IPython."""
+    return getattr(shell, "kernel", None) is None
+
+
+def _metadata(model: Any, session: Any, sampling: Any, seed: int, stopped: bool, result: Any,
+              used: list[dict[str, Any]]) -> dict[str, Any]:
+    report = model.report
+    options = model.options
+    return {"jupyter_llm": {
+        "model": model.name, "sha256": model.record.sha256, "session": session.name, "system": session.system,
+        "sampling": sampling.to_dict(), "seed": seed, "stopped": stopped,
+        "prompt_tokens": getattr(result, "prompt_tokens", None),
+        "completion_tokens": getattr(result, "completion_tokens", None),
+        "n_ctx": report.n_ctx if report is not None else options.n_ctx,
+        "parallel": options.parallel, "kv_type": options.kv_type, "flash_attn": options.flash_attn,
+        "gpu_layers": report.n_gpu_layers if report is not None else options.gpu_layers,
+        "llama_cpp": {"version": llama_cpp_version(),
+                      "system_info": report.system_info if report is not None else None},
+        "substituted": used,
+    }}
+
+
+@functools.lru_cache(maxsize=1)
+def llama_cpp_version() -> str | None:
+    """llama-cpp-python's version, from its installed metadata (llama_cpp itself runs only in
+    the worker and is never imported here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def _stats_line(name: str, result: Any, stopped: bool) -> str:
     if result is None:
-        return "stopped" if stopped else ""
-    parts = [f"{result.completion_tokens} tokens"]
+        return f"{name} · stopped" if stopped else name
+    parts = [name, f"{result.completion_tokens} tokens"]
     if result.gen_tok_per_s:
         parts.append(f"{result.gen_tok_per_s:.1f} tok/s")
     if result.ttft_s is not None:
@@ -153,13 +279,52 @@ def _stats_line(result: Any, stopped: bool) -> str:
     return " · ".join(parts)
 
 
+# -- drawing -----------------------------------------------------------------------------------
+
+def split_code(text: str) -> tuple[str, str]:
+    """``(language, code)`` of the first fenced block of a Markdown answer, also of one still
+    being written; ``("", text)`` when the answer has no fence (yet)."""
+    match = _FENCE.search(text)
+    if match is None:
+        return "", text
+    rest = text[match.end():]
+    close = re.search(rf"^ {{0,3}}{match.group(1)}`*[ \t]*$", rest, re.M)
+    return match.group(2), rest[: close.start()] if close else rest
+
+
 def extract_code(text: str) -> str:
     """The first fenced code block of a Markdown answer, or the whole answer."""
-    match = re.search(r"```[\w+-]*\n(.*?)```", text, re.S)
-    return (match.group(1) if match else text).rstrip() + "\n"
+    return split_code(text)[1].rstrip() + "\n"
 
 
-class _notice:
+def _fenced(language: str, body: str) -> str:
+    # A fence longer than any run of backticks inside, so code that quotes Markdown stays one block.
+    runs = [len(r) for r in re.findall(r"`{3,}", body)]
+    fence = "`" * max([3, *(n + 1 for n in runs)])
+    return f"{fence}{language}\n{body}\n{fence}"
+
+
+class Answer:
+    """The answer as drawn: Markdown for front ends that render it, and always the same
+    content as plain text (terminals, text-only front ends, nbconvert)."""
+
+    def __init__(self, plain: str, markdown: str | None = None) -> None:
+        self.plain = plain
+        self.markdown = markdown
+
+    def __repr__(self) -> str:
+        return self.plain
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        bundle = {"text/plain": self.plain}
+        if self.markdown is not None:
+            bundle["text/markdown"] = self.markdown
+        return bundle
+
+
+class Notice:
+    """A visible note beside the answer (messages dropped to fit, another model, cut JSON)."""
+
     def __init__(self, text: str) -> None:
         self.text = text
 
@@ -170,23 +335,84 @@ class _notice:
         return f"*⚠ {self.text}*"
 
 
-class _Renderer:
+class Renderer:
     """Builds the displayable for the current text in the chosen format."""
 
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
 
-    def render(self, text: str, *, final: bool, stats: str = "") -> Any:
-        from IPython.display import Markdown, Pretty
-
+    def render(self, text: str, *, final: bool, stats: str = "") -> Answer:
         cursor = "" if final else " ▌"
+        plain_footer = f"\n\n[{stats}]" if final and stats else ""
+        md_footer = f"\n\n<sub>{stats}</sub>" if final and stats else ""
         if self.fmt == "markdown":
-            footer = f"\n\n<sub>{stats}</sub>" if final and stats else ""
-            return Markdown(text + cursor + footer)
-        if self.fmt in ("code", "json"):
-            fence = "python" if self.fmt == "code" else "json"
-            body = extract_code(text) if (final and self.fmt == "code") else text
-            footer = f"\n\n<sub>{stats}</sub>" if final and stats else ""
-            return Markdown(f"```{fence}\n{body}{cursor}\n```{footer}")
-        footer = f"\n\n[{stats}]" if final and stats else ""
-        return Pretty(text + cursor + footer)
+            return Answer(text + cursor + plain_footer, text + cursor + md_footer)
+        if self.fmt == "code":
+            # A fence still being typed ("``", "```pyth") is not code yet: it waits for its line.
+            language, code = split_code(text if final else _TYPING_FENCE.sub("", text))
+            body = code.rstrip("\n") + cursor
+            return Answer(body + plain_footer, _fenced(language or "python", body) + md_footer)
+        if self.fmt == "json":
+            return Answer(text + cursor + plain_footer, _fenced("json", text + cursor) + md_footer)
+        return Answer(text + cursor + plain_footer)
+
+
+class _CellView:
+    """One output redrawn in place, at most every ``REDRAW_SECONDS``."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+        self.handle: Any = None
+        self.last = 0.0
+        self.interval = REDRAW_SECONDS
+
+    def notice(self, text: str) -> None:
+        from IPython.display import display
+
+        display(Notice(text))
+
+    def begin(self) -> None:
+        from IPython.display import display
+
+        # Drawn while the worker evaluates the prompt, off the path to the first token.
+        self.handle = display(self.renderer.render("", final=False), display_id=True)
+
+    def update(self, text: str, piece: str) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.handle.update(self.renderer.render(text, final=False))
+            self.last = time.perf_counter()
+            # Redrawing costs more as the answer grows; keep it under ~5 % of the time so the
+            # kernel never takes CPU the worker's threads need.
+            self.interval = max(REDRAW_SECONDS, 20 * (self.last - now))
+
+    def end(self, text: str, stats: str, metadata: dict[str, Any]) -> None:
+        from IPython.display import display
+
+        final = self.renderer.render(text, final=True, stats=stats)
+        if self.handle is None:
+            display(final, metadata=metadata)
+        else:
+            self.handle.update(final, metadata=metadata)
+
+
+class _TerminalView:
+    """The answer written to stdout as it comes, then the statistics line."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+
+    def notice(self, text: str) -> None:
+        print(repr(Notice(text)), flush=True)
+
+    def begin(self) -> None:
+        pass
+
+    def update(self, text: str, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def end(self, text: str, stats: str, metadata: dict[str, Any]) -> None:
+        newline = "\n" if text and not text.endswith("\n") else ""
+        sys.stdout.write(f"{newline}[{stats}]\n")
+        sys.stdout.flush()

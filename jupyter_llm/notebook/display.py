@@ -50,13 +50,16 @@ class Table:
     """A titled table: HTML in notebooks, aligned text in terminals."""
 
     def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None,
-                 empty: str = "(nothing)", footer: str | None = None, data: Any = None) -> None:
+                 empty: str = "(nothing)", footer: str | None = None, data: Any = None,
+                 sections: Sequence[Table] = ()) -> None:
         self.columns = list(columns)
         self.rows = [[("" if c is None else str(c)) for c in row] for row in rows]
         self.title = title
         self.empty = empty
         self.footer = footer
         self.data = data
+        self.sections = list(sections)
+        """Further tables shown after this one (e.g. ``show``'s bytes per layer)."""
 
     def __repr__(self) -> str:
         lines = [self.title] if self.title else []
@@ -69,6 +72,8 @@ class Table:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if self.footer:
             lines.append(self.footer)
+        for section in self.sections:
+            lines += ["", repr(section)]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -87,6 +92,7 @@ class Table:
         if self.footer:
             parts.append(f"<p>{html.escape(self.footer)}</p>")
         parts.append("</div>")
+        parts += [section._repr_html_() for section in self.sections]
         return "".join(parts)
 
 
@@ -116,6 +122,8 @@ def models_table(records: Sequence[Any]) -> Table:
 
 
 def show_report(record: Any, info: Any) -> Table:
+    import json
+
     template = info.chat_template or ""
     rows = [
         ["name", record.name],
@@ -132,16 +140,47 @@ def show_report(record: Any, info: Any) -> Table:
         ["weights", human_bytes(info.weights_bytes)],
         ["bytes per layer", _per_layer(info)],
         ["chat template", _one_line(template, 120) or "— (none)"],
-        ["license", info.license or "—"],
+    ]
+    # An Ollama model's manifest layers: its own template, system prompt and parameters, which
+    # Ollama uses instead of the GGUF's.
+    layers = getattr(record, "ollama", None) or {}
+    if layers.get("template"):
+        rows.append(["Ollama template", _one_line(layers["template"], 120)])
+    if layers.get("system"):
+        rows.append(["Ollama system prompt", _one_line(layers["system"], 200)])
+    if layers.get("params"):
+        rows.append(["Ollama params", json.dumps(layers["params"], sort_keys=True)])
+    rows += [
+        ["license", _one_line(info.license or layers.get("license") or "", 200) or "—"],
         ["sha256", record.sha256 or "— (not verified: local file)"],
         ["source", record.source],
         ["file", record.files[0] + (f" (+{len(record.files) - 1} parts)" if len(record.files) > 1 else "")],
     ]
     for key, value in sorted((record.details or {}).items()):
-        if key in ("template", "system", "license") or value in (None, "", [], {}):
+        if key in ("template", "system", "license", "params") or value in (None, "", [], {}):
             continue
         rows.append([key, value if not isinstance(value, (list, dict)) else str(value)[:200]])
-    return Table(["field", "value"], rows, title=f"Model {record.name}", data={"record": record, "info": info})
+    return Table(["field", "value"], rows, title=f"Model {record.name}", data={"record": record, "info": info},
+                 sections=[layer_table(info)])
+
+
+def layer_table(info: Any) -> Table:
+    """Weight bytes of each repeating layer (identical neighbours as one range ``0–29``), then
+    of each tensor outside the layers (embedding, output head…): what offloading N layers moves."""
+    rows = []
+    runs: list[list[int]] = []  # [first, last, bytes]
+    for index, size in info.layer_bytes().items():
+        if runs and runs[-1][1] == index - 1 and runs[-1][2] == size:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index, size])
+    for first, last, size in runs:
+        rows.append([str(first) if first == last else f"{first}–{last}", human_bytes(size),
+                     human_bytes(size * (last - first + 1))])
+    for tensor in info.non_layer_tensors():
+        rows.append([tensor.name, "", human_bytes(tensor.n_bytes)])
+    return Table(["layers", "bytes per layer", "bytes"], rows, title="Bytes per layer",
+                 footer=f"weights in all: {human_bytes(info.weights_bytes)}", data=info.layer_bytes())
 
 
 def _per_layer(info: Any) -> str:
@@ -150,8 +189,8 @@ def _per_layer(info: Any) -> str:
         return "—"
     values = set(sizes.values())
     if len(values) == 1:
-        return f"{human_bytes(values.pop())} × {len(sizes)} layers"
-    return f"{human_bytes(min(values))}–{human_bytes(max(values))} over {len(sizes)} layers"
+        return f"{human_bytes(values.pop())} × {len(sizes)} layers (table below)"
+    return f"{human_bytes(min(values))}–{human_bytes(max(values))} over {len(sizes)} layers (table below)"
 
 
 def devices_table(devices: Sequence[Any]) -> Table:
@@ -177,14 +216,11 @@ def estimate_table(name: str, estimate: Any) -> Table:
 
 def load_report(model: Any) -> Table:
     """Measured per-device buffers beside the estimate, with the error in percent."""
-    from ..memory.estimate import device_for_backend
-
-    measured = model.to_dict()["measured"]
+    measured = model.to_dict()["measured"]  # keyed by the estimate's device ids (the manager's doing)
     est = {row.device_id: row for row in model.estimate.devices} if model.estimate else {}
     rows = []
     for device, sizes in measured.items():
-        # llama.cpp names devices by backend ("CUDA0"); the estimate by ours ("GPU0").
-        e = est.get(device) or est.get(device_for_backend(device, []))
+        e = est.get(device)
         for part in BUFFERS:
             m = sizes.get(part, 0) or 0
             p = getattr(e, part, None) if e is not None else None
@@ -193,7 +229,10 @@ def load_report(model: Any) -> Table:
     report = model.report
     title = (f"Loaded {model.name} in worker pid {model.runtime.pid}: ctx={getattr(report, 'n_ctx', '?')}, "
              f"gpu_layers={model.options.gpu_layers}, keep_alive={human_duration(model.options.keep_alive)}")
-    return Table(["device", "buffer", "estimated", "measured", "error"], rows, title=title, data=model)
+    # what the load did beside loading: options of the last load reused, models evicted, notes
+    footer = "\n".join(model.notices) or None
+    return Table(["device", "buffer", "estimated", "measured", "error"], rows, title=title, footer=footer,
+                 data=model)
 
 
 def ps_table(models: Sequence[Any]) -> Table:

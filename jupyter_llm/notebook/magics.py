@@ -13,7 +13,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.utils.text import dedent
 
-from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT, LoadOptions
+from ..options import DEFAULT_MAX_QUEUE, LoadOptions
 
 _LOAD = LoadOptions()
 """The load defaults, as LoadOptions states them (the flags only parse)."""
@@ -26,7 +26,7 @@ USAGE = dedent("""
       %llm list                     cached models (name, size, quantization, parameters, source, location)
       %llm show NAME                architecture, context, layers, heads, chat template, license, bytes per layer
       %llm rm NAME                  remove a model (files another name still uses are kept)
-      %llm cp SRC DST               a second name for the same files
+      %llm cp SRC DST [--force]     a second name for the same files (--force: even an alias's name)
       %llm devices                  GPUs, host RAM and what is free
       %llm estimate NAME [options]  memory per device before loading (weights, KV cache, graph)
       %llm load NAME [options]      load into a worker process (pulls first if needed)
@@ -43,7 +43,9 @@ USAGE = dedent("""
 
     %%chat [-m MODEL] [--system TEXT] [--new] [--session NAME] [--temperature T] [--top-p P]
            [--max-tokens N] [--seed N] [--format markdown|text|code|json]
-    Streams the answer into the cell output; {var} inserts a notebook variable.
+    Streams the answer into the cell output, from MODEL or else the most recently loaded model.
+    In the message, {var} inserts a notebook variable, {In[3]} / {Out[3]} a cell's input / output,
+    {Err} the last error with its traceback ({Err[3]}: the error of cell 3).
 """).strip()
 
 
@@ -83,6 +85,7 @@ def _build_parser() -> _Parser:
     p = sub.add_parser("cp")
     p.add_argument("source")
     p.add_argument("destination")
+    p.add_argument("--force", action="store_true", help="let the new name shadow an alias")
     sub.add_parser("devices")
     _load_arguments(sub.add_parser("estimate"))
     _load_arguments(sub.add_parser("load"))
@@ -93,14 +96,14 @@ def _build_parser() -> _Parser:
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true")
     p = sub.add_parser("serve")
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default=None)  # None: $JUPYTER_LLM_HOST / $OLLAMA_HOST, else 127.0.0.1
+    p.add_argument("--port", type=int, default=None)
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", default=None)
     auth.add_argument("--no-auth", dest="no_auth", action="store_true")
-    p.add_argument("--parallel", "-np", type=int, default=DEFAULT_PARALLEL)
+    p.add_argument("--parallel", "-np", type=int, default=None)  # None: $OLLAMA_NUM_PARALLEL, else 4
     p.add_argument("--max-queue", dest="max_queue", type=int, default=DEFAULT_MAX_QUEUE)
-    p.add_argument("--origin", dest="origins", action="append", default=[])
+    p.add_argument("--origin", dest="origins", action="append", default=None)
     p.add_argument("--allow-host", dest="allowed_hosts", action="append", default=[])
     action = p.add_mutually_exclusive_group()
     action.add_argument("--stop", action="store_true")
@@ -159,7 +162,13 @@ class LLMMagics(Magics):
         """Manage local models: `%llm help` lists the verbs."""
         from IPython.utils.process import arg_split
 
-        argv = arg_split(line, posix=True)
+        try:
+            argv = arg_split(line, posix=True)
+        except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+            raise UsageError(
+                f"cannot read `%llm {line}`: {exc}; close the quote (or escape it with a backslash) and "
+                "run it again"
+            ) from None
         if not argv or argv[0] in ("help", "-h", "--help"):
             from .display import Message
 
@@ -206,7 +215,7 @@ class LLMMagics(Magics):
     def _verb_cp(self, args: argparse.Namespace) -> Any:
         from .display import Message
 
-        record = self.manager.copy(args.source, args.destination)
+        record = self.manager.copy(args.source, args.destination, force=args.force)
         return Message(f"copied {args.source} → {record.name} (same files, no bytes copied)", data=record)
 
     def _verb_devices(self, args: argparse.Namespace) -> Any:

@@ -1,7 +1,8 @@
 """The kernel's side of the worker processes.
 
 :mod:`~jupyter_llm.runtime.process` starts one worker per model and talks to it over the
-private socket (:class:`Runtime`, :class:`LoadReport`); :mod:`~jupyter_llm.runtime.stream` is
+private socket (:class:`Runtime`), :mod:`~jupyter_llm.runtime.report` what it loaded
+(:class:`LoadReport`); :mod:`~jupyter_llm.runtime.stream` is
 what a generation gives back (:class:`Stream`, :class:`Chunk`, :class:`Completion`);
 :mod:`~jupyter_llm.runtime.grammar` turns JSON schemas into grammars without loading llama.cpp.
 """
@@ -9,7 +10,8 @@ what a generation gives back (:class:`Stream`, :class:`Chunk`, :class:`Completio
 from __future__ import annotations
 
 from .grammar import schema_grammar
-from .process import LoadReport, Runtime
+from .process import Runtime
+from .report import LoadReport
 from .stream import Chunk, Completion, Stream
 
 __all__ = ["Chunk", "Completion", "LoadReport", "Runtime", "Stream", "schema_grammar"]

@@ -7,10 +7,15 @@ several threads while a notebook cell streams.
 
 If the worker dies (SIGSEGV, SIGABRT, the OOM killer's SIGKILL) every pending and later call
 raises :class:`~jupyter_llm.errors.WorkerCrashedError` naming the signal and llama.cpp's last
-words; no wait ever blocks on a dead process. llama.cpp's log arrives as messages (not on the
-kernel's stderr), is kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory
-breakdown of the load (:class:`LoadReport`). What a generation returns (:class:`Stream`,
-:class:`Chunk`, :class:`Completion`) lives in :mod:`jupyter_llm.stream` and is re-exported here.
+words. If it hangs (stopped, deadlocked) the same happens, "the worker running NAME stopped
+responding": a caller that has heard nothing for ``_PING_AFTER_S`` pings it (the worker's control
+thread answers at once, also while the engine decodes or the model loads), and a ping left
+unanswered for ``HUNG_AFTER_S`` gets the worker killed. Sends have that deadline too (a stopped
+worker stops reading; a large request would block in ``send`` for good), so no call ever waits
+on a dead or hung process. llama.cpp's log arrives as messages (not on the kernel's stderr), is
+kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory breakdown of the load
+(:class:`~jupyter_llm.runtime.report.LoadReport`). What a generation returns lives in
+:mod:`jupyter_llm.runtime.stream`.
 """
 
 from __future__ import annotations
@@ -26,16 +31,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import config, wire
 from ..errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
 from ..options import AUTO, LoadOptions, SamplingOptions
-from .grammar import schema_grammar
+from .grammar import MAX_GRAMMAR_BYTES, schema_grammar
+from .report import LoadReport, load_report
 from .stream import Stream
 
 LogCallback = Callable[[int, str], None]
@@ -45,42 +51,13 @@ _ROUTED = frozenset({wire.TOKEN, wire.FITTED, wire.DONE, wire.REPLY, wire.ERROR}
 """Worker messages that answer one request (their second element is its id)."""
 _LIVENESS_S = 0.2
 """How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What the worker actually loaded, measured: sizes, context, memory per device."""
-
-    name: str
-    path: str
-    pid: int
-    n_ctx: int
-    n_ctx_per_slot: int
-    """Context of one slot: ``n_ctx / parallel`` (each request's prompt plus answer)."""
-    n_ctx_train: int
-    n_layer: int
-    n_gpu_layers: int
-    parallel: int
-    n_batch: int
-    n_threads: int
-    load_s: float
-    rss_bytes: int
-    breakdown: dict[str, Any]
-    """Bytes per device from llama.cpp's own log: ``{"CPU": BufferSizes(weights, kv, compute, output)}``."""
-    metadata: dict[str, Any]
-    system_info: str
-    log: tuple[str, ...] = field(repr=False, default=())
-    """llama.cpp's log lines of the load (the breakdown is parsed from them)."""
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self.metadata.get("chat_template"))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (without the raw log)."""
-        out = {k: v for k, v in vars(self).items() if k not in ("log", "breakdown")}
-        out["breakdown"] = {dev: sizes.to_dict() for dev, sizes in self.breakdown.items()}
-        return out
+_PING_AFTER_S = 1.0
+"""Silence after which a waiting caller pings the worker (while tokens flow, nobody pings)."""
+HUNG_AFTER_S = 10.0
+"""How long a ping may go unanswered before the worker is killed as hung: the control thread
+answers in milliseconds even on a loaded machine; this leaves room for one that thrashes."""
+_CLOSE_GRACE_S = 1.0
+"""On close, a worker silent this long is killed (a working one answers the ping sent first)."""
 
 
 class Runtime:
@@ -103,6 +80,9 @@ class Runtime:
         self._load_log: list[tuple[int, str]] | None = []
         self._dead: JupyterLLMError | None = None
         self._closing = False
+        self._hung = False
+        self._heard_at = self._ping_at = time.monotonic()
+        """When the reader last received anything, and when a caller last pinged."""
         self._start_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.report: LoadReport | None = None
         self._reader = threading.Thread(target=self._read_loop, name=f"jupyter_llm-{name}", daemon=True)
@@ -114,17 +94,17 @@ class Runtime:
     def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
               name: str | None = None, on_log: LogCallback | None = None,
               _extra_bufts: bool = False, _prompt_cache: bool | None = None,
-              _fault: dict[str, str] | None = None) -> Runtime:
+              _fault: dict[str, str] | None = None, _template_seconds: float | None = None) -> Runtime:
         """Start a worker, load ``path`` there and return once it is ready to generate.
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
         receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
-        ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on (they crash quantized models
-        on Intel AMX CPUs). ``_prompt_cache=False`` makes the worker evaluate every prompt afresh
-        (tests and benchmarks compare). ``_fault`` (tests only) makes the worker die at a chosen
-        point with a chosen signal (see the worker's docstring). Raises ModelLoadError when
-        llama.cpp refuses the file or context, WorkerCrashedError when the worker dies.
-        """
+        For tests and benchmarks: ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on
+        (they crash quantized models on Intel AMX CPUs), ``_prompt_cache=False`` evaluates every
+        prompt afresh, ``_fault`` makes the worker die, stop or stall at a chosen point (see the
+        worker's docstring), ``_template_seconds`` sets the chat template's time limit. Raises
+        ModelLoadError when llama.cpp refuses the file or context, WorkerCrashedError when the
+        worker dies or hangs."""
         options = options or LoadOptions(gpu_layers=0)
         if options.gpu_layers == AUTO or options.n_ctx == AUTO:
             raise ValueError("Runtime.start needs concrete gpu_layers and n_ctx; resolve 'auto' with the "
@@ -151,7 +131,7 @@ class Runtime:
             if _prompt_cache is None:
                 _prompt_cache = config.prompt_cache()
             internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
-                        "fault": dict(_fault) if _fault else None}
+                        "fault": dict(_fault) if _fault else None, "template_seconds": _template_seconds}
             rt._send((wire.LOAD, str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == wire.CRASH:
@@ -164,24 +144,32 @@ class Runtime:
                     advice = (f"The context did not fit (n_ctx {options.n_ctx}, {options.parallel} slot(s)): "
                               "try a smaller --ctx, a smaller KV type (--kv-type q8_0) or fewer slots.")
                 raise ModelLoadError(f"llama.cpp could not load {name} ({path}): {msg[1].strip()}. {advice}")
-            rt.report = rt._make_report(path, msg[1])
+            lines = rt._load_log or []
+            rt._load_log = None  # later lines (e.g. the embedding context) are not the load's
+            rt.report = load_report(name, path, msg[1], lines)
             return rt
         except BaseException:
             rt._kill()
             raise
 
     def close(self, timeout: float = 10.0) -> None:
-        """Ask the worker to free everything and exit; kill it if it does not. Idempotent."""
+        """Ask the worker to free everything and exit; kill it if it does not within ``timeout``,
+        or at once if it does not answer (a hung worker). Idempotent."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-        self._send_quietly((wire.CLOSE,))
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        asked = time.monotonic()
+        for message in ((wire.PING,), (wire.CLOSE,)):
+            self._send_quietly(message, _CLOSE_GRACE_S)
+        while self._proc.poll() is None:
+            waited = time.monotonic() - asked
+            if waited > timeout or (waited > _CLOSE_GRACE_S and self._heard_at < asked):
+                self._proc.kill()
+            try:
+                self._proc.wait(0.05)
+            except subprocess.TimeoutExpired:
+                pass
         self._reader.join(timeout)
         self._conn.close()
         self._errfile.close()
@@ -247,6 +235,8 @@ class Runtime:
             raise ValueError("give either grammar or json_schema, not both")
         if json_schema is not None:
             grammar = schema_grammar(json_schema)
+        elif grammar is not None and len(grammar) > MAX_GRAMMAR_BYTES:  # llama.cpp parses it at ~45x its size
+            raise ValueError(f"the grammar is {len(grammar) / 2**20:.1f} MiB; at most {MAX_GRAMMAR_BYTES >> 20} MiB")
         sampling = sampling or SamplingOptions()
         rid, inbox = self._register()
         try:
@@ -279,14 +269,13 @@ class Runtime:
         return self._reply(rid, inbox)
 
     def stats(self) -> dict[str, Any]:
-        """Slots, busy slots, queued requests, token counters and the worker's RSS.
+        """Slots, busy slots, queued requests (being prepared included), token counters, RSS.
 
         Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated),
-        ``prompt_tokens_cached`` (prompt tokens reused from a slot's cache instead), ``tokens_out``,
+        ``prompt_tokens_cached`` (reused from a slot's cache instead), ``tokens_out``,
         ``tokens_settled`` (generated tokens evaluated again while idle, see
-        :mod:`jupyter_llm.prompt_cache`). Now: ``slot_tokens``, how many tokens each slot's KV
-        holds; ``unsettled_tokens``, how many still wait to be evaluated again.
-        """
+        :mod:`jupyter_llm.worker.prompt_cache`). Now: ``slot_tokens`` (tokens in each slot's KV),
+        ``unsettled_tokens`` (still to be evaluated again)."""
         return self._call("stats")
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -320,19 +309,23 @@ class Runtime:
         with self._lock:
             self._pending.pop(rid, None)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: tuple[Any, ...], timeout: float = HUNG_AFTER_S) -> None:
         try:
             with self._send_lock:
-                self._conn.send(message)
+                self._conn.send(message, timeout)
                 while self._orphans:
-                    self._conn.send((wire.CANCEL, self._orphans.popleft()))
+                    self._conn.send((wire.CANCEL, self._orphans.popleft()), timeout)
+        except TimeoutError:
+            self._declare_hung()  # (unless closing: then close() kills it)
+            self._reader.join(0 if self._closing else 5)
+            raise self._gone() from None
         except OSError:
             self._reader.join(5)  # the reader sees the EOF and works out why the worker died
             raise self._gone() from None
 
-    def _send_quietly(self, message: tuple[Any, ...]) -> None:
+    def _send_quietly(self, message: tuple[Any, ...], timeout: float = HUNG_AFTER_S) -> None:
         try:
-            self._send(message)
+            self._send(message, timeout)
         except (JupyterLLMError, ValueError):
             pass
 
@@ -340,7 +333,12 @@ class Runtime:
         """Cancel without waiting for the send lock (for ``Stream.__del__``)."""
         if self._send_lock.acquire(blocking=False):
             try:
-                self._conn.send((wire.CANCEL, rid))
+                self._conn.send((wire.CANCEL, rid), _LIVENESS_S)
+            except TimeoutError:  # the worker is not reading: the next send delivers it, or finds it hung
+                if self._conn.broken:
+                    self._declare_hung()
+                else:
+                    self._orphans.append(rid)
             except (OSError, ValueError):
                 pass
             finally:
@@ -356,9 +354,35 @@ class Runtime:
             except queue.Empty:
                 if not self._reader.is_alive() and inbox.empty():
                     raise self._gone() from None
+                self._probe()
 
-    def _error(self, msg: tuple[Any, ...]) -> BaseException:
-        """The exception for a worker's ``error`` message or a ``crash`` notice."""
+    def _probe(self) -> None:
+        """Ping a worker that has been silent for a while; kill one that leaves a ping unanswered."""
+        now = time.monotonic()
+        if self._ping_at <= self._heard_at:  # no ping outstanding
+            if now - self._heard_at >= _PING_AFTER_S and self._send_lock.acquire(blocking=False):
+                try:  # (if another caller is sending, its send has the same deadline)
+                    self._ping_at = now
+                    self._conn.send((wire.PING,), HUNG_AFTER_S)
+                except TimeoutError:
+                    self._declare_hung()
+                except (OSError, ValueError):
+                    pass  # it died: the reader reports it
+                finally:
+                    self._send_lock.release()
+        elif now - self._ping_at >= HUNG_AFTER_S and not self._conn.pending():
+            # (an answer waiting in the socket means the kernel's reader is late, not the worker)
+            self._declare_hung()
+
+    def _declare_hung(self) -> None:
+        with self._lock:
+            if self._dead is not None or self._closing:
+                return
+            self._hung = True
+        log.warning("the worker running %s did not answer for %.0f s: killing it", self.name, HUNG_AFTER_S)
+        self._proc.kill()  # a stopped process dies of SIGKILL too; the reader then reports it
+
+    def _error(self, msg: tuple[Any, ...]) -> BaseException:  # (for Stream)
         return _error_from(msg, self)
 
     def _gone(self) -> JupyterLLMError:
@@ -371,6 +395,7 @@ class Runtime:
                 msg = conn.recv()
             except (EOFError, OSError, ValueError):
                 break
+            self._heard_at = time.monotonic()
             kind = msg[0]
             if kind in _ROUTED:
                 inbox = self._pending.get(msg[1])
@@ -417,21 +442,24 @@ class Runtime:
 
     def _crash_error(self, code: int) -> WorkerCrashedError:
         last, said = self._last_words()
-        if code < 0:
-            sig = signal.Signals(-code).name
-            what = f"was killed by {sig}"
-            if sig == "SIGKILL":
+        if self._hung:
+            what = f"stopped responding (no answer for {HUNG_AFTER_S:.0f} s) and was killed"
+        elif code < 0:
+            what = f"was killed by {signal.Signals(-code).name}"
+            if code == -signal.SIGKILL:
                 what += " (often the out-of-memory killer)"
         else:
             what = f"exited with code {code}"
         if self.report is None:
             what += " while loading"
         message = f"the worker running {self.name} {what}"
-        if last:
+        if last and not self._hung:
             message += f"; {said}: {last}"
-        message += (f". The kernel is fine: load it again with `%llm load {self.name}`; if it keeps "
-                    "crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0).")
-        return WorkerCrashedError(message, signal=-code if code < 0 else None, last_log=last)
+        advice = ("if it happens again, check that nothing stops the process (a debugger, kill -STOP, a frozen "
+                  "container)" if self._hung else
+                  "if it keeps crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0)")
+        message += f". The kernel is fine: load it again with `%llm load {self.name}`; {advice}."
+        return WorkerCrashedError(message, signal=-code if code < 0 and not self._hung else None, last_log=last)
 
     def _last_words(self) -> tuple[str | None, str]:
         """The last line the worker wrote to stderr (an assert, a traceback), else its last
@@ -451,26 +479,6 @@ class Runtime:
                     return text.strip(), said
         return None, ""
 
-    def _make_report(self, path: Path, r: dict[str, Any]) -> LoadReport:
-        from ..memory.llama_log import MemoryLog
-
-        memory = MemoryLog()
-        lines = self._load_log or []
-        self._load_log = None  # later lines (e.g. the embedding context) are not the load's
-        for level, text in lines:
-            memory.feed(level, text)
-        offloaded = memory.layers_offloaded
-        return LoadReport(
-            name=self.name, path=str(path), pid=r["pid"], n_ctx=r["n_ctx"], n_ctx_per_slot=r["n_ctx_per_slot"],
-            n_ctx_train=r["n_ctx_train"], n_layer=r["n_layer"],
-            n_gpu_layers=offloaded[0] if offloaded else r["n_gpu_layers"], parallel=r["parallel"],
-            n_batch=r["n_batch"], n_threads=r["n_threads"], load_s=r["load_s"], rss_bytes=r["rss_bytes"],
-            breakdown=memory.breakdown(), metadata=r["metadata"], system_info=r["system_info"],
-            log=tuple("".join(t for _, t in lines).splitlines()),
-        )
-
-
-
 
 def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:
     if msg[0] == wire.CRASH:
@@ -488,4 +496,4 @@ def _fresh(error: JupyterLLMError) -> JupyterLLMError:
     return copy.copy(error).with_traceback(None)
 
 
-__all__ = ["LoadReport", "Runtime"]
+__all__ = ["LoadReport", "Runtime", "schema_grammar"]

@@ -12,7 +12,9 @@ the notebook loaded and loads others on demand. Modules:
 - :mod:`.backend`     model lookup and loading, the bounded queue, generation jobs
 - :mod:`.params`      request validation and option mapping
 - :mod:`.responses`   answers, errors in each API's shape, disconnect-aware streams
-- :mod:`.metrics`     Prometheus text format
+- :mod:`.metrics`     Prometheus text format, the workers' stats cache
+- :mod:`.connection`  deadlines for request heads, bodies and unread answers; the connection limit
+- :mod:`.sources`     what an API client may make the kernel pull, and from where
 
 Nothing here imports starlette or uvicorn until a server starts.
 """
@@ -24,6 +26,7 @@ from typing import Any
 
 from ..errors import ServerError
 from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
+from .auth import Token, is_loopback, is_wildcard
 from .runner import Server
 
 
@@ -35,16 +38,35 @@ def _manager(manager: Any) -> Any:
     return get_manager()
 
 
-def serve(manager: Any = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-          auth: bool = True, parallel: int = DEFAULT_PARALLEL, max_queue: int = DEFAULT_MAX_QUEUE,
-          origins: Iterable[str] = (), allowed_hosts: Iterable[str] = ()) -> Server:
+def serve(manager: Any = None, *, host: str | None = None, port: int | None = None, token: str | None = None,
+          auth: bool = True, parallel: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+          origins: Iterable[str] | None = None, allowed_hosts: Iterable[str] = ()) -> Server:
     """Start the API for ``manager`` (default: the kernel's) and return the running server.
 
-    Calling it again with the same settings returns the running server; different settings
-    while one runs raise ServerError (stop it first).
+    ``host``, ``port``, ``parallel`` and ``origins`` not given come from the environment
+    (``JUPYTER_LLM_HOST`` / ``OLLAMA_HOST``, ``JUPYTER_LLM_PARALLEL`` / ``OLLAMA_NUM_PARALLEL``,
+    ``JUPYTER_LLM_ORIGINS`` / ``OLLAMA_ORIGINS``), else the defaults: 127.0.0.1:11434, 4 slots,
+    no origins. Calling it again with the same settings returns the running server; different
+    settings while one runs raise ServerError (stop it first).
     """
     import warnings
 
+    from .. import config
+
+    try:
+        env_host, env_port = config.serve_address() if host is None or port is None else (None, None)
+        env_parallel = config.num_parallel() if parallel is None else None
+    except ValueError as exc:
+        raise ServerError(str(exc)) from None
+    host = host if host is not None else env_host or DEFAULT_HOST
+    port = port if port is not None else env_port if env_port is not None else DEFAULT_PORT
+    parallel = parallel if parallel is not None else env_parallel or DEFAULT_PARALLEL
+    if origins is None:
+        found = config.origins()
+        origins = found[1] if found is not None else ()
+        if found is not None and ("*" in origins or "null" in origins or any("*" in o for o in origins)):
+            raise ServerError(f"{found[0]}={','.join(origins)!r} has a wildcard, which would let any web page use "
+                              "your models: list exact origins (e.g. http://localhost:8888) or unset it")
     manager = _manager(manager)
     current = manager.server
     if current is not None and current.running:
@@ -61,6 +83,11 @@ def serve(manager: Any = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_
                       "your models. Drop --no-auth to require one.", UserWarning, stacklevel=2)
     server.start()
     manager.server = server
+    if not is_loopback(host):
+        where = "all interfaces" if is_wildcard(host) else host
+        warnings.warn(f"the API listens on {where}: other machines reach it at {server.url}, and anyone with the "
+                      "token can use your models. Serve on 127.0.0.1 (the default) to keep it on this machine.",
+                      UserWarning, stacklevel=2)
     return server
 
 
@@ -82,4 +109,14 @@ def status(manager: Any = None) -> dict[str, Any] | None:
     return server.status() if server is not None else None
 
 
-__all__ = ["Server", "ServerError", "serve", "status", "stop"]
+def token(manager: Any = None) -> Token | None:
+    """The running API's token (None without one): pass it to a client, ``print()`` it to read it.
+
+    It is a string whose repr is its fingerprint, so a cell ending in ``token()`` does not
+    write it into the notebook. Programs outside the notebook read ``status()["token_file"]``.
+    """
+    server = _manager(manager).server
+    return server.token if server is not None and server.running else None
+
+
+__all__ = ["Server", "ServerError", "Token", "serve", "status", "stop", "token"]

@@ -14,7 +14,7 @@ from typing import Any
 from .._version import __version__
 from .auth import Guard, allowed_host_names
 from .backend import Backend
-from .metrics import Metrics, model_gauges
+from .metrics import Metrics, StatsCache, model_gauges
 from .params import HTTPProblem
 from .responses import ctx, endpoint, error_response, json_response, run_blocking
 
@@ -27,6 +27,7 @@ class Context:
     backend: Backend
     metrics: Metrics
     settings: dict[str, Any] = field(default_factory=dict)
+    stats: StatsCache = field(default_factory=StatsCache)
 
 
 @endpoint
@@ -37,7 +38,7 @@ async def health(request: Any) -> Any:
 
 @endpoint
 async def metrics(request: Any) -> Any:
-    """Prometheus text format: counters and histograms, and gauges read from the workers now."""
+    """Prometheus text format: counters and histograms, and gauges of the workers."""
     from starlette.responses import Response
 
     c = ctx(request)
@@ -46,15 +47,10 @@ async def metrics(request: Any) -> Any:
 
 
 def render_metrics(c: Context) -> str:
-    """The /metrics text (blocking: asks each worker for its slot and queue counters)."""
+    """The /metrics text; blocks at most :data:`~.metrics.STATS_WAIT_S` for the workers' counters."""
     models = c.manager.ps()
-    stats = {}
-    for model in models:
-        try:
-            stats[model.name] = model.runtime.stats()
-        except Exception:  # a worker that just died or was unloaded has no stats; skip it
-            continue
-    return c.metrics.render(model_gauges(models, stats, c.backend.waiting()))
+    stats, ages = c.stats.read(models)
+    return c.metrics.render(model_gauges(models, stats, c.backend.waiting(), ages))
 
 
 async def _not_found(request: Any, exc: Exception) -> Any:
@@ -103,4 +99,4 @@ def build_app(context: Context, *, token: str | None, host: str, origins: Iterab
         return partial or "unmatched"
 
     return Guard(app, token=token, hosts=allowed_host_names(host, allowed_hosts), origins=origins,
-                 route_of=route_of, on_request=context.metrics.request)
+                 route_of=route_of, on_request=context.metrics.request, on_refused=context.metrics.refuse)

@@ -12,12 +12,13 @@ Every request passes :class:`Guard` before any route runs, in this order:
 3. **Bearer token** (``Authorization: Bearer …``), compared in constant time, on every route
    but ``GET /health``; 401 otherwise.
 
-It also counts every request for the metrics (route template, status, duration), including
-the ones it refuses, and caps request bodies.
+It also counts requests for the metrics — the ones it lets through by route template, method
+and status, the ones it refuses only by reason (see :mod:`.metrics`) — and caps request bodies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import secrets
@@ -36,11 +37,30 @@ PUBLIC_PATHS = frozenset({"/health"})
 """Routes that answer without a token (GET only)."""
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MIN_REMOTE_TOKEN = 16
+"""Characters a given token needs when the server is reachable from other machines."""
 
 
-def new_token() -> str:
+class Token(str):
+    """The API token: a plain string to send and copy, whose repr shows only its fingerprint.
+
+    A status dict or a server object left as a cell's last line is written into the saved
+    notebook, and notebooks get shared: one test notebook held the token 8 times (issue 11).
+    ``print(token)`` and ``str(token)`` still give it.
+    """
+
+    @property
+    def fingerprint(self) -> str:
+        """Enough of the token's sha256 to tell tokens apart, nothing to use it with."""
+        return "sha256:" + hashlib.sha256(self.encode()).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"<API token {self.fingerprint}>"
+
+
+def new_token() -> Token:
     """A fresh random API token (32 URL-safe characters)."""
-    return secrets.token_urlsafe(24)
+    return Token(secrets.token_urlsafe(24))
 
 
 def is_loopback(host: str) -> bool:
@@ -54,15 +74,52 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether binding ``host`` listens on every interface."""
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def network_addresses(bound: str) -> list[str]:
+    """The addresses other machines reach a server bound to ``bound`` at, best first.
+
+    A wildcard bind is reached at the machine's non-loopback addresses: the one its routing
+    table uses to reach other hosts, then those its host name resolves to. None known: the
+    host name itself.
+    """
+    import socket
+
+    if not is_wildcard(bound):
+        return [bound.strip("[]")]
+    families = (socket.AF_INET,) if bound == "0.0.0.0" else (socket.AF_INET, socket.AF_INET6)
+    found: list[str] = []
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        if family not in families:
+            continue
+        try:  # connect() on a UDP socket sends nothing: it only picks the route's local address
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                udp.connect((probe, 9))
+                found.append(str(udp.getsockname()[0]))
+        except OSError:
+            pass
+    hostname = socket.gethostname()
+    try:
+        found += [str(info[4][0]) for info in socket.getaddrinfo(hostname, None) if info[0] in families]
+    except OSError:
+        pass
+    addresses = [a for a in dict.fromkeys(found) if not is_loopback(a) and not is_wildcard(a)]
+    return addresses or [hostname]
+
+
 def allowed_host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
     """Host header values (without port) that may reach a server bound to ``bound``."""
     names = {bound.strip("[]").lower(), *LOOPBACK_NAMES, *(h.strip("[]").lower() for h in extra)}
-    if bound in ("0.0.0.0", "::"):
+    if is_wildcard(bound):
         import socket
 
         # A wildcard bind is reachable under the machine's own names and addresses.
         hostname = socket.gethostname()
         names.update({hostname.lower(), socket.getfqdn().lower()})
+        names.update(a.lower() for a in network_addresses(bound))
         try:
             names.update(str(info[4][0]) for info in socket.getaddrinfo(hostname, None))
         except OSError:
@@ -84,13 +141,15 @@ class Guard:
     """ASGI middleware: Host check, Origin/CORS, bearer token, body cap and request metrics."""
 
     def __init__(self, app: ASGIApp, *, token: str | None, hosts: frozenset[str], origins: Iterable[str],
-                 route_of: Callable[[Scope], str], on_request: Callable[[str, str, int, float], None]) -> None:
+                 route_of: Callable[[Scope], str], on_request: Callable[[str, str, int, float], None],
+                 on_refused: Callable[[str], None]) -> None:
         self.app = app
         self.token = token
         self.hosts = hosts
         self.origins = frozenset(o.rstrip("/") for o in origins)
         self.route_of = route_of
         self.on_request = on_request
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,7 +159,6 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        route = self.route_of(scope)
         status = 500
         headers = _headers(scope)
         origin = headers.get("origin")
@@ -114,8 +172,13 @@ class Guard:
                     message = {**message, "headers": [*message.get("headers", []), *self._cors_headers(origin)]}
             await send(message)
 
+        refused, problem = self._check(scope, headers, origin, cors)
+        if refused:
+            self.on_refused(refused)  # counted by reason only: a refused client creates no state
+            await problem(scope, receive, send_counted)
+            return
+        route = self.route_of(scope)
         try:
-            problem = self._check(scope, headers, origin, cors)
             if problem is not None:
                 await problem(scope, receive, send_counted)
                 return
@@ -123,29 +186,31 @@ class Guard:
         finally:
             self.on_request(route, scope["method"], status, time.perf_counter() - started)
 
-    def _check(self, scope: Scope, headers: dict[str, str], origin: str | None, cors: bool) -> ASGIApp | None:
+    def _check(self, scope: Scope, headers: dict[str, str], origin: str | None, cors: bool) -> tuple[str, Any]:
+        """("", None) to go on, ("", app) to answer with ``app``, (reason, app) to refuse."""
         path = scope["path"]
         if _host_name(headers.get("host", "")) not in self.hosts:
-            return _error(path, 403, "this Host header is not allowed: the server answers only requests "
-                          "addressed to its own address or localhost (protection against DNS rebinding); "
-                          "add the name with serve(allowed_hosts=[...]) if you proxy to it", "host_not_allowed")
+            return "host", _error(path, 403, "this Host header is not allowed: the server answers only requests "
+                                  "addressed to its own address or localhost (protection against DNS rebinding); "
+                                  "add the name with serve(allowed_hosts=[...]) if you proxy to it",
+                                  "host_not_allowed")
         if origin is not None and not cors:
-            return _error(path, 403, f"requests from origin {origin!r} are not allowed; add it with "
-                          "`%llm serve --origin ORIGIN` (or serve(origins=[...])) to use the API from that page",
-                          "origin_not_allowed")
+            return "origin", _error(path, 403, f"requests from origin {origin[:200]!r} are not allowed; add it "
+                                    "with `%llm serve --origin ORIGIN` (or serve(origins=[...])) to use the API "
+                                    "from that page", "origin_not_allowed")
         if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
-            return _preflight  # cors is True here; the headers are added by send_counted
+            return "", _preflight  # cors is True here; the headers are added by send_counted
         if self.token is None or (path in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")):
-            return None
+            return "", None
         given = headers.get("authorization", "")
         scheme, _, credential = given.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(credential.strip().encode(), self.token.encode()):
             what = "a wrong token" if given else "no token"
-            return _error(path, 401, f"this server needs its API token and got {what}: send the header "
-                          "'Authorization: Bearer TOKEN' (the ollama client reads OLLAMA_API_KEY, the openai "
-                          "client its api_key); `%llm serve --status` shows the token",
-                          "invalid_api_key", {"www-authenticate": "Bearer"})
-        return None
+            return "token", _error(path, 401, f"this server needs its API token and got {what}: send the header "
+                                   "'Authorization: Bearer TOKEN' (the ollama client reads OLLAMA_API_KEY, the "
+                                   "openai client its api_key); `%llm serve --status` says where to find it",
+                                   "invalid_api_key", {"www-authenticate": "Bearer"})
+        return "", None
 
     def _cors_headers(self, origin: str | None) -> list[tuple[bytes, bytes]]:
         return [

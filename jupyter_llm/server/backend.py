@@ -1,8 +1,12 @@
 """The HTTP API's side of the model manager: find or load a model, admit a request, run it.
 
 The server owns no models: it asks the kernel's :class:`~jupyter_llm.manager.ModelManager`.
-A model that is not loaded is loaded on demand with the server's ``parallel`` slots and
-Ollama's keep_alive; one that the notebook loaded is used as it is.
+A model that is not loaded is loaded on demand with the server's ``parallel`` slots and the
+default keep_alive. Every model is served with ``parallel`` slots however it was loaded: one
+the notebook loaded with fewer is reloaded with them while no request uses it (its other
+options and its context per request kept; the user's remembered options untouched), and the
+model's notices say so; of one with more, the API uses ``parallel`` (its requests beyond them
+wait for a slot in the server, not in the worker).
 
 Each generation is a :class:`Job`. Its worker stream is read in a pump thread (iterating a
 stream blocks) which hands chunks to the event loop through an asyncio queue; while it runs,
@@ -21,8 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ModelNotFoundError
-from ..options import DEFAULT_CTX_PER_SLOT, DEFAULT_KEEP_ALIVE, LoadOptions
+from ..errors import ModelLoadError, ModelNotFoundError
+from ..options import DEFAULT_CTX_PER_SLOT, LoadOptions
 from .metrics import Metrics
 from .params import HTTPProblem, bad, check_max_tokens
 
@@ -64,8 +68,12 @@ class Backend:
         self.max_queue = max_queue
         self.metrics = metrics
         self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
         self._admitted: dict[str, int] = {}
+        self._running: dict[str, int] = {}
         self._jobs: set[Job] = set()
+        self._kept: dict[str, float] = {}
+        """Models (name → loaded_at) that could not get more slots: not tried again until reloaded."""
 
     # -- models ------------------------------------------------------------------------------
 
@@ -80,6 +88,8 @@ class Backend:
             model = self._find(name, num_ctx)
             if model is None:
                 model = self._load(name, keep_alive, num_ctx)
+            elif self._too_few_slots(model):
+                model = self._add_slots(model)
             try:
                 using = self.manager.using(model.name)
                 using.__enter__()
@@ -107,11 +117,66 @@ class Backend:
     def _load(self, name: str, keep_alive: Any, num_ctx: int | None) -> Any:
         record = self.manager.record(name)  # ModelNotFoundError (404) for unknown names
         trained = int((record.summary or {}).get("context_length") or DEFAULT_CTX_PER_SLOT)
-        per_slot = num_ctx or min(DEFAULT_CTX_PER_SLOT, trained)
         # keep_alive 0 is applied once the request holds the model, or the reaper would unload it first
-        keep = DEFAULT_KEEP_ALIVE if keep_alive is UNCHANGED or keep_alive == 0 else keep_alive
-        options = LoadOptions(n_ctx=max(per_slot * self.parallel, 16), parallel=self.parallel, keep_alive=keep)
-        return self.manager.load(record.name, options, pull=False)
+        from .. import config
+
+        per_slot = num_ctx or min(config.context_length() or DEFAULT_CTX_PER_SLOT, trained)
+        # n_ctx, kv_type, flash_attn and keep_alive not given follow the environment (OLLAMA_*)
+        keep = {} if keep_alive is UNCHANGED or keep_alive == 0 else {"keep_alive": keep_alive}
+        options = LoadOptions(n_ctx=max(per_slot * self.parallel, 16), parallel=self.parallel, **keep)
+        # an API client's load on demand: not the user's choice of options (they stay remembered)
+        return self.manager.load(record.name, options, pull=False, remember=False)
+
+    def _too_few_slots(self, model: Any) -> bool:
+        """Whether ``model`` has fewer slots than the server decodes at once and may be reloaded now."""
+        return (int(model.options.parallel) < self.parallel and not model.active
+                and self._kept.get(model.name) != model.loaded_at)
+
+    def _add_slots(self, model: Any) -> Any:
+        """``model`` reloaded with the server's slots, its other options and context per request
+        kept; as it was, with a notice saying why, if that does not fit or fails to load.
+
+        Called only while no request uses the model: the manager's reload does not wait for
+        requests, so one that starts in the instant between the check and the reload is cut off.
+        """
+        name, had, per_slot = model.name, int(model.options.parallel), _ctx_per_slot(model)
+        base = self.manager.remembered_options(name) or model.requested or model.options
+        options = base.with_(parallel=self.parallel, n_ctx=per_slot * self.parallel,
+                             keep_alive=model.options.keep_alive)
+        # remember=False: the API's need, not the user's choice; their options stay remembered
+        try:
+            new = self.manager.load(name, options, pull=False, remember=False)
+        except ModelLoadError as exc:
+            new = self.manager.load(name, model.options, pull=False, remember=False)
+            new.notices.append(f"the API could not reload {name} with {self.parallel} slots ({exc}); it serves it "
+                               f"with its {_slots(had)}: requests beyond them queue")
+            self._kept[name] = new.loaded_at
+            return new
+        new.notices.append(f"reloaded {name} with {_slots(self.parallel)} (it had {_slots(had)}) so that the API "
+                           f"decodes {self.parallel} requests at once; other options kept, {per_slot} tokens per "
+                           f"request (n_ctx {per_slot * self.parallel})")
+        return new
+
+    def slots(self, model: Any) -> int:
+        """How many of ``model``'s requests the API decodes at once: its slots, at most ``parallel``."""
+        return min(self.parallel, int(model.options.parallel))
+
+    def _take_slot(self, name: str, slots: int, cancelled: threading.Event) -> bool:
+        """Wait for one of the server's ``slots`` for ``name`` (False if cancelled meanwhile)."""
+        with self._slot_free:
+            while self._running.get(name, 0) >= slots:
+                if cancelled.is_set():
+                    return False
+                self._slot_free.wait(0.2)
+            self._running[name] = self._running.get(name, 0) + 1
+            return True
+
+    def _give_slot(self, name: str) -> None:
+        with self._slot_free:
+            self._running[name] -= 1
+            if not self._running[name]:
+                del self._running[name]
+            self._slot_free.notify_all()
 
     def _loaded(self, name: str) -> Any:
         try:
@@ -134,14 +199,17 @@ class Backend:
     def admit(self, loaded: Loaded) -> Callable[[], None]:
         """Take a place in the model's queue or raise 503; returns the function that gives it back."""
         name = loaded.name
-        slots = int(loaded.model.options.parallel)
+        slots = self.slots(loaded.model)
         with self._lock:
             n = self._admitted.get(name, 0)
             if n >= slots + self.max_queue:
                 self.metrics.rejected_busy(name)
+                why = (f" ({name} was loaded with {_slots(slots)}; the API reloads it with {self.parallel} once no "
+                       "request uses it)" if slots < self.parallel else "")
+                queued = f"{self.max_queue} queued request{'s' if self.max_queue != 1 else ''}"
                 raise HTTPProblem(
-                    503, f"{name} is busy: {slots} slots and {self.max_queue} queued requests are taken; retry "
-                    f"in a moment (or start the server with a larger --parallel)", code="model_busy",
+                    503, f"{name} is busy: {_slots(slots)} and {queued} are taken{why}; retry in a moment (or "
+                    f"start the server with a larger --parallel or --max-queue)", code="model_busy",
                     headers={"Retry-After": str(RETRY_AFTER_S)})
             self._admitted[name] = n + 1
         released = False
@@ -164,7 +232,7 @@ class Backend:
         out = {}
         for name, n in admitted.items():
             model = self._loaded(name)
-            slots = int(model.options.parallel) if model is not None else 0
+            slots = self.slots(model) if model is not None else 0
             out[name] = max(0, n - slots)
         return out
 
@@ -189,11 +257,20 @@ class Backend:
         return job
 
     def embed(self, loaded: Loaded, texts: list[str], normalize: bool) -> tuple[list[list[float]], int]:
-        """Pooled embeddings of ``texts`` and how many tokens they took; blocking; releases ``loaded``."""
+        """Pooled embeddings of ``texts`` and how many tokens they took; blocking; releases ``loaded``.
+
+        Takes a place in the model's queue like a generation (503 when it is full), and refuses
+        (400) a request holding more than ``config.embed_max_tokens()`` tokens before embedding
+        anything: the worker's engine thread embeds, and chats to the model wait behind it.
+        """
         try:
-            runtime = loaded.model.runtime
-            vectors = runtime.embed(texts, normalize=normalize) if texts else []
-            n_tokens = sum(runtime.count_tokens(t) for t in texts)
+            release = self.admit(loaded)
+            try:
+                runtime = loaded.model.runtime
+                n_tokens = _embed_tokens(runtime, texts)
+                vectors = runtime.embed(texts, normalize=normalize) if texts else []
+            finally:
+                release()
         finally:
             loaded.release()
         self.metrics.generation(loaded.name, n_tokens, 0, None)
@@ -209,6 +286,33 @@ class Backend:
     def _finished(self, job: Job) -> None:
         with self._lock:
             self._jobs.discard(job)
+
+
+MAX_BYTES_PER_TOKEN = 16
+"""No tokenizer averages more bytes per token over real text; a request with more bytes than
+this times the token limit is refused without tokenizing it (an attacker's 8 MB are not read)."""
+
+
+def _embed_tokens(runtime: Any, texts: list[str]) -> int:
+    """The tokens ``texts`` take as the worker embeds them, or a 400 beyond the request limit."""
+    from .. import config
+
+    limit = config.embed_max_tokens()
+    advice = (f"one request may embed at most {limit:,} tokens (JUPYTER_LLM_EMBED_MAX_TOKENS); send the texts in "
+              "several requests")
+    size = sum(len(t.encode("utf-8", "replace")) for t in texts)
+    if size > limit * MAX_BYTES_PER_TOKEN:
+        raise bad(f"'input' holds {size:,} bytes of text, far more than that: {advice}", "input")
+    total = 0
+    for text in texts:  # tokenized as the worker's embedder does: special tokens added, not parsed
+        total += len(runtime.tokenize(text, add_special=True, parse_special=False)) or 1
+        if total > limit:
+            raise bad(f"'input' has more than {limit:,} tokens: {advice}", "input")
+    return total
+
+
+def _slots(n: int) -> str:
+    return f"{n} slot" if n == 1 else f"{n} slots"
 
 
 def _ctx_per_slot(model: Any) -> int:
@@ -252,23 +356,16 @@ class Job:
 
     def _pump(self) -> None:
         try:
-            from .. import chat
-
             model = self.loaded.model
-            if self.kind == "chat":
-                stream = chat.start(model, self.payload, self.sampling, grammar=self.grammar).stream
-            else:
-                stream = model.runtime.generate(self.payload, self.sampling, grammar=self.grammar)
-            self._stream = stream
-            if self._cancelled.is_set():
-                stream.cancel()
-            for chunk in stream:
-                self._put(chunk)
-            result = stream.result
-            self.result = result
-            self.backend.metrics.generation(self.loaded.name, result.prompt_tokens, result.completion_tokens,
-                                            result.ttft_s)
-            self._put(result)
+            # a model with more slots than the server's: the server keeps its requests to `parallel`
+            gated = int(model.options.parallel) > self.backend.parallel
+            if gated and not self.backend._take_slot(self.loaded.name, self.backend.parallel, self._cancelled):
+                raise bad("the generation was cancelled")
+            try:
+                self._run(model)
+            finally:
+                if gated:
+                    self.backend._give_slot(self.loaded.name)
         except BaseException as exc:
             self._put(exc)
         finally:
@@ -276,6 +373,24 @@ class Job:
             self.loaded.release()
             self.backend._finished(self)
             self._put(_END)
+
+    def _run(self, model: Any) -> None:
+        from .. import chat
+
+        if self.kind == "chat":
+            stream = chat.start(model, self.payload, self.sampling, grammar=self.grammar).stream
+        else:
+            stream = model.runtime.generate(self.payload, self.sampling, grammar=self.grammar)
+        self._stream = stream
+        if self._cancelled.is_set():
+            stream.cancel()
+        for chunk in stream:
+            self._put(chunk)
+        result = stream.result
+        self.result = result
+        self.backend.metrics.generation(self.loaded.name, result.prompt_tokens, result.completion_tokens,
+                                        result.ttft_s)
+        self._put(result)
 
     async def prime(self) -> bool:
         """Wait for the first chunk (or the end); raise at once if the request failed."""

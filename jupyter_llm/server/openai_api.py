@@ -30,6 +30,7 @@ from .responses import (
     problem_from,
     read_json,
     run_blocking,
+    run_worker_call,
     sse,
     until_disconnect,
 )
@@ -270,7 +271,7 @@ async def embeddings(request: Any) -> Any:
     if body.raw("dimensions") is not None:
         raise bad("'dimensions' is not supported: embeddings have the model's own size", "dimensions")
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
-    vectors, n_tokens = await run_blocking(c.backend.embed, loaded, texts, True)
+    vectors, n_tokens = await run_worker_call(request, c.backend.embed, loaded, texts, True)
     data = []
     for i, vector in enumerate(vectors):
         value: Any = vector

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..errors import (
     ModelNotFoundError,
     PullError,
     StoreError,
+    TruncatedGGUFError,
     WontFitError,
     WorkerCrashedError,
 )
@@ -38,10 +40,29 @@ Handler = Callable[[Any], Awaitable[Any]]
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+_PATH = re.compile(r"(?<![\w.:/~-])~?(?:/[^\s'\"`()<>,;/]+){2,}/?")
+"""An absolute path (two parts or more) in a message, as the store and the worker write them."""
+
+
 def problem_from(exc: BaseException) -> HTTPProblem:
-    """The HTTP answer for an exception: 4xx for the caller's mistakes, 5xx for ours, with its message."""
+    """The HTTP answer for an exception: 4xx for the caller's mistakes, 5xx for ours, with its message.
+
+    The messages of the core's errors are meant for the notebook's user: an API client gets
+    them with every file path cut to its last part (``…/model.gguf``), and for a file that is
+    not a usable GGUF, without the bytes it starts with (issue 11 read a file's first bytes so).
+    """
     if isinstance(exc, HTTPProblem):
-        return exc
+        return exc  # written by this server from the request: no paths of its own
+    problem = _problem(exc)
+    problem.message = _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rpartition("/")[2], problem.message)
+    return problem
+
+
+def _problem(exc: BaseException) -> HTTPProblem:
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, ClientDisconnect):  # nobody reads the answer; not worth a log line each
+        return HTTPProblem(499, "the client closed the connection", code="client_closed")
     if isinstance(exc, BodyTooLarge):
         return HTTPProblem(413, f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
     if isinstance(exc, ModelNotFoundError):
@@ -55,7 +76,9 @@ def problem_from(exc: BaseException) -> HTTPProblem:
     if isinstance(exc, StoreError):
         return HTTPProblem(409, str(exc), code="store_conflict")
     if isinstance(exc, GGUFError):
-        return HTTPProblem(422, str(exc), code="invalid_model_file")
+        what = "is truncated" if isinstance(exc, TruncatedGGUFError) else "is not a usable GGUF model file"
+        return HTTPProblem(422, f"the model's file {what}; `%llm show NAME` in the notebook says what is wrong "
+                           "with it, `%llm pull NAME --update` fetches it again", code="invalid_model_file")
     if isinstance(exc, PullError):
         return HTTPProblem(502, str(exc), code="pull_failed")
     if isinstance(exc, ModelLoadError | WorkerCrashedError):
@@ -120,6 +143,27 @@ async def run_blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     from starlette.concurrency import run_in_threadpool
 
     return await run_in_threadpool(fn, *args, **kwargs)
+
+
+WORKER_CALLS = 256
+"""Blocking calls into workers that may run at once (each model's queue bounds its own share)."""
+
+
+async def run_worker_call(request: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call that waits on a worker, outside the thread pool the other routes share.
+
+    A worker that stops answering holds the threads of its own calls only (as many as its model's
+    queue admits), so listings, /metrics and other models keep their threads.
+    """
+    import functools
+
+    import anyio
+
+    state = request.app.state
+    limiter = getattr(state, "worker_calls", None)
+    if limiter is None:  # made on the server's own event loop, on first use
+        limiter = state.worker_calls = anyio.CapacityLimiter(WORKER_CALLS)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
 
 
 async def until_disconnect(request: Any, work: Callable[[], Awaitable[Any]], on_disconnect: Callable[[], None]) -> Any:

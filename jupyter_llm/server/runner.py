@@ -13,11 +13,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import ServerError
 from ..options import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
-from .auth import is_loopback, new_token
+from .auth import MIN_REMOTE_TOKEN, Token, is_loopback, network_addresses, new_token
 
 
 class Server:
@@ -46,11 +47,18 @@ class Server:
                                   "(the default).")
         elif token is not None and (not token.strip() or any(c.isspace() for c in token)):
             raise ServerError("the token must be non-empty and contain no spaces")
+        elif token is not None and not is_loopback(host) and len(token) < MIN_REMOTE_TOKEN:
+            raise ServerError(f"on {host} the API is reachable from other machines, so a token needs at least "
+                              f"{MIN_REMOTE_TOKEN} characters, not {len(token)}: leave out --token for a random "
+                              "32-character one")
         self.manager = manager
         self.host = host
+        self.address = network_addresses(host)[0]
+        """Where other programs reach the server: the bound address, or for a wildcard the machine's."""
         self.requested_port = port
         self.port = port
-        self.token = (token or new_token()) if auth else None
+        self.token: Token | None = (Token(token) if token else new_token()) if auth else None
+        self.token_file: Path | None = None
         self.parallel = parallel
         self.max_queue = max_queue
         self.origins = origins
@@ -70,18 +78,20 @@ class Server:
 
         from .app import Context, build_app
         from .backend import Backend
+        from .connection import Limits, uvicorn_server, uvicorn_settings
         from .metrics import Metrics
 
-        sock = self._bind()
         metrics = Metrics()
+        limits = Limits(on_drop=metrics.drop)  # the environment is read before binding: a bad value binds nothing
+        sock = self._bind()
         backend = Backend(self.manager, parallel=self.parallel, max_queue=self.max_queue, metrics=metrics)
         self.context = Context(self.manager, backend, metrics, {"parallel": self.parallel})
         app = build_app(self.context, token=self.token, host=self.host, origins=self.origins,
                         allowed_hosts=self.allowed_hosts)
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                loop="asyncio", http="h11", ws="none", timeout_graceful_shutdown=3,
-                                timeout_keep_alive=5)
-        self._uvicorn = uvicorn.Server(config)
+                                loop="asyncio", ws="none", timeout_graceful_shutdown=3, timeout_keep_alive=5,
+                                **uvicorn_settings(limits))
+        self._uvicorn = uvicorn_server(config, limits)
         self._socket = sock
         self._thread = threading.Thread(target=self._run, name=f"jupyter_llm-http-{self.port}", daemon=True)
         self._thread.start()
@@ -92,6 +102,8 @@ class Server:
                 raise ServerError(f"the API server did not start on {self.url}: {self._error or 'timed out'}")
             time.sleep(0.01)
         self.started_at = time.time()
+        if self.token is not None:
+            self.token_file = _write_token_file(self.port, self.url, self.token)
         return self
 
     def _bind(self) -> socket.socket:
@@ -138,6 +150,9 @@ class Server:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        if self.token_file is not None:
+            _remove_token_file(self.token_file, self.token)
+            self.token_file = None
 
     @property
     def running(self) -> bool:
@@ -147,21 +162,49 @@ class Server:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        """The server's URL as other programs use it (for a wildcard bind, the machine's address)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
         return f"http://{host}:{self.port}"
 
     def status(self) -> dict[str, Any]:
-        """Address, token, settings and counters, as plain data (the sidebar and ``--status`` show it)."""
+        """Address, token, settings and counters, as plain data (the sidebar and ``--status`` show it).
+
+        ``token`` is a :class:`~.auth.Token`: the sidebar's comm sends it as a string, a cell
+        that shows the dict shows only its fingerprint.
+        """
         in_flight = self.context.backend.in_flight() if self.context is not None else {}
         return {
             "running": self.running, "url": self.url, "openai_base_url": f"{self.url}/v1", "host": self.host,
-            "port": self.port, "auth": self.token is not None, "token": self.token, "parallel": self.parallel,
+            "port": self.port, "auth": self.token is not None, "token": self.token,
+            "token_fingerprint": self.token.fingerprint if self.token is not None else None,
+            "token_file": str(self.token_file) if self.token_file is not None else None, "parallel": self.parallel,
             "max_queue": self.max_queue, "origins": list(self.origins), "started_at": self.started_at,
             "requests": self.context.metrics.total_requests() if self.context is not None else 0,
             "in_flight": in_flight, "error": str(self._error) if self._error else None,
+            "models": self._models(),
         }
+
+    def _models(self) -> dict[str, dict[str, Any]]:
+        """Each loaded model's slots, the slots the API decodes it with, and its notices."""
+        out = {}
+        for model in self.manager.ps():
+            slots = int(model.options.parallel)
+            out[model.name] = {"slots": slots, "api_slots": min(slots, self.parallel), "notices": list(model.notices)}
+        return out
+
+    def _slot_lines(self) -> list[str]:
+        """What the banner says about loaded models whose slots differ from the server's."""
+        lines = []
+        for name, info in self._models().items():
+            slots = info["slots"]
+            if slots < self.parallel:
+                lines.append(f"{name} is loaded with {slots} slot{'s' if slots != 1 else ''}: it is reloaded with "
+                             f"{self.parallel} (other options and context per request kept) when the API first "
+                             "uses it while idle.")
+            elif slots > self.parallel:
+                lines.append(f"{name} has {slots} slots; the API decodes {self.parallel} of its requests at once.")
+            lines += [f"{name}: {n}" for n in info["notices"] if "the API" in n]
+        return lines
 
     def same_settings(self, **settings: Any) -> bool:
         """Whether ``serve(**settings)`` asks for exactly this server (re-running a cell is harmless)."""
@@ -175,15 +218,27 @@ class Server:
                 and [str(o).rstrip("/") for o in settings.get("origins", ())] == self.origins)
 
     def instructions(self) -> str:
-        """How to reach this server: URL, token and the settings the official clients read."""
+        """How to reach this server: URL, where the token is, the settings the official clients read.
+
+        Never the token itself: this text is a cell's output, and a saved notebook keeps it.
+        """
         if not self.running:
             return f"The API at {self.url} is stopped."
         lines = [f"API running at {self.url} (Ollama API) and {self.url}/v1 (OpenAI API), "
                  f"{self.parallel} parallel slots per model."]
+        lines += self._slot_lines()
+        if not is_loopback(self.host):
+            lines.append(f"WARNING: listening on {self.host}, so other machines reach it at {self.url}; anyone "
+                         "with the token can use these models. `%llm serve --host 127.0.0.1` keeps it on this one.")
         if self.token:
-            lines += [f"Token: {self.token}",
-                      f"  ollama: OLLAMA_HOST={self.url} OLLAMA_API_KEY={self.token}",
-                      f"  openai: OpenAI(base_url=\"{self.url}/v1\", api_key=\"{self.token}\")"]
+            lines += [f"Token {self.token.fingerprint} (a fingerprint: the token is never shown in a cell); "
+                      "the sidebar's Copy token button copies it.",
+                      "  python: jupyter_llm.server.token()",
+                      f"  openai: OpenAI(base_url=\"{self.url}/v1\", api_key=jupyter_llm.server.token())"]
+            if self.token_file is not None:
+                lines += [f"  shell:  `jupyter-llm run|ps|stop` read it from {self.token_file} (mode 0600); other "
+                          "clients: OLLAMA_HOST=" + self.url + " OLLAMA_API_KEY=$(python -c \"import json; "
+                          f"print(json.load(open('{self.token_file}'))['token'])\")"]
         else:
             lines += ["WARNING: no token — any program on this machine can use these models.",
                       f"  ollama: OLLAMA_HOST={self.url}"]
@@ -201,8 +256,46 @@ class Server:
         return f"<jupyter_llm API {state} at {self.url}, auth={'on' if self.token else 'off'}>"
 
 
+def _write_token_file(port: int, url: str, token: str) -> Path | None:
+    """The server's address and token in ``jupyter-llm-PORT.json`` in Jupyter's runtime directory,
+    readable by this user alone (as Jupyter's own server files), for clients outside the
+    notebook — the ``jupyter-llm`` commands read it; None (and a warning) if it cannot be written."""
+    import json
+    import logging
+    import os
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    path = Path(jupyter_runtime_dir()) / f"jupyter-llm-{port}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp.unlink(missing_ok=True)
+        # O_EXCL: never write into a file someone else created (it would keep their permissions).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url, "pid": os.getpid(), "token": str(token)}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        logging.getLogger("jupyter_llm.server").warning("the API's server file %s could not be written (%s); "
+                                                        "jupyter_llm.server.token() still gives the token", path, exc)
+        return None
+    return path
+
+
+def _remove_token_file(path: Path, token: str | None) -> None:
+    import json
+
+    try:
+        if json.loads(path.read_text()).get("token") == token:  # not a newer server's on the same port
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class Instructions:
-    """URL, token and client settings, shown as a block of text (line breaks kept in notebooks)."""
+    """URL and client settings, shown as a block of text (line breaks kept in notebooks)."""
 
     def __init__(self, text: str, data: dict[str, Any]) -> None:
         self.text = text

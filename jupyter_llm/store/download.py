@@ -12,28 +12,50 @@ hashes what it downloaded (docs/notes.md §5). So:
   deletes the partial and raises :class:`~jupyter_llm.errors.IntegrityError`;
 - ``dest`` appears only complete and verified (``os.replace``), so its existence means "done";
 - an ``fcntl`` lock on ``<dest>.lock`` serialises two kernels pulling the same file: the second
-  one waits and then finds ``dest`` complete;
-- transient failures (dropped connection, read timeout, 5xx, 429) are retried with backoff
-  from the current offset, while an unreachable host fails within seconds.
+  one waits and then finds ``dest`` complete — but gives up when the holder's partial has grown
+  slower than the minimum rate for ten ``JUPYTER_LLM_READ_TIMEOUT`` windows (a stopped process,
+  or one stuck on a trickle);
+- transient failures (dropped connection, read timeout, 5xx, 429, a rate below
+  ``JUPYTER_LLM_PULL_MIN_RATE``) are retried with backoff from the current offset, while an
+  unreachable host fails within seconds;
+- nothing is written past the size the caller expects or the server announces: a longer body
+  is stopped at once and the partial discarded, so a lying source cannot fill the disk;
+- the pull's :class:`~jupyter_llm.store.deadline.Deadline` (``JUPYTER_LLM_PULL_DEADLINE``, or
+  ``Deadline.cancel()`` from another thread) ends lock waits, backoffs and blocked reads;
+- no file in the store is reached through a symbolic link: the partial and the lock are opened
+  with ``O_NOFOLLOW`` and must be regular files, and a link in place of ``dest`` is never
+  trusted as finished (the verified file replaces it). A link there was planted by someone
+  else; writing through it would overwrite whatever it points at.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import InsufficientSpaceError, IntegrityError
-from .http import Transient, content_range, get_bytes, make_client, raise_for_status, retrying, short_url
+from ..errors import InsufficientSpaceError, IntegrityError, StoreError
+from .deadline import Deadline, scope
+from .files import create, is_complete, locked, open_existing, same_file
+from .http import (
+    RateGuard,
+    Transient,
+    abort_on_cancel,
+    content_range,
+    get_bytes,
+    make_client,
+    raise_for_status,
+    retrying,
+    short_url,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -94,25 +116,27 @@ def fetch(
     with the resumed offset first, then at most ~20 times a second, then once at the end.
 
     Raises :class:`HostUnreachableError` (within seconds), :class:`RemoteError` (4xx),
-    :class:`InsufficientSpaceError`, :class:`IntegrityError` or :class:`PullError` (retries
-    exhausted). Whatever was downloaded stays in ``<dest>.partial`` for the next call, except
-    after an integrity failure.
+    :class:`InsufficientSpaceError`, :class:`IntegrityError` (also for a body longer than
+    announced), :class:`StoreError` (a link or other non-file in place of ours) or
+    :class:`PullError` (retries exhausted, too slow, past the pull's deadline, cancelled, or
+    another process holding the lock without progress). Whatever was downloaded stays in
+    ``<dest>.partial`` for the next call, except after an integrity failure.
     """
     dest = Path(dest)
     expected = sha256.lower() if sha256 else None
     # Fast path without the lock: a finished blob in a read-only cache must still be usable.
-    if _is_complete(dest, size):
+    if is_complete(dest, size):
         _report_done(dest, on_bytes)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dest.with_name(dest.name + ".lock")):
-        if _is_complete(dest, size):  # another process finished it while we waited
+    with scope() as deadline, locked(dest, deadline):
+        if is_complete(dest, size):  # another process finished it while we waited
             _report_done(dest, on_bytes)
             return dest
         own_client = client is None
         active = client if client is not None else make_client()
         try:
-            download = _Download(url, dest, expected, size, dict(headers or {}), on_bytes, active)
+            download = _Download(url, dest, expected, size, dict(headers or {}), on_bytes, active, deadline)
             try:
                 download.run()
             finally:
@@ -127,7 +151,7 @@ def fetch(
 
 
 class _Download:
-    """The state of one fetch: offset, running hash, and the partial file."""
+    """The state of one fetch: offset, running hash, and the partial file (one descriptor)."""
 
     def __init__(
         self,
@@ -138,8 +162,10 @@ class _Download:
         headers: dict[str, str],
         on_bytes: ByteCallback | None,
         client: httpx.Client,
+        deadline: Deadline,
     ) -> None:
         self.url = url
+        self.where = short_url(url)
         self.dest = dest
         self.partial = dest.with_name(dest.name + ".partial")
         self.sha256 = sha256
@@ -148,14 +174,21 @@ class _Download:
         self.headers = headers
         self.on_bytes = on_bytes
         self.client = client
+        self.deadline = deadline
         self.offset = 0
         self.hasher = _Hasher() if sha256 else None
+        # The partial is reached through this descriptor only, checked once when opened: no path
+        # lookup later can be redirected by a link swapped in meanwhile.
+        self._fd: int | None = None
         self._space_checked_for: int | None = None
         self._last_report = 0.0
 
     def close(self) -> None:
         if self.hasher is not None:
             self.hasher.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def run(self) -> None:
         self._load_partial()
@@ -170,22 +203,23 @@ class _Download:
                 self._attempt()
 
             # "Progress" resets the retry budget: a flaky link that keeps delivering still finishes.
-            retrying(self.url, once, progressed=lambda: self.offset - start[0] >= CHUNK)
+            retrying(self.url, once, progressed=lambda: self.offset - start[0] >= CHUNK, deadline=self.deadline)
         self._finish()
 
     def _load_partial(self) -> None:
-        try:
-            have = self.partial.stat().st_size
-        except FileNotFoundError:
+        self._fd = open_existing(self.partial, os.O_RDWR)
+        if self._fd is None:
             return
+        have = os.fstat(self._fd).st_size
         if self.size is not None and have > self.size:
-            self.partial.unlink()  # longer than the file can be: not ours to continue
+            self._discard()  # longer than the file can be: not ours to continue
             return
-        if self.hasher is not None and have:
+        if self.hasher is not None:
             # Hash what is already there so the final digest covers the whole file.
-            with open(self.partial, "rb") as f:
-                for block in iter(lambda: f.read(CHUNK), b""):
-                    self.hasher.update(block)
+            pos = 0
+            while block := os.pread(self._fd, CHUNK, pos):
+                self.hasher.update(block)
+                pos += len(block)
         self.offset = have
 
     def _attempt(self) -> None:
@@ -195,7 +229,7 @@ class _Download:
         headers["Accept-Encoding"] = "identity"
         if self.offset:
             headers["Range"] = f"bytes={self.offset}-"
-        with self.client.stream("GET", self.url, headers=headers) as resp:
+        with self.client.stream("GET", self.url, headers=headers) as resp, abort_on_cancel(self.deadline, resp):
             if resp.status_code == 416 and self.offset:
                 self._restart()  # our partial does not fit the remote file: start over
                 raise Transient("the server refused to continue the partial download (HTTP 416)", 0)
@@ -214,7 +248,7 @@ class _Download:
                 if self.size is not None and total != self.size:
                     self._discard()
                     raise IntegrityError(
-                        f"{short_url(self.url)} has {total} bytes but the source promised {self.size}; "
+                        f"{self.where} has {total} bytes but the source promised {self.size}; "
                         "the source changed or is inconsistent — pull again, and report it if it persists"
                     )
                 self.total = total
@@ -228,17 +262,29 @@ class _Download:
     def _stream(self, resp: httpx.Response) -> None:
         # iter_raw() without a chunk size, each piece written at once: httpx's own chunker drops
         # what it buffered when the connection breaks, and every received byte must reach the
-        # partial to be resumable. An unbuffered file: the pieces are already ~64 KiB.
-        with open(self.partial, "ab", buffering=0) as f:
-            for piece in resp.iter_raw():
-                self._write(f, piece)
-                self._report()
+        # partial to be resumable. The pieces are already ~64 KiB.
+        limit = self.total  # the caller's size, or what this response announced
+        rate = RateGuard()
+        for piece in resp.iter_raw():
+            if limit is not None and self.offset + len(piece) > limit:
+                # A chunked body carries no length: without this a source could fill the disk.
+                self._discard()
+                raise IntegrityError(
+                    f"{self.where} sent more than the {limit} bytes announced for it; the download was "
+                    "discarded — pull again, and report it to the source if it persists"
+                )
+            self._write(piece)
+            self._report()
+            self.deadline.check(self.where)
+            rate.add(len(piece))
 
-    def _write(self, f: Any, data: bytes) -> None:
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = create(self.partial)
         try:
             view = memoryview(data)
-            while view:  # an unbuffered write may be short
-                view = view[f.write(view):]
+            while view:  # a write may be short
+                view = view[os.pwrite(self._fd, view, self.offset + len(data) - len(view)):]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise InsufficientSpaceError(
@@ -252,9 +298,10 @@ class _Download:
 
     def _finish(self) -> None:
         if self.size is not None and self.offset != self.size:
+            got = self.offset
             self._discard()
             raise IntegrityError(
-                f"{short_url(self.url)}: got {self.offset} bytes, expected {self.size}; the partial download "
+                f"{self.where}: got {got} bytes, expected {self.size}; the partial download "
                 "was discarded — pull again"
             )
         if self.hasher is not None:
@@ -262,27 +309,38 @@ class _Download:
             if digest != self.sha256:
                 self._discard()
                 raise IntegrityError(
-                    f"sha256 mismatch for {short_url(self.url)}: expected {self.sha256}, got {digest}; the "
+                    f"sha256 mismatch for {self.where}: expected {self.sha256}, got {digest}; the "
                     "download was discarded — pull again; if it fails again the source serves a corrupt file"
                 )
-        if not self.partial.exists():  # a zero-byte body never opened the file
-            self.partial.touch()
-        with open(self.partial, "rb") as f:
-            os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
+        if self._fd is None:  # a zero-byte body never created the file
+            self._fd = create(self.partial)
+        os.fsync(self._fd)  # the rename must not publish a file whose bytes are still in flight
+        try:
+            same = same_file(self.partial, self._fd)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise StoreError(
+                f"{self.partial} was replaced by another file while it was being downloaded; the store "
+                "is being tampered with — check who else writes to it, then pull again"
+            )
         os.replace(self.partial, self.dest)
         self._report(force=True)
 
     def _restart(self) -> None:
-        with open(self.partial, "wb"):
-            pass
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
         self.offset = 0
         if self.hasher is not None:
             self.hasher.close()
             self.hasher = _Hasher()
 
     def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
+            self.partial.unlink()  # unlinking a link removes the link, never its target
         self.offset = 0
 
     def _check_space(self, total: int) -> None:
@@ -307,50 +365,13 @@ class _Download:
             self.on_bytes(self.offset, self.total)
 
 
-# -- files ------------------------------------------------------------------------------------------
-
-
-def _is_complete(dest: Path, size: int | None) -> bool:
-    try:
-        st = dest.stat()
-    except FileNotFoundError:
-        return False
-    return size is None or st.st_size == size
+# -- progress -------------------------------------------------------------------------------------
 
 
 def _report_done(dest: Path, on_bytes: ByteCallback | None) -> None:
     if on_bytes is not None:
-        n = dest.stat().st_size
+        n = dest.lstat().st_size
         on_bytes(n, n)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` that removes the lock file when released.
-
-    Removing it is safe because a waiter that wakes up on an unlinked file notices (its inode
-    no longer matches the path) and locks the new file instead.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                current = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-        except BaseException:
-            os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
 
 
 def _human(n: float) -> str:

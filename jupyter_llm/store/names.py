@@ -11,7 +11,8 @@ Syntax (first match wins)::
     an existing file or directory name     a path, when no alias has that name
 
 Anything else is a :class:`~jupyter_llm.errors.ModelNotFoundError` that suggests the nearest
-names. :func:`canonical` gives the name a pulled model is stored under.
+names. :func:`canonical` gives the name a pulled model is stored under, and :func:`check_name`
+is the one rule every name in the store obeys.
 
 The alias table ships as ``aliases.json`` in this package; a user file of the same shape
 (``config.alias_file()``) is merged over it. An entry::
@@ -24,16 +25,19 @@ The alias table ships as ``aliases.json`` in this package; a user file of the sa
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
+import unicodedata
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..errors import AliasFileError, ModelNotFoundError
+from ..errors import AliasFileError, ModelNotFoundError, StoreError
 
 HF_PREFIX = "hf.co/"
 """The user-facing prefix of Hugging Face references (Ollama uses the same)."""
@@ -47,10 +51,13 @@ _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _QUANT = re.compile(r"^[A-Za-z0-9_]+$")
 _GGUF_FILE = re.compile(r"^[^/\\]+\.gguf$", re.IGNORECASE)
 _OLLAMA_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_HOST = re.compile(r"^[A-Za-z0-9.-]+(:\d+)?$")
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")  # RFC 1123; IDNA rejects anything else
+_PORT = re.compile(r"^[1-9]\d{0,4}$")
 _PACKAGE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _VERSION = re.compile(r"^[A-Za-z0-9.+!_-]+$")
 _ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[a-z0-9][a-z0-9._-]*)?$")
+NAME_MAX = 255
+"""Bytes in a file name on the file systems we run on; a store name must fit as its record's file."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +154,19 @@ def parse(reference: str, known: Iterable[str] = ()) -> Ref:
     key = _alias_key(lowered)
     if key in table:
         return table[key].ref()
-    if Path(text).expanduser().exists():
-        return PathRef(Path(text).expanduser().resolve())
+    local = _existing(text)
+    if local is not None:
+        return PathRef(local.resolve())
     raise _not_found(text, list(table) + list(known))
+
+
+def _existing(text: str) -> Path | None:
+    """``text`` as a path on disk if something is there; a name no file can have is simply absent."""
+    try:
+        path = Path(text).expanduser()
+        return path if path.exists() else None
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, ~user without a home
+        return None
 
 
 def _alias_key(name: str) -> str:
@@ -201,12 +218,20 @@ def _parse_ollama(rest: str, original: str) -> OllamaRef:
             namespace = head[0]
     elif len(head) > 2:
         raise bad("too many '/' parts")
-    if registry is not None and not _HOST.match(registry):
-        raise bad(f"{registry!r} is not a host name")
+    if registry is not None and not _is_host(registry):
+        raise bad(f"{registry!r} is not a host name (with an optional :PORT)")
     for label, value in (("namespace", namespace), ("model", model), ("tag", tag)):
         if not _OLLAMA_PART.match(value):
             raise bad(f"bad {label} {value!r}")
     return OllamaRef(registry, namespace.lower(), model.lower(), tag)
+
+
+def _is_host(text: str) -> bool:
+    """A DNS name or IPv4 address with an optional port 1-65535, as a URL's host may hold."""
+    host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if sep and (not _PORT.match(port) or int(port) > 65535):
+        return False
+    return 0 < len(host) <= 253 and all(_HOST_LABEL.match(label) for label in host.split("."))
 
 
 def _parse_pip(rest: str, original: str) -> PipRef:
@@ -222,9 +247,12 @@ def _parse_pip(rest: str, original: str) -> PipRef:
 
 
 def _parse_path(text: str) -> PathRef:
-    path = Path(text).expanduser()
-    if path.exists():
-        return PathRef(path.resolve())
+    local = _existing(text)
+    if local is not None:
+        return PathRef(local.resolve())
+    path = text
+    with contextlib.suppress(RuntimeError, ValueError):  # ~user without a home: say the path as typed
+        path = str(Path(text).expanduser())
     hint = ""
     parts = text.split("/")
     if len(parts) == 2 and all(_REPO_PART.match(p) for p in parts) and not text.endswith(".gguf"):
@@ -285,6 +313,68 @@ def _path_name(path: Path) -> str:
     if m:  # a split model is named after its stem, not after part 1
         return m.group(1)
     return path.stem
+
+
+# -- store names -------------------------------------------------------------------------------
+
+
+def record_file(name: str) -> str:
+    """The file name of the store record for ``name`` (one small JSON file per name)."""
+    return urllib.parse.quote(name, safe="") + ".json"
+
+
+def check_name(name: str, *, force: bool = False) -> str:
+    """The one rule for a name in the store: return ``name``, or raise :class:`StoreError` saying why.
+
+    Every name must be storable and readable back: not empty, no spaces around it, no control or
+    invisible characters (a name that looks like another), and short enough for its record's
+    file name (:data:`NAME_MAX` bytes once escaped). A name someone picks (``cp``) must also not
+    already mean another model when typed — an alias such as ``smollm2`` (in any case or width),
+    a source reference (``hf.co/…``, ``ollama://…``, ``pip:…``) or a path — or the store would
+    answer with the copy instead. ``force=True`` allows that on purpose; a pull's own name is
+    its reference, so pulls pass it.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise StoreError("a model name cannot be empty; pick a name such as 'my-model'")
+    if name != name.strip():
+        raise StoreError(f"the model name {name!r} starts or ends with spaces; remove them")
+    odd = next((c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if odd is not None:
+        raise StoreError(
+            f"the model name {name!r} contains a control or invisible character (U+{ord(odd):04X}); use "
+            "visible characters only"
+        )
+    size = len(record_file(name))  # escaped to ASCII
+    if size > NAME_MAX:
+        raise StoreError(
+            f"the model name {name[:40]!r}… is too long for the store ({size} bytes as a file name, at most "
+            f"{NAME_MAX}; letters, digits and '._-' take one byte, other characters three to twelve); "
+            "pick a shorter name"
+        )
+    if not force:
+        meaning = _meaning(name)
+        if meaning is not None:
+            raise StoreError(
+                f"{name!r} already means {meaning} when typed, so a model stored under that name would shadow "
+                "it; pick another name, or pass force=True to shadow it on purpose"
+            )
+    return name
+
+
+def _meaning(name: str) -> str | None:
+    """What ``name`` refers to when typed, if anything but a plain store name."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    for prefix, kind in ((HF_PREFIX, "a Hugging Face reference"), (HF_SCHEME, "a Hugging Face reference"),
+                         (OLLAMA_SCHEME, "an Ollama reference"), (PIP_PREFIX, "a package reference")):
+        if folded.startswith(prefix):
+            return kind
+    if "/" in folded or "\\" in folded or folded.startswith(("~", ".")) or folded.endswith(".gguf"):
+        return "a file path"
+    entry = aliases().get(_alias_key(folded))
+    if entry is not None:
+        return f"the alias of {HF_PREFIX}{entry.target.repo}"
+    return None
 
 
 # -- the alias table -----------------------------------------------------------------------------

@@ -1,22 +1,29 @@
 """Pull: resolve a name, fetch it from its source, record it in the store.
 
 The one path every front end uses (``%llm pull``, ``jupyter_llm.pull()``, the sidebar, the
-HTTP API's ``/api/pull``), so they all get the same progress events and the same errors.
+HTTP API's ``/api/pull``), so they all get the same progress events and the same errors. One
+:class:`~jupyter_llm.store.deadline.Deadline` governs the whole pull: the caller's, when it
+applied one (to cancel it from another thread), else one from ``JUPYTER_LLM_PULL_DEADLINE``.
 """
 
 from __future__ import annotations
 
 from ..errors import HostUnreachableError, RemoteError
 from ..progress import Listener, ProgressFanout, PullProgress
-from .names import AliasRef, HFRef, OllamaRef, PathRef, PipRef, Ref, canonical, parse
+from .deadline import scope
+from .names import AliasRef, HFRef, OllamaRef, PathRef, PipRef, Ref, canonical, check_name, parse
 from .records import ModelRecord, Store
 from .sources import Pulled
 
 
 def resolve(reference: str, store: Store) -> tuple[Ref, str]:
-    """Parse ``reference`` (knowing the cached names, for suggestions) into a ref and its name."""
+    """Parse ``reference`` (knowing the cached names, for suggestions) into a ref and its name.
+
+    The name is checked before anything is downloaded; it is the reference itself, so it may
+    look like one (``check_name(force=True)``).
+    """
     ref = parse(reference, known=store.names())
-    return ref, canonical(ref)
+    return ref, check_name(canonical(ref), force=True)
 
 
 def pull(
@@ -41,7 +48,8 @@ def pull(
         progress(PullProgress(record.name, "success", message="already in the store"))
         return record
     try:  # each source says "pulling manifest" itself, when it has one to pull
-        pulled = _pull_ref(ref, name, progress)
+        with scope():
+            pulled = _pull_ref(ref, name, progress)
         record = store.put(name, pulled)
     except BaseException as exc:
         progress(PullProgress(name, "error", message=str(exc)))

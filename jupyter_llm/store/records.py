@@ -16,15 +16,18 @@ import json
 import os
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import config
 from ..errors import GGUFError, ModelNotFoundError, StoreError
+from .names import check_name, record_file
 from .sources import Pulled
+
+if TYPE_CHECKING:
+    from .gguf_info import GGUFInfo
 
 
 @dataclass
@@ -41,11 +44,36 @@ class ModelRecord:
     summary: dict[str, Any] = field(default_factory=dict)
     """Header facts cached at pull time: architecture, parameters, quantization, context, layers."""
     created: float = 0.0
+    ollama: dict[str, Any] = field(default_factory=dict)
+    """An Ollama model's manifest layers: ``template`` (Go template text), ``system`` (text),
+    ``params`` (the JSON object: stop, temperature, num_ctx…) and ``license``; empty otherwise."""
+
+    def __post_init__(self) -> None:
+        if not self.ollama and self.source in _OLLAMA_SOURCES:
+            # Records written before this field kept the layers in ``details`` only.
+            self.ollama = ollama_layers(self.details)
 
     @property
     def path(self) -> Path:
-        """The file llama.cpp loads (the first part of a split model)."""
+        """The file llama.cpp loads (the first part of a split model).
+
+        Raises :class:`ModelNotFoundError` when the record's files are gone (another tool
+        removed them), saying how to get them back, rather than a bare FileNotFoundError later.
+        """
+        missing = self.missing_files()
+        if missing:
+            raise ModelNotFoundError(f"model {self.name!r}: {self._gone(missing)}")
         return Path(self.files[0])
+
+    def _gone(self, missing: list[str]) -> str:
+        again = f"`%llm pull {self.name}` fetches them again, or `%llm rm {self.name}` forgets the name"
+        if self.source == "hf":
+            return f"its files were removed from the Hugging Face cache; {again}"
+        if self.source == "ollama":
+            return f"its files were removed from jupyter_llm's Ollama blobs; {again}"
+        if self.source == "ollama-store":
+            return "its blob was removed from the local Ollama store; `ollama pull` it again"
+        return f"{missing[0]} no longer exists; {again}"
 
     @property
     def read_only(self) -> bool:
@@ -58,11 +86,23 @@ class ModelRecord:
         return asdict(self)
 
 
+_OLLAMA_SOURCES = ("ollama", "ollama-store")
+_OLLAMA_LAYERS = ("template", "system", "params", "license")
+
+
+def ollama_layers(details: dict[str, Any]) -> dict[str, Any]:
+    """The manifest layers an Ollama source put in ``details`` (see :attr:`ModelRecord.ollama`)."""
+    return {key: details[key] for key in _OLLAMA_LAYERS if details.get(key) not in (None, "", {})}
+
+
 def summarize(files: list[Path]) -> dict[str, Any]:
     """Header facts for ``list`` (one fast header scan, about 30 ms on the default model)."""
     from .gguf import scan
 
-    info = scan(files[0])
+    return _summary(scan(files[0]))
+
+
+def _summary(info: GGUFInfo) -> dict[str, Any]:
     return {
         "architecture": info.architecture,
         "parameters": info.parameter_count,
@@ -84,7 +124,7 @@ class Store:
         return self._root or config.home() / "records"
 
     def _file(self, name: str) -> Path:
-        return self.root / (urllib.parse.quote(name, safe="") + ".json")
+        return self.root / record_file(name)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -109,13 +149,19 @@ class Store:
             yield ModelRecord(
                 name=model.name, source=pulled.source, files=[str(f) for f in pulled.files],
                 sha256=pulled.sha256, size=_size(pulled.files), owned=[], details=pulled.details,
-                summary={}, created=_mtime(pulled.files[0]),
+                summary=_cached_summary(pulled.files), created=_mtime(pulled.files[0]),
+                ollama=ollama_layers(pulled.details),
             )
 
     def records(self) -> list[ModelRecord]:
-        """Every name: our records first, then models found in a local Ollama store."""
-        records = list(self._own_records())
-        seen = {r.name for r in records}
+        """Every usable name: our records first, then models found in a local Ollama store.
+
+        A record whose files another tool removed (``hf cache rm``) is left out; ``get`` still
+        finds it, so ``show``/``load`` say what happened and ``rm`` can forget it.
+        """
+        own = list(self._own_records())
+        records = [r for r in own if not r.missing_files()]
+        seen = {r.name for r in own}
         records += [r for r in self._ollama_store_records() if r.name not in seen]
         return records
 
@@ -125,6 +171,8 @@ class Store:
     def get(self, name: str) -> ModelRecord | None:
         """The record for ``name`` (exact, or with ``:latest`` added/removed), else None."""
         for candidate in _name_variants(name):
+            if not _storable(candidate):
+                continue  # no record can have this name (and looking it up would be an OSError)
             path = self._file(candidate)
             if path.exists():
                 try:
@@ -154,17 +202,28 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
 
     def put(self, name: str, pulled: Pulled) -> ModelRecord:
-        """Record ``pulled`` under ``name`` (replacing an older record of that name)."""
+        """Record ``pulled`` under ``name`` (replacing an older record of that name).
+
+        ``name`` obeys :func:`~jupyter_llm.store.names.check_name`; it may shadow an alias, as
+        the pull of an alias (or a deliberate registration) does.
+        """
+        check_name(name, force=True)
         try:
             summary = summarize(pulled.files)
         except GGUFError:
             raise
         except OSError as exc:
             raise StoreError(f"cannot read {pulled.files[0]}: {exc}") from exc
+        files = [str(f) for f in pulled.files]
+        owned = [str(f) for f in pulled.owned]
+        # A file the pull found already there is ours too when one of our records owns it (our
+        # own earlier download, this name's included); one that another tool put there never is.
+        ours = {p for other in self._own_records() for p in other.owned}
+        owned += [p for p in _with_targets(files) if p in ours and p not in owned]
         record = ModelRecord(
-            name=name, source=pulled.source, files=[str(f) for f in pulled.files],
-            sha256=pulled.sha256, size=_size(pulled.files), owned=[str(f) for f in pulled.owned],
-            details=dict(pulled.details), summary=summary, created=time.time(),
+            name=name, source=pulled.source, files=files, sha256=pulled.sha256, size=_size(pulled.files),
+            owned=owned, details=dict(pulled.details), summary=summary, created=time.time(),
+            ollama=ollama_layers(pulled.details) if pulled.source in _OLLAMA_SOURCES else {},
         )
         self._write(record)
         return record
@@ -181,8 +240,13 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def copy(self, source: str, destination: str, *, overwrite: bool = False) -> ModelRecord:
-        """A second name for the same files (no bytes copied, like ``ollama cp``)."""
+    def copy(self, source: str, destination: str, *, overwrite: bool = False, force: bool = False) -> ModelRecord:
+        """A second name for the same files (no bytes copied, like ``ollama cp``).
+
+        ``destination`` must pass :func:`~jupyter_llm.store.names.check_name`; ``force`` lets it
+        shadow an alias or a reference on purpose, ``overwrite`` lets it replace a record.
+        """
+        check_name(destination, force=force)
         record = self.require(source)
         if not overwrite and self._file(destination).exists():
             raise StoreError(f"{destination!r} already exists; `%llm rm {destination}` first, or pick another name")
@@ -202,7 +266,8 @@ class Store:
                 f"remove it with `ollama rm` instead"
             )
         self._file(record.name).unlink(missing_ok=True)
-        in_use = {f for other in self._own_records() for f in (*other.owned, *other.files)}
+        # What another name still uses, through its snapshot links too.
+        in_use = {f for other in self._own_records() for f in (*other.owned, *_with_targets(other.files))}
         deleted: list[str] = []
         for path in record.owned:
             if path in in_use or not os.path.exists(path):
@@ -218,6 +283,31 @@ class Store:
                 os.unlink(path)
                 deleted.append(path)
         return deleted
+
+
+def _with_targets(files: list[str]) -> list[str]:
+    """``files`` and, for links (the Hugging Face cache's snapshots), the blobs they point at."""
+    return list(dict.fromkeys([*files, *(os.path.realpath(f) for f in files if os.path.islink(f))]))
+
+
+def _cached_summary(files: list[Path]) -> dict[str, Any]:
+    """:func:`summarize` through the header cache (``list`` asks for every local Ollama model
+    each time); a broken blob has no summary rather than breaking ``list``."""
+    from .gguf import scan_cached
+
+    try:
+        info = scan_cached(files[0])
+    except (GGUFError, OSError):
+        return {}
+    return _summary(info)
+
+
+def _storable(name: str) -> bool:
+    try:
+        check_name(name, force=True)
+    except StoreError:
+        return False
+    return True
 
 
 def _name_variants(name: str) -> list[str]:

@@ -7,8 +7,10 @@ the two processes) and :mod:`jupyter_llm.errors`. The kernel starts these module
 ``__main__``           the worker: load one model, serve requests over the private socket
 ``params``             the one mapping of load options to llama.cpp's model and context params
 ``llama``              ctypes helpers: llama.cpp's own words for a failure, metadata, ggml libs
+``prep``               one thread per request: render, tokenize, fit, sampler (cancellable)
 ``engine``             the decode loop: slots, continuous batching, sampling
-``text``               tokenizing, the chat template, fitting a conversation, text out
+``text``               tokenizing in chunks, the byte bound, fitting a conversation, text out
+``template``           chat templates rendered with limits (time, output, memory, cancel)
 ``prompt_cache``       which tokens each slot's KV holds; reuse between requests
 ``embedding``          pooled embeddings in a second context
 ``probe``              ``python -m jupyter_llm.worker.probe``: dry-run loads and backend devices
@@ -27,3 +29,16 @@ class RequestError(Exception):
         super().__init__(message)
         self.kind = kind
         self.extra = extra
+
+
+class PromptTooLong(RequestError):
+    """A prompt (or a rendered conversation) longer than the context: known before it is all
+    tokenized, so ``n_tokens`` is a lower bound."""
+
+    def __init__(self, message: str, *, n_tokens: int, n_ctx: int) -> None:
+        super().__init__("ContextOverflowError", message, n_tokens=n_tokens, n_ctx=n_ctx)
+        self.n_tokens = n_tokens
+
+
+class Cancelled(Exception):
+    """The kernel cancelled the request while it was being prepared (rendered, tokenized)."""

@@ -6,10 +6,13 @@ never calls it directly: :mod:`jupyter_llm.runtime` starts ``python -m jupyter_l
 over a private socket (``FD``), never over stdout, which llama.cpp may print to. The worker's
 stdout and stderr go to a file the kernel reads back when the worker dies.
 
-Two threads. The **control** thread (main) reads requests from the socket; it renders chat
-templates, tokenizes and builds sampler chains (so bad input fails at once), answers small
-calls, and sets cancel flags — also while the engine sits inside ``llama_decode``. The
-**engine** thread (:mod:`jupyter_llm.engine`) owns the context and does all decoding.
+Threads. The **control** thread (main) reads the socket from the first message to the last: it
+answers pings at once (also while the model loads and while the engine decodes: that is how the
+kernel tells a busy worker from a hung one), sets cancel flags, answers ``stats`` and hands
+everything else on. The **loader** loads the model. Each request is **prepared** in a thread of
+its own (:mod:`jupyter_llm.worker.prep`: templates, tokenizing, fitting, samplers), so no slow
+request holds up another. The **engine** thread (:mod:`jupyter_llm.worker.engine`) owns the
+context and does all decoding.
 
 Messages are pickled tuples (:class:`jupyter_llm.wire.Pipe`, whose tags name the first
 element); ``rid`` is the kernel's request id.
@@ -27,6 +30,7 @@ fit)`` (fit: ``{"reserve": N}`` or None)                    (chat with fit), ``(
 ``("call", rid, name, args)`` (tokenize, detokenize,       ``("reply", rid, value)``
 render, count, stats)
 any request that fails                                     ``("error", rid, kind, message, extra)``
+``("ping",)`` (any time, from the first message on)        ``("pong",)``
 ``("close",)``                                             ``("closed",)``, then exit
 (anything, any time)                                       ``("log", level, text)``
 =========================================================  ======================================
@@ -34,9 +38,11 @@ any request that fails                                     ``("error", rid, kind
 ``internal`` holds switches only tests and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
 extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs and
 works on others), ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
-evaluates every prompt afresh) and ``fault`` (``{"at": "load"|"warm_up"|"decode", "signal":
-"SIGSEGV"|"SIGABRT"|"SIGKILL"|…}``: die there, the way llama.cpp's faults end the process, so
-that every path of crash detection is tested on any CPU).
+evaluates every prompt afresh), ``template_seconds`` (the chat template's time limit) and
+``fault`` (``{"at": "load"|"warm_up"|"decode", "signal": "SIGSEGV"|"SIGABRT"|"SIGKILL"|"SIGSTOP"|…}``:
+die, or stop, there, the way llama.cpp's faults end the process, so that every path of crash
+and hang detection is tested on any CPU; ``{"at": …, "stall": seconds}`` sleeps there once
+instead, as a long decode would).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +62,10 @@ from .. import wire
 from . import RequestError, params
 from .engine import Engine
 from .llama import llama_said, model_meta
+from .prep import Prep
+
+_CLOSE_PREP_S = 2.0
+"""How long closing waits for the requests being prepared to stop (each stops within a chunk)."""
 
 
 class _LoadFailed(Exception):
@@ -81,20 +92,15 @@ class _Channel:
 
 
 class Worker:
-    """Loads the model, then serves requests until ``close`` or the kernel goes away."""
+    """Serves the kernel from its first message (the load) until ``close`` or EOF."""
 
     def __init__(self, conn: Any) -> None:
-        import llama_cpp as L  # deferred: the worker's first heavy step
-
-        self.L = L
         self.conn = conn
         self.channel = _Channel(conn)
         self.errors: deque[str] = deque(maxlen=20)
-        # llama-cpp-python installed a callback printing to stderr at import; ours forwards every
-        # message to the kernel. Kept on self: a collected callback segfaults (docs/notes.md §2).
-        self._log_cb = L.llama_log_callback(self._on_log)
-        L.llama_log_set(self._log_cb, None)
         self.engine: Engine | None = None
+        self.prep: Prep | None = None
+        self._engine_thread: threading.Thread | None = None
 
     def _on_log(self, level: int, text: bytes, _user: Any) -> None:
         try:
@@ -107,11 +113,17 @@ class Worker:
 
     def load(self, path: str, opts: dict[str, Any], internal: dict[str, Any]) -> dict[str, Any]:
         """Load model and context and warm up; returns the load report. Raises _LoadFailed."""
-        L = self.L
         t0 = time.perf_counter()
         fault = _fault_injector(internal.get("fault"))
         if fault is not None:
             fault("load")
+        import llama_cpp as L  # deferred: the worker's first heavy step
+
+        self.L = L
+        # llama-cpp-python installed a callback printing to stderr at import; ours forwards every
+        # message to the kernel. Kept on self: a collected callback segfaults (docs/notes.md §2).
+        self._log_cb = L.llama_log_callback(self._on_log)
+        L.llama_log_set(self._log_cb, None)
         L.llama_backend_init()
         mp, self._keep = params.model_params(L, opts, extra_bufts=bool(internal.get("extra_bufts", False)))
         self.errors.clear()
@@ -124,14 +136,17 @@ class Worker:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise _LoadFailed("context", llama_said(self.errors, "llama.cpp could not create the context"))
-        self.engine = Engine(L, self.model, self.ctx, parallel=int(opts["parallel"]), n_threads=n_threads,
-                             send=self.channel.send, errors=self.errors,
-                             prompt_cache=bool(internal.get("prompt_cache", True)),
-                             batch_invariant=not opts.get("flash_attn"))
-        self.engine.fault = fault
-        rc = self.engine.warm_up()
+        engine = Engine(L, self.model, self.ctx, parallel=int(opts["parallel"]), n_threads=n_threads,
+                        send=self.channel.send, errors=self.errors,
+                        prompt_cache=bool(internal.get("prompt_cache", True)),
+                        batch_invariant=not opts.get("flash_attn"))
+        if internal.get("template_seconds"):
+            engine.text.template_seconds = float(internal["template_seconds"])
+        engine.fault = fault
+        rc = engine.warm_up()
         if rc != 0:
             raise _LoadFailed("context", llama_said(self.errors, f"the first decode failed ({rc})"))
+        self.engine = engine
         return self._report(path, opts, time.perf_counter() - t0)
 
     def _report(self, path: str, opts: dict[str, Any], load_s: float) -> dict[str, Any]:
@@ -158,58 +173,96 @@ class Worker:
             },
         }
 
-    def serve(self) -> None:
-        """Read requests until ``close`` or EOF (the kernel went away)."""
+    def _load_and_start(self, path: str, opts: dict[str, Any], internal: dict[str, Any]) -> None:
+        """The loader thread: load, start the engine, say so (or why not, and exit)."""
+        try:
+            report = self.load(path, opts, internal)
+        except _LoadFailed as exc:
+            self.channel.send((wire.LOAD_ERROR, str(exc), exc.stage))
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()  # to the captured stderr: the kernel reports its last line
+            sys.stderr.flush()
+            os._exit(1)
         engine = self.engine
         assert engine is not None
-        thread = threading.Thread(target=engine.run, name="engine", daemon=True)
-        thread.start()
-        calls: dict[str, Callable[..., Any]] = {
-            "tokenize": engine.text.tokenize, "detokenize": engine.text.detokenize, "render": engine.text.render,
-            "count": lambda kind, payload: len(engine.text.prompt_tokens(kind, payload)),
-            "stats": lambda: {**engine.stats(), "rss_bytes": wire.rss(os.getpid())},
-        }
+        self._engine_thread = threading.Thread(target=engine.run, name="engine", daemon=True)
+        self._engine_thread.start()
+        self.prep = Prep(engine, self.channel.send)  # before "loaded": requests may follow at once
+        self.channel.send((wire.LOADED, report))
+
+    def serve(self) -> None:
+        """The control loop: read requests until ``close`` or EOF (the kernel went away)."""
         while True:
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the kernel is gone: nobody to answer; the OS frees everything
-            op, rid = msg[0], (msg[1] if len(msg) > 1 else 0)
-            try:
-                if op == wire.GEN:
-                    engine.submit(*msg[1:])
-                elif op == wire.CANCEL:
-                    engine.cancel(rid)
-                elif op == wire.EMBED:
-                    engine.inbox.put(msg[1:])
-                elif op == wire.CALL:
-                    self.channel.send((wire.REPLY, rid, calls[msg[2]](*msg[3])))
-                elif op == wire.CLOSE:
-                    for pending in list(engine.requests):  # also aborts a long decode in flight
-                        engine.cancel(pending)
-                    engine.inbox.put("close")
-                    thread.join()
-                    engine.free()
-                    self.L.llama_free(self.ctx)
-                    self.L.llama_model_free(self.model)
-                    self.channel.send((wire.CLOSED,))
-                    os._exit(0)
-            except RequestError as exc:
-                self.channel.send((wire.ERROR, rid, exc.kind, str(exc), exc.extra))
-            except Exception as exc:  # e.g. a chat template that does not compile
-                self.channel.send((wire.ERROR, rid, "RuntimeError", f"{type(exc).__name__}: {exc}", {}))
+            op = msg[0]
+            if op == wire.PING:
+                self.channel.send((wire.PONG,))
+            elif op == wire.LOAD:
+                threading.Thread(target=self._load_and_start, args=msg[1:], name="loader", daemon=True).start()
+            elif op == wire.CLOSE:
+                self._close()
+            else:
+                self._dispatch(op, msg)
+
+    def _dispatch(self, op: str, msg: tuple[Any, ...]) -> None:
+        rid, engine, prep = msg[1], self.engine, self.prep
+        try:
+            if engine is None or prep is None:
+                raise RequestError("RuntimeError", "the model is not loaded yet")
+            if op == wire.GEN:
+                prep.generate(*msg[1:])
+            elif op == wire.CANCEL:
+                prep.cancel(rid)
+                engine.cancel(rid)
+            elif op == wire.EMBED:
+                prep.embed(*msg[1:])
+            elif op == wire.CALL and msg[2] == "stats":
+                stats = engine.stats()
+                stats["queued"] += len(prep)
+                self.channel.send((wire.REPLY, rid, {**stats, "rss_bytes": wire.rss(os.getpid())}))
+            elif op == wire.CALL:
+                prep.call(rid, msg[2], msg[3])
+        except RequestError as exc:
+            self.channel.send((wire.ERROR, rid, exc.kind, str(exc), exc.extra))
+        except Exception as exc:  # a malformed message
+            self.channel.send((wire.ERROR, rid, "RuntimeError", f"{type(exc).__name__}: {exc}", {}))
+
+    def _close(self) -> None:
+        engine, prep, thread = self.engine, self.prep, self._engine_thread
+        if engine is not None and prep is not None and thread is not None:
+            prepared = prep.close(_CLOSE_PREP_S)
+            for pending in list(engine.requests):  # also aborts a long decode in flight
+                engine.cancel(pending)
+            engine.inbox.put("close")
+            thread.join()
+            if prepared:  # else a preparing thread may still be in the tokenizer: the OS frees it all
+                engine.free()
+                self.L.llama_free(self.ctx)
+                self.L.llama_model_free(self.model)
+        self.channel.send((wire.CLOSED,))
+        os._exit(0)
 
 
 def _fault_injector(spec: dict[str, str] | None) -> Callable[[str], None] | None:
-    """Tests only: a hook that ends this process at the point ``spec["at"]`` names, with
-    ``spec["signal"]``. SIGSEGV is a real invalid memory read in native code, as llama.cpp's
-    crashes are; other signals are sent to the process itself."""
+    """Tests only: a hook that ends (or stops, or stalls) this process at the point ``spec["at"]``
+    names. SIGSEGV is a real invalid memory read in native code, as llama.cpp's crashes are;
+    other signals are sent to the process itself; ``spec["stall"]`` seconds are slept once."""
     if not spec:
         return None
-    at, sig = spec["at"], signal.Signals[spec["signal"]]
+    at = spec["at"]
+    stall = [float(spec["stall"])] if "stall" in spec else None
+    sig = signal.Signals[spec.get("signal", "SIGKILL")]
 
     def fault(point: str) -> None:
         if point != at:
+            return
+        if stall is not None:
+            if stall:
+                time.sleep(stall.pop())
             return
         sys.stdout.flush()
         if sig == signal.SIGSEGV:
@@ -226,18 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     # The kernel answers Ctrl-C / the stop button by cancelling; a SIGINT sent to the kernel's
     # whole process group must not kill the model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = wire.Pipe(int(args[0]))
-    worker = Worker(conn)
-    op, path, opts, internal = conn.recv()
-    if op != wire.LOAD:
-        raise SystemExit(f"expected a load request first, got {op!r}")
-    try:
-        report = worker.load(path, opts, internal)
-    except _LoadFailed as exc:
-        worker.channel.send((wire.LOAD_ERROR, str(exc), exc.stage))
-        os._exit(0)
-    worker.channel.send((wire.LOADED, report))
-    worker.serve()
+    Worker(wire.Pipe(int(args[0]))).serve()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Runs only in :mod:`jupyter_llm.worker` (never imported by the kernel for llama.cpp work). One
 engine thread owns the context: every ``llama_decode``, sampling and KV operation happens there,
-because a context is not thread-safe (docs/notes.md §2). The worker's control thread may call the
-methods marked *control thread*: they touch only the vocabulary (read-only) and flags.
+because a context is not thread-safe (docs/notes.md §2). The worker's other threads (control,
+and those preparing requests, :mod:`jupyter_llm.worker.prep`) may call the methods marked *other
+threads*: they touch only the vocabulary (read-only), sampler chains not yet queued, and flags.
 
 Each step decodes the next token of every generating sequence in one batch, then one chunk
 (at most ``n_ubatch`` tokens) of the prompt of the oldest request still evaluating one (continuous
@@ -81,11 +82,12 @@ class Engine:
         self.errors = errors
         """llama.cpp's recent ERROR log lines (the worker's log callback appends them)."""
         self.text = Vocab(L, model)
-        """Tokenizing and the chat template (read-only: the control thread uses it too)."""
+        """Tokenizing and the chat template (read-only: the preparing threads use it too)."""
         self.mem = L.llama_get_memory(ctx)
         self.n_batch = L.llama_n_batch(ctx)
         self.n_chunk = L.llama_n_ubatch(ctx)  # one ubatch per prompt decode: llama.cpp splits no further
         self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
+        self.n_ctx_train = L.llama_model_n_ctx_train(model)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # owns the token arrays decode reads
         self.slots: list[_Request | None] = [None] * parallel
         # A recurrent state cannot be cut back to re-evaluate its tail: it is reused as it is.
@@ -122,30 +124,14 @@ class Engine:
         self.L.llama_memory_clear(self.mem, True)
         return int(rc)
 
-    # -- requests (control thread) -------------------------------------------------------------
+    # -- requests (other threads) --------------------------------------------------------------
 
-    def submit(self, rid: int, kind: str, payload: Any, sampling: dict[str, Any], grammar: str | None,
-               fit: dict[str, int] | None = None) -> None:
-        """Prepare a generation and queue it for the engine; raises RequestError on bad input.
-
-        ``fit`` (chat only): ``{"reserve": N}`` drops the conversation's oldest turns until the
-        prompt leaves N tokens for the answer in a slot; the kernel is told what was dropped
-        (a ``fit`` message) before any token.
-        """
-        if kind == "chat" and fit is not None:
-            tokens, dropped = self.text.fit(payload, reserve=int(fit["reserve"]), n_ctx=self.n_ctx_seq)
-            self.send((wire.FITTED, rid, dropped, len(tokens)))
-        else:
-            tokens = self.text.prompt_tokens(kind, payload)
+    def enqueue(self, rid: int, tokens: list[int], sampling: dict[str, Any], grammar: str | None) -> None:
+        """Queue a prepared prompt for generation; raises RequestError on bad input."""
         if not tokens:
             raise RequestError("ValueError", "the prompt is empty")
         if len(tokens) >= self.n_ctx_seq:
-            raise RequestError(
-                "ContextOverflowError",
-                f"the prompt has {len(tokens)} tokens but a slot holds {self.n_ctx_seq} "
-                f"(context {self.n_ctx_seq * self.parallel} / {self.parallel} slots); shorten it, or "
-                "load the model with a larger --ctx or fewer --parallel slots",
-                n_tokens=len(tokens), n_ctx=self.n_ctx_seq)
+            raise self.overflow(len(tokens))
         seed = sampling["seed"]
         seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
         chain = self._chain(sampling, grammar, seed)
@@ -153,6 +139,16 @@ class Engine:
         req = _Request(rid, tokens, chain, sampling["max_tokens"], out, seed)
         self.requests[rid] = req
         self.inbox.put(req)
+
+    def overflow(self, n_tokens: int, counted: str | None = None) -> RequestError:
+        """The error for a prompt of ``n_tokens`` tokens that does not fit a slot (``counted``:
+        how that was found out, when the prompt was not counted to its end)."""
+        said = f"{counted}; " if counted else f"the prompt has {n_tokens} tokens but "
+        return RequestError(
+            "ContextOverflowError",
+            f"{said}a slot holds {self.n_ctx_seq} (context {self.n_ctx_seq * self.parallel} / {self.parallel} "
+            "slots); shorten it, or load the model with a larger --ctx or fewer --parallel slots",
+            n_tokens=n_tokens, n_ctx=self.n_ctx_seq)
 
     def _chain(self, s: dict[str, Any], grammar: str | None, seed: int) -> Any:
         L = self.L
@@ -406,37 +402,17 @@ class Engine:
             self._embedder.free()
         self.L.llama_batch_free(self.batch)
 
-    def _run_embed(self, rid: int, texts: list[str], normalize: bool) -> None:
+    def _run_embed(self, rid: int, inputs: list[list[int]], normalize: bool) -> None:
         # Embeddings use a context of their own, on this thread: it runs llama.cpp's compute.
+        # The inputs come tokenized (worker/prep.py).
         try:
             if self._embedder is None:
                 from .embedding import Embedder  # made on first use: most models never embed
 
                 self._embedder = Embedder(self.L, self.model, n_threads=self.n_threads, errors=self.errors)
-            inputs = [self.text.tokenize(t, add_special=True, parse_special=False) or [max(self.text.bos, 0)]
-                      for t in texts]
             self.send((wire.REPLY, rid, self._embedder.embed(inputs, normalize)))
         except RequestError as exc:
             self.send((wire.ERROR, rid, exc.kind, str(exc), exc.extra))
-        except (TypeError, ValueError) as exc:  # e.g. texts that are not strings
-            self.send((wire.ERROR, rid, "ValueError", f"cannot embed these inputs: {exc}", {}))
-
-def _compile_template(source: str) -> Any:
-    """A chat template compiled in an immutable Jinja sandbox (templates come from downloads)."""
-    import json
-    from datetime import datetime
-
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, ensure_ascii=False, indent=indent)
-    return env.from_string(source)
 
 
 __all__ = ["Engine"]

@@ -6,7 +6,8 @@ picks the file(s) for the quant tag (:func:`choose_files`), and for each file:
 1. asks the Hub for its metadata (commit, etag = LFS sha256, size, CDN location);
 2. downloads it with our :func:`~jupyter_llm.download.fetch` straight into the cache's blob
    path ``models--NS--NAME/blobs/<etag>`` — resumable and sha256-verified, which
-   huggingface_hub's own downloader is not (docs/notes.md §5);
+   huggingface_hub's own downloader is not (docs/notes.md §5) — or hard-links the same bytes
+   already on disk from an Ollama pull (:mod:`~jupyter_llm.store.blobs`);
 3. calls ``hf_hub_download``, which finds the blob and only writes ``refs/`` and the
    ``snapshots/<commit>/<file>`` symlink.
 
@@ -21,7 +22,6 @@ import functools
 import importlib
 import os
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,8 @@ from ...errors import (
     RemoteError,
 )
 from ...progress import ProgressFanout, PullProgress
+from ..blobs import link_identical
+from ..deadline import Deadline, current
 from ..download import fetch
 from ..names import HF_PREFIX
 from . import Pulled
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_ETAG = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]*$")  # it becomes a file name in the cache
+_SAFE_ETAG = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}$")  # it becomes a file name in the cache
 _SPLIT = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _QUANT_TOKEN = re.compile(
     r"(?:^|[-./])(?P<quant>(?:I?Q|TQ)\d+(?:_[A-Z0-9]+)*|MXFP4(?:_MOE)?|BF16|F16|F32|FP16|FP32)(?=[-./])",
@@ -241,33 +243,45 @@ def pull(ref: HFRef, *, name: str, progress: ProgressFanout) -> Pulled:
     finally:
         client.close()
     first = chosen[0]
+    # Only what this pull downloaded is ours to delete: a blob another tool (or another Hugging
+    # Face library) already had in the cache stays theirs, and so does its snapshot link. The
+    # store adds back files one of our own records owns. A snapshot link goes with its blob: a
+    # dangling link would confuse huggingface_hub.
+    downloaded = [f for f in pulled if not f.found]
     return Pulled(
         source="hf",
-        files=[snapshot for snapshot, _, _, _ in pulled],
-        sha256=pulled[0][2],
-        # The snapshot links go with their blobs: a dangling link would confuse huggingface_hub.
-        owned=[*(blob for _, blob, _, _ in pulled), *(snapshot for snapshot, _, _, _ in pulled)],
+        files=[f.snapshot for f in pulled],
+        sha256=pulled[0].sha256,
+        owned=[*(f.blob for f in downloaded), *(f.snapshot for f in downloaded)],
         details={
             "repo": repo,
             "revision": revision,
-            "commit": pulled[-1][3],
+            "commit": pulled[-1].commit,
             "filename": first,
             "filenames": list(chosen),
             "quant": _Candidate(first, (first,), None).quant,
             "endpoint": config.hf_endpoint(),
-            "sha256": [sha for _, _, sha, _ in pulled],
+            "sha256": [f.sha256 for f in pulled],
         },
     )
+
+
+@dataclass(frozen=True)
+class _PulledFile:
+    snapshot: Path
+    blob: Path
+    sha256: str | None
+    commit: str
+    found: bool
+    """The blob was already in the cache before this pull (not downloaded, not linked by us)."""
 
 
 def _pull_file(
     repo: str, revision: str, filename: str, listed: HFFile | None, name: str, progress: ProgressFanout,
     client: Any,
-) -> tuple[Path, Path, str | None, str]:
-    """One file: metadata, our verified download into the blob, then huggingface_hub's links.
-
-    Returns (snapshot path, blob path, sha256, commit).
-    """
+) -> _PulledFile:
+    """One file: metadata, our verified download into the blob (or a hard link to identical
+    bytes we already have from Ollama), then huggingface_hub's links."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
@@ -289,16 +303,22 @@ def _pull_file(
     headers = build_hf_headers(token=token)
     if _origin(meta.location) != _origin(endpoint):
         headers.pop("authorization", None)  # a signed CDN URL must not receive the token
-    fetch(meta.location, blob, sha256=sha256, size=meta.size, headers=headers,
+    # The size bounds the download (a chunked body has none of its own): the Hub's, else the listing's.
+    size = meta.size if meta.size is not None else (listed.size if listed else None)
+    found = blob.is_file()
+    if not found and sha256 is not None:
+        link_identical(blob, sha256, size)
+    fetch(meta.location, blob, sha256=sha256, size=size, headers=headers,
           on_bytes=progress.bytes_callback(name, filename, sha256), client=client)
-    progress(PullProgress(name, "verifying sha256 digest", filename, sha256, meta.size, meta.size or 0))
+    progress(PullProgress(name, "verifying sha256 digest", filename, sha256, size, size or 0))
     # The blob is in place, so this only writes refs/<revision> and the snapshot symlink.
     snapshot = _hub_call(
         functools.partial(hf_hub_download, repo, filename, revision=revision, cache_dir=blob.parents[2],
                           endpoint=endpoint, token=token, etag_timeout=_hub_timeout()),
         **where,
     )
-    return Path(str(snapshot)), blob, sha256, meta.commit_hash
+    return _PulledFile(Path(str(snapshot)), blob, sha256, meta.commit_hash, found)
+
 
 
 # -- talking to the Hub -----------------------------------------------------------------------------
@@ -319,9 +339,16 @@ def _hub_timeout() -> Any:
 def _hub_call(
     call: Callable[[], T], *, repo: str, revision: str, endpoint: str, filename: str | None = None
 ) -> T:
-    """Run a huggingface_hub call, retrying 429/5xx briefly and translating its errors to ours."""
+    """Run a huggingface_hub call, retrying 429/5xx briefly and translating its errors to ours.
+
+    The pull's deadline is checked before each try and cuts the backoff short; a call itself is
+    bounded by huggingface_hub's timeouts (ours, per read), as its connections are not ours to wake.
+    """
+    deadline = current() or Deadline()
+    where = f"{repo}@{revision}" + (f"/{filename}" if filename else "")
     failures = 0
     while True:
+        deadline.check(where)
         try:
             return call()
         except JupyterLLMError:
@@ -330,7 +357,7 @@ def _hub_call(
             status = _status(exc)
             if status in _TRANSIENT_STATUS and failures < config.retries():
                 failures += 1
-                time.sleep(min(0.5 * 2 ** (failures - 1), 4.0))
+                deadline.sleep(min(0.5 * 2 ** (failures - 1), 4.0), where)
                 continue
             translated = _translate(exc, repo=repo, revision=revision, endpoint=endpoint, filename=filename)
             if translated is None:

@@ -3,7 +3,8 @@
 Registry pulls speak Ollama's registry protocol (docs/notes.md §6): the manifest
 ``GET {registry}/v2/{ns}/{model}/manifests/{tag}`` lists layers by media type; each blob
 ``GET /v2/{ns}/{model}/blobs/sha256:<hex>`` (a 307 to a CDN that honours Range) goes through
-:func:`~jupyter_llm.download.fetch`, sha256-verified, into our store in Ollama's own layout::
+:func:`~jupyter_llm.download.fetch`, sha256-verified (or is hard-linked to the same bytes already on
+disk, :mod:`~jupyter_llm.store.blobs`), into our store in Ollama's own layout::
 
     $JUPYTER_LLM_HOME/ollama/blobs/sha256-<hex>
     $JUPYTER_LLM_HOME/ollama/manifests/<host>/<ns>/<model>/<tag>    (manifest bytes verbatim)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -33,6 +35,7 @@ from urllib.parse import urlsplit
 from ... import config
 from ...errors import AmbiguousModelError, ModelNotFoundError, RemoteError
 from ...progress import ProgressFanout, PullProgress
+from ..blobs import link_identical
 from ..download import fetch
 from ..http import get_bytes, make_client
 from ..names import DEFAULT_NAMESPACE, OLLAMA_SCHEME
@@ -55,7 +58,6 @@ _PATH_LAYERS = {
 }
 _SMALL_LAYER = 1 << 20  # template/system/params/license are text; never read a big blob into memory
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -110,16 +112,17 @@ def pull(ref: OllamaRef, *, name: str, progress: ProgressFanout) -> Pulled:
                 ) from exc
             raise
         manifest = _parse_manifest(raw, f"{host}/{repo}:{ref.tag}")
-        layers = _layers(manifest)
+        layers = _sized(_layers(manifest), f"{host}/{repo}:{ref.tag}")
         blobs_dir = _home() / "blobs"
         for layer in layers:
             hexdigest = _hex(layer["digest"])
             blob = blobs_dir / f"sha256-{hexdigest}"
             label = f"{ref.model}:{ref.tag} {hexdigest[:12]}"
-            size = layer.get("size")
+            size = layer["size"]
+            if not blob.is_file():
+                link_identical(blob, hexdigest, size)
             fetch(
-                f"{base}/v2/{repo}/blobs/{layer['digest']}", blob, sha256=hexdigest,
-                size=size if isinstance(size, int) else None,
+                f"{base}/v2/{repo}/blobs/{layer['digest']}", blob, sha256=hexdigest, size=size,
                 on_bytes=progress.bytes_callback(name, label, layer["digest"]), client=client,
             )
             progress(PullProgress(name, "verifying sha256 digest", label, layer["digest"], size, size or 0))
@@ -153,7 +156,8 @@ def registry_url(ref: OllamaRef) -> str:
     """The registry base URL for ``ref``: its host, or ``config.ollama_registry()``.
 
     A bare host gets ``https://``, except loopback hosts (``http://``) and the configured
-    default registry's host (its own scheme).
+    default registry's host (its own scheme). Loopback means ``localhost`` or an address in
+    127.0.0.0/8: ``127.evil.example`` is a host name anyone can point anywhere.
     """
     default = config.ollama_registry()
     if ref.registry is None:
@@ -170,8 +174,16 @@ def registry_url(ref: OllamaRef) -> str:
     if default is not None and urlsplit(default).netloc == ref.registry:
         return default.rstrip("/")
     hostname = urlsplit(f"//{ref.registry}").hostname or ref.registry
-    scheme = "http" if hostname in _LOOPBACK or hostname.startswith("127.") else "https"
-    return f"{scheme}://{ref.registry}"
+    return f"{'http' if _is_loopback(hostname) else 'https'}://{ref.registry}"
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:  # a name, not an address: only DNS knows where it points
+        return False
 
 
 # -- a local Ollama store (read-only) --------------------------------------------------------------
@@ -288,6 +300,19 @@ def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
             raise RemoteError(f"the manifest of {where} has a layer without a sha256 digest: {layer!r}")
     _model_layer(manifest, where)
     return manifest
+
+
+def _sized(layers: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """``layers``, each with its byte size: the size bounds the download of the blob, whose body
+    (chunked) may carry no length of its own and could otherwise grow until the disk is full."""
+    for layer in layers:
+        size = layer.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise RemoteError(
+                f"the manifest of {where} has a layer without a size ({layer['digest']}); the registry does "
+                "not follow the registry protocol — report it to whoever runs it"
+            )
+    return layers
 
 
 def _layers(manifest: dict[str, Any]) -> list[dict[str, Any]]:

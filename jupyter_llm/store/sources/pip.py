@@ -37,6 +37,7 @@ from ...errors import (
     PullError,
 )
 from ...progress import PullProgress
+from ..deadline import Deadline, current
 from ..names import PIP_PREFIX, PipRef
 from . import Pulled
 
@@ -131,11 +132,14 @@ class _RawUnsupported(Exception):
 def _run_pip(command: list[str], ref: PipRef, dest: Path, *, name: str, progress: Progress) -> Path:
     tail: deque[str] = deque(maxlen=40)
     wheel_name: str | None = None
+    deadline = current() or Deadline()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+                          bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc, \
+            deadline.on_cancel(proc.kill):  # a cancelled pull ends pip too, whatever it is waiting for
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                deadline.check(_spec(ref))  # pip prints progress lines while it downloads
                 line = line.rstrip("\n")
                 m = _PROGRESS.match(line)
                 if m:
@@ -151,6 +155,7 @@ def _run_pip(command: list[str], ref: PipRef, dest: Path, *, name: str, progress
         except BaseException:  # Ctrl-C in the notebook: do not leave pip running
             proc.kill()
             raise
+    deadline.check(_spec(ref))  # killed by a cancel: say so, not pip's last words
     if rc != 0:
         if any("invalid choice: 'raw'" in ln for ln in tail):
             raise _RawUnsupported

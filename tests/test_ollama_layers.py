@@ -1,0 +1,92 @@
+"""An Ollama model's manifest layers (template, system, params, license) and header summary reach
+the store record and ``%llm show``, whether pulled from a registry or found in a local store."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_llm.manager import ModelManager
+from jupyter_llm.notebook.display import models_table, show_report
+from jupyter_llm.store.records import Store
+from tests.fakeollama import FakeOllamaRegistry, build_model, write_local_store
+from tests.ggufs import write_tiny_llama
+
+TEMPLATE = "{{ if .System }}<|system|>{{ .System }}{{ end }}<|user|>{{ .Prompt }}<|assistant|>"
+LAYERS = {"template": TEMPLATE, "system": "You are a pirate.", "params": {"stop": ["<|user|>"], "temperature": 0.2},
+          "license": "Apache-2.0"}
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> bytes:
+    return write_tiny_llama(tmp_path / "t.gguf").read_bytes()
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOllamaRegistry]:
+    with FakeOllamaRegistry(lifetime=120) as server:
+        monkeypatch.setenv("JUPYTER_LLM_OLLAMA_REGISTRY", server.url)
+        yield server
+
+
+def _local_store(tiny: bytes) -> None:
+    write_local_store(Path(os.environ["OLLAMA_MODELS"]), "registry.example", "library", "tiny", "latest",
+                      build_model(tiny, **LAYERS))
+
+
+def test_a_registry_pull_records_the_manifest_layers(registry: FakeOllamaRegistry, tiny: bytes) -> None:
+    registry.add("library", "tiny", "latest", build_model(tiny, **LAYERS))
+    record = Store().put("ollama://tiny", _pulled("ollama://tiny"))
+    assert record.ollama == LAYERS
+    assert Store().require("ollama://tiny").ollama == LAYERS, "kept in the record file"
+
+
+def test_a_local_store_model_has_its_layers_and_a_header_summary(tiny: bytes) -> None:
+    _local_store(tiny)
+    (record,) = Store().records()
+    assert record.source == "ollama-store" and record.ollama == LAYERS
+    assert record.summary["architecture"] == "llama" and record.summary["parameters"]
+    assert record.summary["quantization"]
+    row = models_table([record]).rows[0]
+    assert "—" not in row[2:5], f"quant/params/arch are known from the header: {row}"
+
+
+def test_show_reports_the_template_system_prompt_params_and_license(tiny: bytes) -> None:
+    _local_store(tiny)
+    manager = ModelManager()
+    try:
+        shown = manager.show("ollama://tiny:latest")
+    finally:
+        manager.close()
+    rows = dict(show_report(shown["record"], shown["info"]).rows)
+    assert rows["Ollama template"].startswith("{{ if .System }}")
+    assert rows["Ollama system prompt"] == "You are a pirate."
+    assert json.loads(rows["Ollama params"]) == LAYERS["params"]
+    assert rows["license"] == "Apache-2.0"
+
+
+def test_a_record_written_before_the_ollama_field_still_loads_with_its_layers(tiny: bytes, tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(tiny)
+    root = Store().root
+    root.mkdir(parents=True)
+    old = {"name": "old:latest", "source": "ollama", "files": [str(blob)], "sha256": None, "size": len(tiny),
+           "owned": [], "details": {"template": TEMPLATE, "system": "Be brief.", "digest": "sha256:00"},
+           "summary": {}, "created": 0.0}
+    (root / "old%3Alatest.json").write_text(json.dumps(old))
+    record = Store().require("old")
+    assert record.ollama == {"template": TEMPLATE, "system": "Be brief."}
+
+
+def _pulled(reference: str):  # type: ignore[no-untyped-def]
+    from jupyter_llm.progress import ProgressFanout
+    from jupyter_llm.store.names import OllamaRef, parse
+    from jupyter_llm.store.sources import ollama
+
+    ref = parse(reference)
+    assert isinstance(ref, OllamaRef)
+    return ollama.pull(ref, name=reference, progress=ProgressFanout([]))
