@@ -63,7 +63,6 @@ main()
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as our worker: idle threads must not spin
     env["GGML_NO_BACKTRACE"] = "1"
     return env
 

@@ -134,7 +134,12 @@ def start(model: LoadedModel, messages: list[Message], sampling: SamplingOptions
     fit its slot is refused (ContextOverflowError). With a ``session`` (and the ``user``
     message that ends ``messages``) the exchange is recorded there when the answer ends.
     """
-    sampling = sampling or SamplingOptions()
+    # An Ollama manifest's SYSTEM is the default system prompt and its PARAMS the default sampling
+    # (docs/notes.md §6): what the caller gives wins.
+    layers = model.record.ollama
+    if layers.get("system") and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": str(layers["system"])}, *messages]
+    sampling = (sampling or SamplingOptions()).with_model_defaults(layers.get("params") or {})
     n_ctx = slot_context(model)
     reserve = min(sampling.max_tokens or 256, max(n_ctx // 4, 1)) if fit else None
     stream = model.runtime.chat(messages, sampling, grammar=grammar, json_schema=json_schema, reserve=reserve)

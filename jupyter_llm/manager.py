@@ -278,7 +278,8 @@ class ModelManager:
                 notes.insert(0, f"reloaded {name} with the options of its last load: {describe(resolved)}")
             self._emit("loading", name=name, options=resolved.to_dict())
             try:
-                runtime = Runtime.start(record.path, resolved, name=name)
+                runtime = Runtime.start(record.path, resolved, name=name,
+                                        ollama_template=record.ollama.get("template") or None)
             except (ModelLoadError, WorkerCrashedError) as exc:
                 self._emit("load_failed", name=name, error=str(exc))
                 raise

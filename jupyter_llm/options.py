@@ -177,3 +177,30 @@ class SamplingOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_model_defaults(self, params: dict[str, Any]) -> SamplingOptions:
+        """These options under a model's own defaults (an Ollama manifest's PARAMS, in Ollama's
+        names): a field still at its default here takes the model's value; ``stop`` strings are
+        added to any given. Values that do not validate are ignored: they came with a download."""
+        if not params:
+            return self
+        defaults, merged = SamplingOptions(), self
+        for ours, theirs in _OLLAMA_SAMPLING.items():
+            value = params.get(theirs)
+            if value is None or isinstance(value, bool) or getattr(self, ours) != getattr(defaults, ours):
+                continue
+            kind = type(getattr(defaults, ours)) if getattr(defaults, ours) is not None else int
+            try:
+                change: dict[str, Any] = {ours: kind(value) if kind in (int, float) else value}
+                merged = replace(merged, **change)
+            except (TypeError, ValueError):
+                continue  # came with a download: a value that does not validate is left out
+        stop = params.get("stop")
+        extra = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        if extra:
+            merged = replace(merged, stop=tuple(dict.fromkeys([*merged.stop, *extra])))
+        return merged
+
+
+_OLLAMA_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "repeat_penalty": "repeat_penalty", "seed": "seed", "max_tokens": "num_predict"}

@@ -118,9 +118,9 @@ def worker_env() -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env["GGML_NO_BACKTRACE"] = "1"
-    # Idle OpenMP threads sleep instead of spinning: on a small machine spinning threads starve
-    # the kernel and the worker's own Python threads between decodes.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy stays llama.cpp's default: ggml's CPU backend synchronises its threads
+    # many times per token, and a PASSIVE policy turns each into a futex sleep (docs/notes.md §8:
+    # a plain decode loop ran 4-5× slower with it). A user's own OMP_WAIT_POLICY is kept.
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -317,3 +317,14 @@ def test_text_out_holds_back_a_possible_stop_string_prefix() -> None:
     assert out.feed(b"ay") == ("STay", False)
     assert out.feed(b" ST") == (" ", False)
     assert out.flush() == "ST"  # at the end a held prefix is just text
+
+
+def test_workers_run_with_openmps_default_wait_policy_unless_the_user_set_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docs/notes.md §8: a PASSIVE policy made the decode loop 4-5x slower; the user's own wins.
+    from jupyter_llm.wire import worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "OMP_WAIT_POLICY" not in worker_env()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert worker_env()["GGML_NO_BACKTRACE"] == "1"

@@ -57,7 +57,11 @@ def test_a_model_loaded_with_one_slot_is_reloaded_with_the_servers_slots_keeping
 
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             futures = [pool.submit(stream, i) for i in range(len(PROMPTS))]
-            first.wait()  # raises BrokenBarrierError if the streams ran one after another
+            try:
+                first.wait()  # raises BrokenBarrierError if the streams ran one after another
+            except threading.BrokenBarrierError:
+                print([f.exception(timeout=200) for f in futures])
+                raise
             assert not finished  # all four first tokens arrived before any stream finished
             answers = [f.result() for f in futures]
         assert all(answers)

@@ -13,9 +13,8 @@ thread answers at once, also while the engine decodes or the model loads), and a
 unanswered for ``HUNG_AFTER_S`` gets the worker killed. Sends have that deadline too (a stopped
 worker stops reading; a large request would block in ``send`` for good), so no call ever waits
 on a dead or hung process. llama.cpp's log arrives as messages (not on the kernel's stderr), is
-kept in a ring buffer (:meth:`Runtime.logs`) and gives the measured memory breakdown of the load
-(:class:`~jupyter_llm.runtime.report.LoadReport`). What a generation returns lives in
-:mod:`jupyter_llm.runtime.stream`.
+kept in a ring buffer (:meth:`Runtime.logs`) and gives the load's measured memory breakdown
+(:class:`~jupyter_llm.runtime.report.LoadReport`); generations: :mod:`jupyter_llm.runtime.stream`.
 """
 
 from __future__ import annotations
@@ -92,17 +91,18 @@ class Runtime:
 
     @classmethod
     def start(cls, path: str | os.PathLike[str], options: LoadOptions | None = None, *,
-              name: str | None = None, on_log: LogCallback | None = None,
+              name: str | None = None, on_log: LogCallback | None = None, ollama_template: str | None = None,
               _extra_bufts: bool = False, _prompt_cache: bool | None = None,
               _fault: dict[str, str] | None = None, _template_seconds: float | None = None) -> Runtime:
         """Start a worker, load ``path`` there and return once it is ready to generate.
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
-        receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation).
-        For tests and benchmarks: ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on
-        (they crash quantized models on Intel AMX CPUs), ``_prompt_cache=False`` evaluates every
-        prompt afresh, ``_fault`` makes the worker die, stop or stall at a chosen point (see the
-        worker's docstring), ``_template_seconds`` sets the chat template's time limit. Raises
+        receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation);
+        ``ollama_template`` is the chat template of the model's Ollama manifest (Go syntax). For
+        tests and benchmarks: ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on (they
+        crash quantized models on Intel AMX CPUs), ``_prompt_cache=False`` evaluates every prompt
+        afresh, ``_fault`` makes the worker die, stop or stall at a chosen point (see the worker's
+        docstring), ``_template_seconds`` sets the chat template's time limit. Raises
         ModelLoadError when llama.cpp refuses the file or context, WorkerCrashedError when the
         worker dies or hangs."""
         options = options or LoadOptions(gpu_layers=0)
@@ -131,7 +131,8 @@ class Runtime:
             if _prompt_cache is None:
                 _prompt_cache = config.prompt_cache()
             internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
-                        "fault": dict(_fault) if _fault else None, "template_seconds": _template_seconds}
+                        "fault": dict(_fault) if _fault else None, "template_seconds": _template_seconds,
+                        "ollama_template": ollama_template}
             rt._send((wire.LOAD, str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == wire.CRASH:

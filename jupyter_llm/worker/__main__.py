@@ -35,7 +35,9 @@ any request that fails                                     ``("error", rid, kind
 (anything, any time)                                       ``("log", level, text)``
 =========================================================  ======================================
 
-``internal`` holds switches only tests and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
+``internal`` holds what is not a load option: ``ollama_template`` (the chat template of an
+Ollama manifest, Go syntax, see :mod:`jupyter_llm.worker.gotemplate`), and switches only tests
+and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
 extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs and
 works on others), ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
 evaluates every prompt afresh), ``template_seconds`` (the chat template's time limit) and
@@ -142,6 +144,7 @@ class Worker:
                         batch_invariant=not opts.get("flash_attn"))
         if internal.get("template_seconds"):
             engine.text.template_seconds = float(internal["template_seconds"])
+        engine.text.ollama_template = internal.get("ollama_template")
         engine.fault = fault
         rc = engine.warm_up()
         if rc != 0:

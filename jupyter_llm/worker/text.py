@@ -27,7 +27,7 @@ import ctypes
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import PromptTooLong, RequestError
+from . import PromptTooLong, RequestError, gotemplate
 from .template import Meter, compile_template, render
 
 Message = dict[str, Any]
@@ -52,6 +52,10 @@ class Vocab:
         self.template_seconds = TEMPLATE_SECONDS
         self._pieces: dict[int, bytes] = {}
         self._template: Any = None
+        self.ollama_template: str | None = None
+        """An Ollama (Go) chat template from the model's manifest; it wins over the GGUF's, as in
+        Ollama, when :mod:`~jupyter_llm.worker.gotemplate` can render it."""
+        self._single_turn = False
         self.bytes_per_token = self._scan_vocabulary()
         """At most how many input bytes one token stands for (see the module docstring)."""
         self._affixes = self._special_affixes()
@@ -185,14 +189,31 @@ class Vocab:
     def render(self, messages: list[Message], meter: Meter) -> str:
         """The chat prompt: the GGUF's Jinja chat template, rendered in a sandbox under ``meter``."""
         if self._template is None:
-            source = self.L.llama_model_chat_template(self.model, None)
-            if not source:
-                raise RequestError("ValueError", "this model has no chat template; use generate() "
-                                   "with a prompt you format yourself")
-            self._template = compile_template(source.decode("utf-8", "replace"), meter)
+            self._template = compile_template(self._template_source(), meter)
         bos, eos = self._special_text(self.bos), self._special_text(self.L.llama_vocab_eos(self.vocab))
+        if self._single_turn:
+            return gotemplate.render_turns(lambda **values: render(self._template, meter, **values), messages)
+        # as Ollama's templates see it: .System joins the system messages, .Messages keeps them all
+        system = "\n\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
         return render(self._template, meter, messages=messages, add_generation_prompt=True, bos_token=bos,
-                      eos_token=eos)
+                      eos_token=eos, system=system)
+
+    def _template_source(self) -> str:
+        """The Jinja source to render chats with: the manifest's Ollama template translated, else
+        the GGUF's own; a RequestError saying why when there is neither."""
+        problem = ""
+        if self.ollama_template:
+            try:
+                source = gotemplate.to_jinja(self.ollama_template)
+                self._single_turn = not gotemplate.is_multi_turn(self.ollama_template)
+                return source
+            except ValueError as exc:
+                problem = f" (its Ollama template cannot be used: {exc})"
+        raw = self.L.llama_model_chat_template(self.model, None)
+        if not raw:
+            raise RequestError("ValueError", f"this model has no chat template{problem}; use generate() "
+                               "with a prompt you format yourself")
+        return str(raw.decode("utf-8", "replace"))
 
     def _special_text(self, token: int) -> str:
         text = self.L.llama_vocab_get_text(self.vocab, token) if token >= 0 else None
