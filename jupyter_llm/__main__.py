@@ -76,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verb("serve", _serve, "serve the Ollama and OpenAI APIs until Ctrl-C or SIGTERM (models load on demand)")
     p.add_argument("--port", type=int, default=None, help="port (overrides one in --host)")
-    p.add_argument("--parallel", "-np", type=int, default=DEFAULT_PARALLEL, help="slots per model")
+    p.add_argument("--parallel", "-np", type=int, default=None,
+                   help=f"slots per model (default: $OLLAMA_NUM_PARALLEL, else {DEFAULT_PARALLEL})")
     p.add_argument("--max-queue", dest="max_queue", type=int, default=DEFAULT_MAX_QUEUE)
-    p.add_argument("--origin", dest="origins", action="append", default=[], help="a web origin allowed (CORS)")
+    p.add_argument("--origin", dest="origins", action="append", default=None,
+                   help="a web origin allowed (CORS; default: $JUPYTER_LLM_ORIGINS / $OLLAMA_ORIGINS)")
     p.add_argument("--no-auth", dest="no_auth", action="store_true", help="no token (loopback only)")
     p = verb("run", _run, "chat with a model in the terminal, streaming")
     p.add_argument("model")
@@ -137,7 +139,13 @@ def _address(host: str | None, port: int | None = None) -> tuple[str, int]:
     ``HOST:PORT``, ``:PORT``, ``http://HOST:PORT``), else Ollama's default address."""
     from urllib.parse import urlsplit
 
-    raw = (host or config.ollama_host() or "").strip()
+    if not host:  # the environment's address (JUPYTER_LLM_HOST, else OLLAMA_HOST), the one reader of it
+        try:
+            env_host, env_port = config.serve_address()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        return env_host or DEFAULT_HOST, port if port is not None else (env_port or DEFAULT_PORT)
+    raw = host.strip()
     if raw:
         parts = urlsplit(raw if "://" in raw else f"http://{raw}")
         try:

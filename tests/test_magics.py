@@ -118,3 +118,14 @@ def test_show_has_a_table_of_bytes_per_layer(magics: LLMMagics, smollm2_path: Pa
     text = repr(shown)
     assert "bytes per layer" in text and f"0–{len(sizes) - 1}" in text
     assert "layers" in shown._repr_html_() and "<table>" in shown._repr_html_()
+
+
+def test_load_flags_left_out_take_the_environments_defaults_when_the_line_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = _build_parser()  # made before the variables are set, as by %load_ext
+    monkeypatch.setenv("OLLAMA_CONTEXT_LENGTH", "1024")
+    monkeypatch.setenv("OLLAMA_KV_CACHE_TYPE", "q8_0")
+    options = load_options(parser.parse_args(["load", "m"]))
+    assert (options.n_ctx, options.kv_type, options.flash_attn) == (1024, "q8_0", True)
+    assert load_options(parser.parse_args(["load", "m", "--ctx", "2048"])).n_ctx == 2048
+    with pytest.raises(UsageError, match="flash attention"):
+        load_options(parser.parse_args(["load", "m", "--no-flash-attn"]))

@@ -15,9 +15,6 @@ from IPython.utils.text import dedent
 
 from ..options import DEFAULT_MAX_QUEUE, LoadOptions
 
-_LOAD = LoadOptions()
-"""The load defaults, as LoadOptions states them (the flags only parse)."""
-
 USAGE = dedent("""
     %llm — local language models in this kernel
 
@@ -61,12 +58,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name")
-    parser.add_argument("--gpu-layers", "--ngl", dest="gpu_layers", default=str(_LOAD.gpu_layers))
-    parser.add_argument("--ctx", "-c", dest="n_ctx", default=str(_LOAD.n_ctx))
-    parser.add_argument("--kv-type", dest="kv_type", default=_LOAD.kv_type)
-    parser.add_argument("--flash-attn", "-fa", dest="flash_attn", action="store_true")
+    # No defaults here: a flag left out takes LoadOptions' default, read when the line runs (it
+    # follows OLLAMA_* / JUPYTER_LLM_* variables set after %load_ext).
+    parser.add_argument("--gpu-layers", "--ngl", dest="gpu_layers", default=None)
+    parser.add_argument("--ctx", "-c", dest="n_ctx", default=None)
+    parser.add_argument("--kv-type", dest="kv_type", default=None)
+    parser.add_argument("--flash-attn", "-fa", dest="flash_attn", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--threads", "-t", type=int, default=None)
-    parser.add_argument("--parallel", "-np", type=int, default=_LOAD.parallel)
+    parser.add_argument("--parallel", "-np", type=int, default=None)
     parser.add_argument("--keep-alive", dest="keep_alive", default=None)
     parser.add_argument("--force", action="store_true")
 
@@ -131,14 +130,18 @@ def load_options(args: argparse.Namespace) -> Any:
         except ValueError:
             raise UsageError(f"{flag} {value!r}: give a whole number or 'auto'") from None
 
+    given: dict[str, Any] = {}
+    if args.gpu_layers is not None:
+        given["gpu_layers"] = number_or_auto("--gpu-layers", args.gpu_layers)
+    if args.n_ctx is not None:
+        given["n_ctx"] = number_or_auto("--ctx", args.n_ctx)
+    if args.keep_alive is not None:
+        given["keep_alive"] = parse_duration(args.keep_alive)
+    for key in ("kv_type", "flash_attn", "threads", "parallel"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
     try:
-        return LoadOptions(
-            gpu_layers=number_or_auto("--gpu-layers", args.gpu_layers),
-            n_ctx=number_or_auto("--ctx", args.n_ctx),
-            kv_type=args.kv_type, flash_attn=args.flash_attn, threads=args.threads,
-            parallel=args.parallel,
-            keep_alive=_LOAD.keep_alive if args.keep_alive is None else parse_duration(args.keep_alive),
-        )
+        return LoadOptions().with_(**given)  # the defaults as of now (environment included)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

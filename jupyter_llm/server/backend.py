@@ -72,6 +72,9 @@ class Backend:
         self._admitted: dict[str, int] = {}
         self._running: dict[str, int] = {}
         self._jobs: set[Job] = set()
+        self._preparing: dict[str, threading.Lock] = {}
+        """One lock per requested name: while one request loads or reloads a model, the others
+        wait for it rather than see it missing (and load it again with the API's defaults)."""
         self._kept: dict[str, float] = {}
         """Models (name → loaded_at) that could not get more slots: not tried again until reloaded."""
 
@@ -85,11 +88,14 @@ class Backend:
         """
         t0, wall = time.perf_counter(), time.time()
         for _attempt in range(3):  # the model may be reaped between finding it and marking it busy
-            model = self._find(name, num_ctx)
-            if model is None:
-                model = self._load(name, keep_alive, num_ctx)
-            elif self._too_few_slots(model):
-                model = self._add_slots(model)
+            with self._lock:
+                preparing = self._preparing.setdefault(name, threading.Lock())
+            with preparing:
+                model = self._find(name, num_ctx)
+                if model is None:
+                    model = self._load(name, keep_alive, num_ctx)
+                elif self._too_few_slots(model):
+                    model = self._add_slots(model)
             try:
                 using = self.manager.using(model.name)
                 using.__enter__()
