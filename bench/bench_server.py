@@ -98,7 +98,6 @@ def start_ours(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[st
 
 
 def start_llama_cpp(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,18 +108,26 @@ def start_llama_cpp(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], 
                              "--n_threads_batch", str(args.threads), "--n_batch", "512", "--n_gpu_layers", "0",
                              "--interrupt_requests", "False", "--verbose", "False"], stdout=log, stderr=log, env=_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait_until_up(proc, f"{url}/v1/models", "llama_cpp.server", log.name)
+    return proc, {"url": url, "token": "", "model": Path(args.model).name}
+
+
+def wait_until_up(proc: subprocess.Popen[Any], probe: str, what: str, log: str, seconds: float = 120) -> None:
+    """Wait until ``probe`` answers 200; SystemExit (naming the log) if the server dies or never does."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"llama_cpp.server exited ({proc.returncode}); see {log.name}")
+            raise SystemExit(f"{what} exited ({proc.returncode}); see {log}")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return proc, {"url": url, "token": "", "model": Path(args.model).name}
+            if httpx.get(probe, timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
-    raise SystemExit(f"llama_cpp.server did not start; see {log.name}")
+    raise SystemExit(f"{what} did not start; see {log}")
 
 
 def raw_loop(args: argparse.Namespace) -> None:

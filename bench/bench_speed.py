@@ -135,7 +135,7 @@ def chat_cell(args: argparse.Namespace, kernel: Any) -> dict[str, float]:
 # -- servers -------------------------------------------------------------------------------------------
 
 def start_llama_server(args: argparse.Namespace, binary: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    import httpx
+    import bench_server
 
     port = free_port()
     log = open(Path(tempfile.gettempdir()) / "bench_llama_server.log", "wb")  # noqa: SIM115 — lives with proc
@@ -143,18 +143,8 @@ def start_llama_server(args: argparse.Namespace, binary: Path) -> tuple[subproce
                              "-t", str(args.threads), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel),
                              "-ngl", "0"], stdout=log, stderr=log, env=clean_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited ({proc.returncode}); see {log.name}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, {"url": url, "token": "", "model": Path(args.model).name}
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit(f"llama-server did not start; see {log.name}")
+    bench_server.wait_until_up(proc, f"{url}/health", "llama-server", log.name)
+    return proc, {"url": url, "token": "", "model": Path(args.model).name}
 
 
 def start_ours(args: argparse.Namespace) -> tuple[subprocess.Popen[str], dict[str, str]]:

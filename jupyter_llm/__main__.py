@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import config
 from ._version import __version__
@@ -389,7 +389,7 @@ def _store_verb(argv: list[str]) -> int:
     line = " ".join(_quote(a) for a in argv)
     magics = LLMMagics(shell=None)
     try:
-        result = magics.llm(line)  # type: ignore[misc,call-arg]  # IPython's decorator hides the signature
+        result = cast(Any, magics).llm(line)  # IPython's decorator hides the signature from mypy
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
