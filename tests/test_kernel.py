@@ -283,3 +283,16 @@ def test_format_json_cut_short_says_so(kernel: Kernel) -> None:
     kernel.ok("%llm load smollm2 --ctx 1024 --keep-alive -1")
     run = kernel.ok("%%chat --new --format json --temperature 0 --max-tokens 5\nDescribe a cat as JSON.")
     assert any("not complete JSON" in t and "--max-tokens" in t for t in run.texts()), run.texts()
+
+
+def test_the_readmes_notebook_examples_run_as_they_read(kernel: Kernel) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## In a notebook", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2 and blocks[0].lstrip().startswith("%load_ext") and blocks[1].startswith("%%chat")
+    for block in blocks:
+        kernel.ok(block)
+    run = kernel.ok(blocks[1])
+    assert run.updates()[-1]["content"]["metadata"]["jupyter_llm"]["completion_tokens"] > 0

@@ -21,3 +21,16 @@ def magics() -> LLMMagics:
 def test_an_unterminated_quote_is_a_usage_error_that_says_how_to_fix_it(magics: LLMMagics, line: str) -> None:
     with pytest.raises(UsageError, match="close the quote"):
         magics.llm(line)
+
+
+def test_a_comment_after_a_verb_is_a_comment() -> None:
+    from jupyter_llm.notebook.magics import LLMMagics
+
+    text = repr(LLMMagics(shell=None).llm("help   # what can it do?"))
+    assert "%llm pull NAME" in text
+    with pytest.raises(UsageError, match="unrecognized arguments: extra"):
+        LLMMagics(shell=None).llm("list extra  # a real argument before the comment still counts")
+    from jupyter_llm.notebook.magics import _without_comment
+
+    line = 'serve --token ab#cd --origin "#x" # note'
+    assert _without_comment(line) == 'serve --token ab#cd --origin "#x" '

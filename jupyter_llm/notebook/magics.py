@@ -146,6 +146,20 @@ def load_options(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
+def _without_comment(line: str) -> str:
+    """The line without a trailing ``# …`` comment, as a shell reads one: a ``#`` that starts a
+    word outside quotes (the README's examples carry them; ``abc#def`` or ``"#x"`` stay whole)."""
+    quote = ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 @magics_class
 class LLMMagics(Magics):
     """The ``%llm`` line magic and the ``%%chat`` cell magic."""
@@ -166,7 +180,7 @@ class LLMMagics(Magics):
         from IPython.utils.process import arg_split
 
         try:
-            argv = arg_split(line, posix=True)
+            argv = arg_split(_without_comment(line), posix=True)
         except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
             raise UsageError(
                 f"cannot read `%llm {line}`: {exc}; close the quote (or escape it with a backslash) and "
