@@ -210,6 +210,9 @@ def main() -> None:
 
     home = tempfile.mkdtemp(prefix="bench-speed-")
     os.environ["JUPYTER_LLM_HOME"] = home
+    # The plain loop evaluates its prompt every time: ours must too, or the first token compares
+    # a cached prompt with a fresh one (the workers, the kernel and the API server inherit this).
+    os.environ["JUPYTER_LLM_PROMPT_CACHE"] = "0"
     manager = get_manager()
     loaded = manager.load(args.model, LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads))
     prompt = loaded.runtime.render([{"role": "user", "content": QUESTION}])  # the same prompt for all
