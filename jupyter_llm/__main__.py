@@ -135,28 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _address(host: str | None, port: int | None = None) -> tuple[str, int]:
-    """``(host, port)`` from ``--host``, else ``$OLLAMA_HOST`` (Ollama's forms: ``HOST``,
-    ``HOST:PORT``, ``:PORT``, ``http://HOST:PORT``), else Ollama's default address."""
-    from urllib.parse import urlsplit
-
-    if not host:  # the environment's address (JUPYTER_LLM_HOST, else OLLAMA_HOST), the one reader of it
-        try:
-            env_host, env_port = config.serve_address()
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-        return env_host or DEFAULT_HOST, port if port is not None else (env_port or DEFAULT_PORT)
-    raw = host.strip()
-    if raw:
-        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-        try:
-            found = parts.port
-        except ValueError:
-            raise CLIError(f"{raw!r} is not an address: give HOST or HOST:PORT, e.g. 127.0.0.1:11434") from None
-        host_name, found_port = parts.hostname or DEFAULT_HOST, found or DEFAULT_PORT
-    else:
-        host_name, found_port = DEFAULT_HOST, DEFAULT_PORT
-    return host_name, port if port is not None else found_port
-
+    """``(host, port)`` from ``--host``, else ``$JUPYTER_LLM_HOST`` / ``$OLLAMA_HOST`` (Ollama's
+    forms: ``HOST``, ``HOST:PORT``, ``:PORT``, ``http://HOST:PORT``), else Ollama's default address."""
+    try:
+        found_host, found_port = config.parse_address(host, "--host") if host else config.serve_address()
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    return found_host or DEFAULT_HOST, port if port is not None else (found_port or DEFAULT_PORT)
 
 def _server_file(port: int) -> Path:
     from jupyter_core.paths import jupyter_runtime_dir

@@ -249,28 +249,29 @@ def api_token() -> str | None:
     return _env("JUPYTER_LLM_TOKEN")
 
 
-def ollama_host() -> str | None:
-    """``OLLAMA_HOST``, as Ollama's CLI reads it: the address of the server (``HOST``,
-    ``HOST:PORT``, ``:PORT`` or a URL) that ``jupyter-llm`` serves on and talks to."""
-    return _env("OLLAMA_HOST")
-
-
 def serve_address() -> tuple[str | None, int | None]:
     """``(host, port)`` for the API from ``JUPYTER_LLM_HOST``, else ``OLLAMA_HOST`` (Ollama's forms:
     ``HOST``, ``HOST:PORT``, ``:PORT``, ``http://HOST:PORT``); None for what neither gives."""
-    from urllib.parse import urlsplit
-
     found = _first("JUPYTER_LLM_HOST", "OLLAMA_HOST")
     if found is None:
         return None, None
     name, raw = found
+    return parse_address(raw, name)
+
+
+def parse_address(raw: str, source: str) -> tuple[str | None, int | None]:
+    """``(host, port)`` of an address in Ollama's forms; ``source`` (a variable or a flag) names
+    it in the ValueError for anything else."""
+    from urllib.parse import urlsplit
+
+    raw = raw.strip()
     parts = urlsplit(raw if "://" in raw else f"http://{raw}")
     try:
         port = parts.port
         if parts.path not in ("", "/") or " " in raw:
             raise ValueError(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an address: give HOST, HOST:PORT or :PORT, e.g. "
+        raise ValueError(f"{source}={raw!r} is not an address: give HOST, HOST:PORT or :PORT, e.g. "
                          "127.0.0.1:11434, or unset it") from None
     return parts.hostname or None, port
 

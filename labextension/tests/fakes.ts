@@ -6,7 +6,44 @@
 import { Signal } from '@lumino/signaling';
 
 import { ICommLike, IKernelLike } from '../src/kernel';
-import { COMM_TARGET, IState } from '../src/protocol';
+import { COMM_TARGET, IDevice, ILoadedModel, IState } from '../src/protocol';
+
+export const MiB = 1024 * 1024;
+export const GiB = 1024 * MiB;
+
+/** The host as the kernel reports it. */
+export const CPU: IDevice = {
+  id: 'CPU',
+  kind: 'cpu',
+  name: 'Xeon',
+  total_bytes: 24 * GiB,
+  free_bytes: 20 * GiB,
+  used_bytes: 4 * GiB,
+  backend: 'CPU'
+};
+
+/** A loaded SmolLM2 on the CPU as the kernel reports it; ``fields`` override. */
+export function loadedModel(fields: Partial<ILoadedModel> = {}): ILoadedModel {
+  return {
+    name: 'smollm2',
+    size: 98 * MiB,
+    options: {
+      gpu_layers: 0,
+      n_ctx: 4096,
+      kv_type: 'f16',
+      flash_attn: false,
+      parallel: 1
+    },
+    n_ctx: 4096,
+    pid: 42,
+    loaded_at: 0,
+    expires_at: null,
+    active: 0,
+    estimate: null,
+    measured: {},
+    ...fields
+  };
+}
 
 export const STATE: IState = {
   models: [

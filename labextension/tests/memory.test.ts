@@ -13,19 +13,8 @@ import {
   visibleDevices
 } from '../src/memory';
 import { IDevice, ILoadedModel } from '../src/protocol';
+import { CPU, GiB, MiB, loadedModel } from './fakes';
 
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
-
-const CPU: IDevice = {
-  id: 'CPU',
-  kind: 'cpu',
-  name: 'Xeon',
-  total_bytes: 24 * GiB,
-  free_bytes: 20 * GiB,
-  used_bytes: 4 * GiB,
-  backend: 'CPU'
-};
 const GPU: IDevice = {
   id: 'GPU0',
   kind: 'gpu',
@@ -37,21 +26,7 @@ const GPU: IDevice = {
 };
 
 function model(measured: ILoadedModel['measured']): ILoadedModel {
-  return {
-    name: 'smollm2',
-    size: 98 * MiB,
-    options: {
-      gpu_layers: 0,
-      n_ctx: 4096,
-      kv_type: 'f16',
-      flash_attn: false,
-      parallel: 1
-    },
-    n_ctx: 4096,
-    pid: 42,
-    loaded_at: 0,
-    expires_at: null,
-    active: 0,
+  return loadedModel({
     estimate: {
       fits: true,
       devices: [
@@ -68,7 +43,7 @@ function model(measured: ILoadedModel['measured']): ILoadedModel {
       ]
     },
     measured
-  };
+  });
 }
 
 /** A model offloaded to GPU0: estimated and measured per device, both keyed by device id. */

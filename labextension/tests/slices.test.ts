@@ -15,37 +15,17 @@ import {
   SectionRenderers,
   slices
 } from '../src/slices';
-import { FakeComm, FakeKernel, STATE } from './fakes';
+import {
+  CPU,
+  FakeComm,
+  FakeKernel,
+  GiB,
+  MiB,
+  STATE,
+  loadedModel
+} from './fakes';
 
-const MiB = 1024 * 1024;
-const GiB = 1024 * MiB;
-
-const CPU: IDevice = {
-  id: 'CPU',
-  kind: 'cpu',
-  name: 'Xeon',
-  total_bytes: 24 * GiB,
-  free_bytes: 20 * GiB,
-  used_bytes: 4 * GiB,
-  backend: 'CPU'
-};
-
-const LOADED: ILoadedModel = {
-  name: 'smollm2',
-  size: 98 * MiB,
-  options: {
-    gpu_layers: 0,
-    n_ctx: 4096,
-    kv_type: 'f16',
-    flash_attn: false,
-    parallel: 1
-  },
-  n_ctx: 4096,
-  pid: 42,
-  loaded_at: 0,
-  expires_at: null,
-  active: 0,
-  estimate: null,
+const LOADED: ILoadedModel = loadedModel({
   measured: {
     CPU: {
       weights: 92 * MiB,
@@ -55,7 +35,7 @@ const LOADED: ILoadedModel = {
       total: 280 * MiB
     }
   }
-};
+});
 
 const ATTACHED: IState = { ...STATE, loaded: [LOADED], devices: [CPU] };
 
