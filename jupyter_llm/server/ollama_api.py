@@ -1,8 +1,8 @@
 """Ollama's HTTP API, with its JSON shapes: streams are NDJSON, durations are nanoseconds.
 
 Routes: ``GET /`` and ``/api/version``, ``/api/tags``, ``/api/ps``; ``POST /api/show``,
-``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/embeddings``, ``/api/pull``,
-``/api/copy``; ``DELETE /api/delete``. Errors are ``{"error": "..."}`` with a 4xx/5xx status.
+``/api/generate``, ``/api/chat``, ``/api/embed``, ``/api/embeddings``; the store's routes
+(pull, copy, delete) are in :mod:`.ollama_store`. Errors are ``{"error": "..."}`` with a 4xx/5xx status.
 
 Ollama's semantics kept: a generate/chat with an empty prompt (or no messages) only loads the
 model, and with ``keep_alive: 0`` unloads it; ``keep_alive`` on any request sets how long the
@@ -13,12 +13,11 @@ tools, thinking, ``suffix``, custom ``template`` and the deprecated ``context``.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
+from . import ollama_store
 from .backend import UNCHANGED, Job, Loaded
 from .params import (
     MAX_INPUTS,
@@ -27,6 +26,7 @@ from .params import (
     grammar_for,
     json_format,
     keep_alive,
+    model_name,
     ollama_options,
     sampling,
 )
@@ -42,7 +42,6 @@ from .responses import (
     run_worker_call,
     until_disconnect,
 )
-from .sources import check_pull
 
 COMPATIBLE_VERSION = "0.9.0"
 """The Ollama API version whose shapes this server follows (clients check it for features)."""
@@ -77,13 +76,6 @@ def details(record: Any) -> dict[str, Any]:
     arch = s.get("architecture") or ""
     return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
             "parameter_size": parameter_size(s.get("parameters")), "quantization_level": s.get("quantization") or ""}
-
-
-def _model_name(body: Body) -> str:
-    name = body.text("model", max_len=512) or body.text("name", max_len=512)
-    if not name or not name.strip():
-        raise bad("'model' is required")
-    return name
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -131,7 +123,7 @@ async def ps(request: Any) -> Any:
 @endpoint
 async def show(request: Any) -> Any:
     body = Body(await read_json(request))
-    name = _model_name(body)
+    name = model_name(body)
     verbose = body.flag("verbose", False)
     shown = await run_blocking(ctx(request).manager.show, name)
     record, info = shown["record"], shown["info"]
@@ -255,7 +247,7 @@ def _final(result: Any, job: Job, loaded: Loaded) -> dict[str, Any]:
 @endpoint
 async def generate(request: Any) -> Any:
     body = Body(await read_json(request))
-    name = _model_name(body)
+    name = model_name(body)
     prompt = body.text("prompt", "")
     system = body.text("system")
     raw = body.flag("raw", False)
@@ -297,7 +289,7 @@ def messages_of(items: list[Any]) -> list[dict[str, str]]:
 @endpoint
 async def chat(request: Any) -> Any:
     body = Body(await read_json(request))
-    name = _model_name(body)
+    name = model_name(body)
     messages = messages_of(body.array("messages") or [])
     _refuse_unsupported(body)
     keep, options, schema, num_ctx = await _prepare(request, body, name)
@@ -310,7 +302,7 @@ async def chat(request: Any) -> Any:
 
 async def _embed(request: Any, body: Body, texts: list[str], normalize: bool) -> tuple[list[list[float]], int, Any]:
     c = ctx(request)
-    name = _model_name(body)
+    name = model_name(body)
     keep = _keep_alive(body)
     record = await run_blocking(c.manager.record, name)
     trained = int((record.summary or {}).get("context_length") or 0) or 1 << 20
@@ -346,119 +338,9 @@ async def embeddings(request: Any) -> Any:
     return json_response({"embedding": vectors[0] if vectors else []})
 
 
-# -- the store -------------------------------------------------------------------------------
-
-def _progress_item(event: Any) -> dict[str, Any] | None:
-    status = event.status
-    if status in ("success", "error"):
-        return None  # sent once the record is stored, or as {"error": ...}
-    if status == "downloading":
-        digest = event.digest or ""
-        short = digest.removeprefix("sha256:")[:12] or (event.filename or event.name)
-        item: dict[str, Any] = {"status": f"pulling {short}", "total": event.total, "completed": event.completed}
-        if digest:
-            item["digest"] = digest if digest.startswith("sha256:") else f"sha256:{digest}"
-        return item
-    if status == "fallback":
-        return {"status": event.message or status}
-    return {"status": status}
-
-
-@endpoint
-async def pull(request: Any) -> Any:
-    """Pull through the same code as ``%llm pull``; progress events become Ollama's NDJSON stream.
-
-    Only what :func:`.sources.check_pull` allows an API client. A pull is not cancelled when
-    the client leaves (as in Ollama): it finishes into the store.
-    """
-    body = Body(await read_json(request))
-    name = _model_name(body)
-    body.flag("insecure")
-    stream = body.flag("stream", True)
-    manager = ctx(request).manager
-    if await run_blocking(check_pull, manager, name) is not None:  # in the store already
-        return json_response({"status": "success"}) if not stream else Streamed(
-            _one(ndjson({"status": "success"})), "application/x-ndjson", lambda: None)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the server stopped; the pull still completes
-
-    def listener(event: Any) -> None:
-        item = _progress_item(event)
-        if item is not None:
-            put(item)
-
-    def work() -> None:
-        try:
-            manager.pull(name, listeners=[listener])
-            put({"status": "success"})
-        except BaseException as exc:
-            put(exc)
-
-    threading.Thread(target=work, name="jupyter_llm-http-pull", daemon=True).start()
-
-    async def events() -> Any:
-        while True:
-            item = await queue.get()
-            yield item
-            if isinstance(item, BaseException) or item.get("status") == "success":
-                return
-
-    if not stream:
-        async for item in events():
-            if isinstance(item, BaseException):
-                raise item
-        return json_response({"status": "success"})
-
-    first = await queue.get()  # a bad name fails before any progress: answer it with its status
-    if isinstance(first, BaseException):
-        raise first
-
-    async def lines() -> Any:
-        yield ndjson(first)
-        if first.get("status") == "success":
-            return
-        async for item in events():
-            yield ndjson({"error": problem_from(item).message} if isinstance(item, BaseException) else item)
-
-    return Streamed(lines(), "application/x-ndjson", lambda: None)
-
-
-async def _one(line: bytes) -> Any:
-    yield line
-
-
-@endpoint
-async def copy(request: Any) -> Any:
-    body = Body(await read_json(request))
-    source = body.text("source", required=True, nonempty=True, max_len=512)
-    destination = body.text("destination", required=True, nonempty=True, max_len=512)
-    await run_blocking(ctx(request).manager.copy, source, destination)
-    return _empty()
-
-
-@endpoint
-async def delete(request: Any) -> Any:
-    body = Body(await read_json(request))
-    name = _model_name(body)
-    await run_blocking(ctx(request).manager.remove, name)
-    return _empty()
-
-
 def _gone() -> Any:
     """The answer to a client that left: nobody reads it; the status is for the metrics."""
     return json_response({"error": "the client closed the connection"}, 499)
-
-
-def _empty() -> Any:
-    from starlette.responses import Response
-
-    return Response(b"", status_code=200)
 
 
 def routes() -> list[Any]:
@@ -475,7 +357,5 @@ def routes() -> list[Any]:
         Route("/api/chat", chat, methods=["POST"]),
         Route("/api/embed", embed, methods=["POST"]),
         Route("/api/embeddings", embeddings, methods=["POST"]),
-        Route("/api/pull", pull, methods=["POST"]),
-        Route("/api/copy", copy, methods=["POST"]),
-        Route("/api/delete", delete, methods=["DELETE"]),
+        *ollama_store.routes(),
     ]

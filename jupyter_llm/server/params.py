@@ -154,6 +154,14 @@ class Body:
         return tuple(s for s in items if s)
 
 
+def model_name(body: Body) -> str:
+    """The model an Ollama request names (``model``, or the older ``name``)."""
+    name = body.text("model", max_len=512) or body.text("name", max_len=512)
+    if not name or not name.strip():
+        raise bad("'model' is required")
+    return name
+
+
 def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else (
