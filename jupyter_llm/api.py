@@ -33,6 +33,8 @@ def pull(name: str, *, update: bool = False, progress: bool = True) -> Any:
         from .progress import TqdmListener
 
         listeners.append(TqdmListener())
+    if _manager().remotes.split(name) is not None:  # NAME/MODEL: onto that remote (an Ollama one)
+        return _manager().remotes.pull(name, listeners=listeners)
     return _manager().pull(name, listeners=listeners, update=update)
 
 
@@ -56,13 +58,54 @@ def cp(source: str, destination: str, *, force: bool = False) -> Any:
     return _manager().copy(source, destination, force=force)
 
 
+def create(name: str, modelfile: str | None = None, *, from_: str | None = None, system: str | None = None,
+           template: str | None = None, parameters: dict[str, Any] | None = None,
+           messages: list[dict[str, str]] | None = None, adapters: list[str] | None = None,
+           license: str | None = None) -> Any:
+    """Make the derived model ``name`` (as ``ollama create`` does): from a Modelfile's text and/or
+    a base ``from_`` with its own ``system``, ``template``, ``parameters`` (Ollama's names:
+    ``num_ctx``, ``temperature``, ``stop``…), ``messages`` and LoRA ``adapters`` (GGUF paths).
+    No bytes are copied; returns the new record. ``create("pirate", from_="smollm2",
+    system="You are a pirate.")``."""
+    from .derived import create as create_model
+    from .derived import spec_of
+
+    spec = spec_of(modelfile, from_=from_, system=system, template=template, parameters=parameters,
+                   messages=messages, adapters=list(adapters or ()), license=license)
+    return create_model(_manager(), name, spec)
+
+
+def remote_add(name: str, url: str, *, api: str = "openai", token_env: str | None = None) -> Any:
+    """Use the engine at ``url`` (``api``: "openai" for llama-server, vLLM, LM Studio; "ollama"):
+    its models are then ``name/MODEL`` for :class:`Model`, ``%%chat -m`` and this kernel's API.
+    ``token_env`` names the environment variable holding its token (never the token itself).
+    Kept in ``remotes.json`` in the store's home."""
+    return _manager().remotes.add(name, url, api=api, token_env=token_env)
+
+
+def remote_list() -> list[dict[str, Any]]:
+    """Each remote: its address, API, state ("reachable", "unreachable", …), models and what it
+    reports as loaded (waits a few seconds at most for a remote that is slow to answer)."""
+    return _manager().remotes.states()
+
+
+def remote_rm(name: str) -> Any:
+    """Stop using the remote ``name`` (nothing on the remote changes)."""
+    return _manager().remotes.remove(name)
+
+
 def devices() -> list[Any]:
     """GPUs (through NVML) and host RAM, with free memory now."""
     return _manager().devices()
 
 
 def estimate(name: str, **options: Any) -> Any:
-    """Memory per device that loading ``name`` would take; options as for :func:`load`."""
+    """Memory per device that loading ``name`` would take; options as for :func:`load`.
+
+    A name not pulled yet (an alias, ``hf.co/USER/REPO:QUANT``, ``ollama://MODEL:TAG``) is priced
+    from its GGUF header alone, read from the source by HTTP ranges (a few MiB, cached in memory);
+    nothing is downloaded into the store. ``.verdict()`` says whether it fits and what would.
+    """
     return _manager().estimate(name, LoadOptions(**options))
 
 
@@ -100,7 +143,8 @@ class Model:
     def __init__(self, name: str) -> None:
         from .chat import ChatSession
 
-        self.name = _manager().get(name).name
+        remote = _manager().remotes.model(name)
+        self.name = remote.name if remote is not None else _manager().get(name).name
         self._conversation = ChatSession(name, model=name)
 
     def __repr__(self) -> str:
@@ -108,6 +152,9 @@ class Model:
 
     def _loaded(self) -> Any:
         manager = _manager()
+        remote = manager.remotes.model(self.name)
+        if remote is not None:  # NAME/MODEL: the remote engine keeps it loaded
+            return remote
         try:
             return manager.get(self.name)
         except LookupError:  # unloaded since (keep_alive): the manager reloads it as last loaded
@@ -124,9 +171,10 @@ class Model:
         removes it; None keeps it)."""
         self._conversation.reset(system=system)
 
-    def chat(self, messages: str | Sequence[dict[str, str]], *, stream: bool = False,
+    def chat(self, messages: str | Sequence[dict[str, Any]], *, stream: bool = False,
              json_schema: dict[str, Any] | None = None, system: str | None = None, new: bool = False,
-             **sampling: Any) -> Any:
+             tools: Sequence[Any] | None = None, tool_choice: Any = None, run_tools: bool = False,
+             logprobs: int | None = None, think: bool | str | None = None, **sampling: Any) -> Any:
         """Answer a message: a string continues this handle's conversation, a list of
         ``{"role", "content"}`` messages is answered as given (see the class doc).
 
@@ -135,26 +183,41 @@ class Model:
         ``json_schema`` constrains the answer to JSON matching the schema (``{}``: any JSON).
         ``system`` sets the conversation's system prompt (a different one starts it over);
         ``new=True`` starts it over. Sampling options as :class:`~jupyter_llm.options.SamplingOptions`.
+
+        ``tools`` (Python functions or tool schemas) are offered to the model; ``tool_choice`` is
+        "auto", "none", "required" or a function's name (forced calls are grammar-constrained).
+        The answer is then a :class:`~jupyter_llm.tool_runs.Reply` (a str with ``.tool_calls``; a
+        stream has ``.reply`` at its end); ``run_tools=True`` calls the Python functions the model
+        asks for and asks again until it answers in text (:class:`~jupyter_llm.tool_runs.ToolRun`).
+
+        ``think=True`` (or "low"/"medium"/"high") asks a reasoning model to think: the answer is
+        an :class:`~jupyter_llm.answer.Answer` (a str) whose ``.thinking`` holds the reasoning
+        (CapabilityError for a model whose template has none); ``logprobs=k`` gives it
+        ``.logprobs``, each token's log probability under the model with ``k`` alternatives.
         """
+        if isinstance(messages, str) and (new or (system is not None and system != self._conversation.system)):
+            self.reset(system=system)
+        if tools:
+            return self._tool_run(messages, stream, json_schema, sampling, list(tools), tool_choice, run_tools)
         if isinstance(messages, str):
-            if new or (system is not None and system != self._conversation.system):
-                self.reset(system=system)
-            return self._run("chat", messages, stream, json_schema, sampling)
+            return self._run("chat", messages, stream, json_schema, sampling, logprobs, think)
         if new or system is not None:
             raise TypeError("system= and new= are for this handle's conversation (a string message); "
                             "a list of messages carries its own system message")
-        return self._run("chat", list(messages), stream, json_schema, sampling)
+        return self._run("chat", list(messages), stream, json_schema, sampling, logprobs, think)
 
     def generate(self, prompt: str, *, stream: bool = False, json_schema: dict[str, Any] | None = None,
-                 **sampling: Any) -> Any:
-        """Continue ``prompt`` as raw text (no chat template, no history)."""
-        return self._run("generate", prompt, stream, json_schema, sampling)
+                 logprobs: int | None = None, **sampling: Any) -> Any:
+        """Continue ``prompt`` as raw text (no chat template, no history); ``logprobs`` as for :meth:`chat`."""
+        return self._run("generate", prompt, stream, json_schema, sampling, logprobs)
 
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> Any:
         """Pooled embedding vector(s): one list of floats per text."""
+        from . import chat
+
         single = isinstance(texts, str)
         model = self._loaded()
-        with _manager().using(model.name):
+        with chat.using(_manager(), model):
             vectors = model.runtime.embed([texts] if single else list(texts), normalize=normalize)
         return vectors[0] if single else vectors
 
@@ -169,40 +232,78 @@ class Model:
 
         return load_report(self._loaded())
 
+    def _tool_run(self, messages: str | Sequence[dict[str, Any]], stream: bool, json_schema: dict[str, Any] | None,
+                  sampling: dict[str, Any], tools: list[Any], tool_choice: Any, run_tools: bool) -> Any:
+        from . import chat
+        from .tool_runs import Pieces, ToolRun, call_message
+
+        options, model = SamplingOptions(**sampling), self._loaded()
+        conversation = self._conversation if isinstance(messages, str) else None
+        prompt = self._conversation.prompt_messages(messages) if isinstance(messages, str) else list(messages)
+        fit = conversation is not None
+        run = ToolRun(lambda m, choice: chat.start(model, m, options, json_schema=json_schema, fit=fit, tools=tools,
+                                                   tool_choice=choice), prompt, tools, tool_choice, run_tools=run_tools)
+
+        def pieces() -> Iterator[str]:
+            with chat.using(_manager(), model):
+                yield from run
+            if conversation is not None and run.reply is not None:  # the whole exchange joins the history
+                conversation.forget_oldest(run.turns[0].dropped)
+                last = run.turns[-1]
+                answer = call_message(last.text, last.tool_calls) if last.tool_calls else {
+                    "role": "assistant", "content": last.text}
+                conversation.messages += [{"role": "user", "content": messages}, *run.exchanged, answer]
+
+        if stream:
+            return Pieces(pieces(), run)
+        for _ in pieces():
+            pass
+        return run.reply
+
     def _run(self, kind: str, payload: Any, stream: bool, json_schema: dict[str, Any] | None,
-             sampling: dict[str, Any]) -> Any:
+             sampling: dict[str, Any], logprobs: int | None = None, think: bool | str | None = None) -> Any:
+        from .answer import Answer
+        from .runtime.stream import Extras
+
         options = SamplingOptions(**sampling)
+        extras = Extras(logprobs=int(logprobs)) if logprobs is not None else None
         # The warning about dropped turns points at the caller's line: through chat() and
         # _run() when the text is joined here, directly when the caller iterates.
-        iterator = self._stream(kind, payload, options, json_schema, warn_level=2 if stream else 4)
+        iterator = self._stream(kind, payload, options, json_schema, warn_level=2 if stream else 4, extras=extras,
+                                think=think)
         if stream:
             return iterator
+        if extras is not None or think is not None:  # the pieces are Answers then
+            return Answer.joined(a for a in iterator if isinstance(a, Answer))
         return "".join(iterator)
 
     def _stream(self, kind: str, payload: Any, options: SamplingOptions, json_schema: dict[str, Any] | None,
-                warn_level: int) -> Iterator[str]:
+                warn_level: int, extras: Any = None, think: bool | str | None = None) -> Iterator[str]:
         from . import chat
+        from .answer import Answer
 
+        shaped = {"thinking": think is not None and think is not False, "logprobs": extras is not None}
         model = self._loaded()
-        with _manager().using(model.name):
+        with chat.using(_manager(), model):
             if kind == "generate":
-                generation = model.runtime.generate(payload, options, json_schema=json_schema)
+                asks = {"extras": extras} if extras is not None else {}
+                generation = model.runtime.generate(payload, options, json_schema=json_schema, **asks)
                 with generation:  # leaving early stops the generation in the worker
                     for chunk in generation:
-                        yield chunk.text
+                        yield Answer.of_chunk(chunk, **shaped) if extras is not None else chunk.text
                 return
             if isinstance(payload, str):
                 conversation = self._conversation
                 turn = chat.start(model, conversation.prompt_messages(payload), options, json_schema=json_schema,
-                                  fit=True, session=conversation, user=payload)
+                                  fit=True, session=conversation, user=payload, extras=extras, think=think)
                 notice = chat.fit_notice(turn.dropped, turn.n_ctx, "`model.reset()` starts over")
                 if notice:
                     warnings.warn(notice, UserWarning, stacklevel=warn_level)
             else:
-                turn = chat.start(model, payload, options, json_schema=json_schema)
+                turn = chat.start(model, payload, options, json_schema=json_schema, extras=extras, think=think)
             with turn.stream:
                 for chunk in turn:
-                    yield chunk.text
+                    yield Answer.of_chunk(chunk, **shaped) if extras is not None or think is not None else chunk.text
 
 
 def serve(*, host: str | None = None, port: int | None = None, token: str | None = None, auth: bool = True,

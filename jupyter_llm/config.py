@@ -17,6 +17,12 @@ change ``os.environ`` and see the effect. Explicit arguments always win over the
 ``JUPYTER_LLM_RETRIES``            transient-error retries per download (default 5)
 ``JUPYTER_LLM_PROMPT_CACHE``       0 turns off reusing a conversation's evaluated prefix between
                                    requests (default on; benchmarks compare without it)
+``JUPYTER_LLM_IDLE_SETTLE``       1 lets an idle worker re-evaluate the last answer for the prompt
+                                   cache at once (next turn's first token sooner; default off: an
+                                   idle model costs no CPU)
+``JUPYTER_LLM_REPACK``             weight repacking for the CPU (llama.cpp's extra buffer types):
+                                   ``auto`` (default: where a probe found it safe and faster on
+                                   this CPU, per weight type), ``on`` or ``off``
 ``JUPYTER_LLM_MAX_LOADED``         models kept loaded at once; falls back to
                                    ``OLLAMA_MAX_LOADED_MODELS`` (default: no cap, memory decides)
 ``JUPYTER_LLM_PULL_DEADLINE``      seconds a whole pull may take (default 86400; 0: none)
@@ -148,9 +154,27 @@ def retries() -> int:
     return int(_float("JUPYTER_LLM_RETRIES", 5))
 
 
+def idle_settle() -> bool:
+    """Whether an idle worker re-evaluates the last answer for the prompt cache at once (default
+    off: an idle model costs no CPU, and the next prompt evaluates that answer instead)."""
+    return (_env("JUPYTER_LLM_IDLE_SETTLE") or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def prompt_cache() -> bool:
     """Whether workers reuse the KV of a slot's previous prompt and answer (default on)."""
     return (_env("JUPYTER_LLM_PROMPT_CACHE") or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def repack() -> str:
+    """``JUPYTER_LLM_REPACK``: ``auto`` (default), ``on`` or ``off`` (also 1/0, true/false)."""
+    raw = (_env("JUPYTER_LLM_REPACK") or "auto").strip().lower()
+    if raw in _TRUE:
+        return "on"
+    if raw in _FALSE:
+        return "off"
+    if raw != "auto":
+        raise ValueError(f"JUPYTER_LLM_REPACK={raw!r}: give auto (probe this CPU), on or off, or unset it")
+    return raw
 
 
 def api_pull_hosts() -> frozenset[str]:

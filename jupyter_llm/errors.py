@@ -14,11 +14,15 @@
     ├── GGUFError (+ ValueError)                not a GGUF file, or a corrupt one
     │   └── TruncatedGGUFError                  tensor data runs past the end of the file
     ├── StoreError (+ OSError)                  the store refuses an operation (read-only, in use)
+    ├── ModelfileError (+ ValueError)           a Modelfile (or /api/create body) is wrong; names the line
     ├── ModelLoadError                          the worker could not load the model
-    │   └── WontFitError                        the estimate says it will not fit; with the numbers
+    │   ├── WontFitError                        the estimate says it will not fit; with the numbers
+    │   └── RpcServerError (+ ConnectionError)  an rpc-server refused, silent or busy; names host:port
     ├── WorkerCrashedError                      the worker process died (signal, llama.cpp's last line)
     ├── ContextOverflowError                    a prompt does not fit into the context
-    └── ServerError                             the background API could not start or stop
+    ├── CapabilityError (+ ValueError)          the model cannot do what was asked (insert, thinking…)
+    ├── ServerError                             the background API could not start or stop
+    └── RemoteEngineError (+ ConnectionError)   a remote engine is unreachable or refused; names its address
 
 Every class may also inherit the standard-library class a caller would naturally catch, so
 ``except ConnectionError`` or ``except LookupError`` keep working.
@@ -93,6 +97,17 @@ class StoreError(JupyterLLMError, OSError):
     """The model store refused an operation."""
 
 
+class ModelfileError(JupyterLLMError, ValueError):
+    """A Modelfile that cannot be read, or a derived model that cannot be made from it.
+
+    ``line`` is the Modelfile's line (1-based), 0 when the problem is not on one line.
+    """
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(message)
+        self.line = line
+
+
 class ModelLoadError(JupyterLLMError):
     """A model could not be loaded."""
 
@@ -103,6 +118,14 @@ class WontFitError(ModelLoadError):
     def __init__(self, message: str, estimate: object | None = None) -> None:
         super().__init__(message)
         self.estimate = estimate
+
+
+class RpcServerError(ModelLoadError, ConnectionError):
+    """An rpc-server (``--rpc HOST:PORT``) that cannot be used; ``endpoint`` names it."""
+
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
 
 
 class WorkerCrashedError(JupyterLLMError):
@@ -123,13 +146,34 @@ class ContextOverflowError(JupyterLLMError):
         self.n_ctx = n_ctx
 
 
+class CapabilityError(JupyterLLMError, ValueError):
+    """The model lacks what a request needs: ``capability`` names it as Ollama's ``/api/show``
+    does (``insert`` for fill-in-the-middle, ``thinking`` for separated reasoning)."""
+
+    def __init__(self, message: str, capability: str) -> None:
+        super().__init__(message)
+        self.capability = capability
+
+
 class ServerError(JupyterLLMError):
     """The background HTTP API could not start or stop."""
+
+
+class RemoteEngineError(JupyterLLMError, ConnectionError):
+    """A remote engine (``%llm remote add``) could not be reached or answered an error.
+
+    The message names the remote and its address, never its token; ``status`` is the HTTP
+    status it answered, None when it could not be reached at all."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 __all__ = [
     "AliasFileError",
     "AmbiguousModelError",
+    "CapabilityError",
     "ContextOverflowError",
     "GGUFError",
     "HostUnreachableError",
@@ -139,6 +183,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "PullError",
+    "RemoteEngineError",
     "RemoteError",
     "ServerError",
     "StoreError",
@@ -146,3 +191,4 @@ __all__ = [
     "WontFitError",
     "WorkerCrashedError",
 ]
+

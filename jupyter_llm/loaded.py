@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .memory.devices import Device
     from .memory.estimate import MemoryEstimate
     from .runtime import LoadReport, Runtime
+    from .runtime.repack import RepackChoice
 
 
 @dataclass
@@ -44,6 +45,8 @@ class LoadedModel:
     notices: list[str] = field(default_factory=list)
     """What its load must tell the user: remembered options reused, models evicted to make
     room, GPU layers ignored. The front end that caused the load shows them."""
+    repack: RepackChoice | None = None
+    """Whether its weights were repacked for the CPU, and why (:mod:`jupyter_llm.runtime.repack`)."""
 
     @property
     def report(self) -> LoadReport | None:

@@ -35,16 +35,17 @@ class RememberedOptions:
         with self._lock:
             return self._by_name.get(name)
 
-    def choose(self, name: str, options: LoadOptions | None, overrides: dict[str, Any]
-               ) -> tuple[LoadOptions, bool]:
+    def choose(self, name: str, options: LoadOptions | None, overrides: dict[str, Any],
+               record: ModelRecord | None = None) -> tuple[LoadOptions, bool]:
         """The options to load ``name`` with, and whether they are the remembered ones: those
-        when nothing is given, else the given ones (over the defaults)."""
+        when nothing is given, else the given ones (over the defaults); under ``record``'s own
+        (:func:`model_defaults`)."""
         if options is None and not overrides:
             remembered = self.get(name)
             if remembered is not None:
-                return remembered, True
+                return model_defaults(record, remembered), True
         options = options or LoadOptions()
-        return (options.with_(**overrides) if overrides else options), False
+        return model_defaults(record, options.with_(**overrides) if overrides else options), False
 
     def remember(self, name: str, options: LoadOptions) -> None:
         with self._lock:
@@ -79,7 +80,17 @@ def resolve(info: GGUFInfo, requested: LoadOptions, devices: Sequence[Device],
     a user must see: GPU layers asked for while ``checked`` (the devices, with llama.cpp asked
     too when NVML saw no GPU) holds no GPU are 0 (:func:`~jupyter_llm.memory.estimate.cpu_only`)."""
     from .memory.estimate import cpu_only, fit
+    from .memory.rpc import rpc_placeholders, with_rpc
+    from .memory.rpc_endpoints import warn_if_exposed
 
+    if requested.rpc:
+        # rpc-servers' devices take layers like GPUs. Their memory is asked only when "auto"
+        # needs it: a server serves one client at a time, and a model already loaded on it
+        # (loaded again alike, which the manager answers at once) holds it.
+        warn_if_exposed(requested.rpc, stacklevel=4)
+        checked = [*checked, *rpc_placeholders(requested.rpc)]
+        if AUTO in (requested.gpu_layers, requested.n_ctx):
+            devices = with_rpc(devices, requested.rpc)
     resolved, note = cpu_only(requested, checked)
     if resolved.gpu_layers == AUTO or resolved.n_ctx == AUTO:
         resolved = fit(info, resolved, devices)
@@ -119,3 +130,22 @@ def path_record(name: str) -> ModelRecord | None:
     return ModelRecord(name=canonical(ref), source=pulled.source, files=[str(f) for f in files],
                        size=sum(f.stat().st_size for f in files), details=dict(pulled.details),
                        summary=summarize(files))
+
+
+def model_defaults(record: ModelRecord | None, options: LoadOptions) -> LoadOptions:
+    """``options`` with what a derived model's record sets (:mod:`jupyter_llm.store.derive`): its
+    ADAPTER files always (they are part of the model), and its PARAMETER num_ctx (a context per
+    slot, as in Ollama) when the context is still the default, the rule of
+    :meth:`SamplingOptions.with_model_defaults <jupyter_llm.options.SamplingOptions.with_model_defaults>`."""
+    if record is None or not record.ollama:
+        return options
+    from .store.derive import lora, num_ctx
+
+    changes: dict[str, Any] = {}
+    adapters = lora(record)
+    if adapters != options.lora:
+        changes["lora"] = adapters
+    per_slot = num_ctx(record)
+    if per_slot is not None and options.n_ctx == LoadOptions().n_ctx:
+        changes["n_ctx"] = per_slot * options.parallel
+    return options.with_(**changes) if changes else options

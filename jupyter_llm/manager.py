@@ -19,8 +19,10 @@ from .chat import ChatSession
 from .errors import ModelLoadError, ModelNotFoundError, WorkerCrashedError
 from .loaded import LoadedModel, Use, describe, same_load
 from .loading import GpuCheck, RememberedOptions, record_or_path
+from .memory.rpc import loaded_rpc_devices as _rpc_devices
 from .options import LoadOptions, SamplingOptions
 from .progress import Listener, PullProgress
+from .remote import Remotes
 from .store.records import ModelRecord, Store
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class ModelManager:
         self._closed = threading.Event()
         self._models_cache: list[dict[str, Any]] | None = None
         self._devices_cache: tuple[float, list[Device]] = (0.0, [])
+        self.remotes = Remotes(lambda: self.store.root.parent, self._emit)
         self.server: Server | None = None
         """The background HTTP API (jupyter_llm.server), when started; it is a client of this manager."""
 
@@ -94,8 +97,10 @@ class ModelManager:
 
     def snapshot(self) -> dict[str, Any]:
         """All state the views show, as plain JSON-able data (the sidebar's and widgets' model)."""
+        with self._lock:  # with the rpc-servers' devices of loaded models (memory as reported at load)
+            reports = [m.report for m in self._loaded.values() if m.options.rpc]
         try:
-            found = self.devices()
+            found = self.devices() + _rpc_devices(reports)
             devices: list[dict[str, Any]] = [d.to_dict() for d in found]
         except Exception as exc:  # a device query must never break the views
             found, devices = [], [{"error": str(exc)}]
@@ -113,6 +118,7 @@ class ModelManager:
             "pulls": pulls,
             "devices": devices,
             "server": self.server.status() if self.server is not None else None,
+            "remotes": self.remotes.snapshot(),
         }
 
     # -- the store ---------------------------------------------------------------------------
@@ -203,16 +209,16 @@ class ModelManager:
             self._devices_cache = (time.monotonic(), devices)
         return devices
 
-    def estimate(self, name: str, options: LoadOptions | None = None, **overrides: Any) -> MemoryEstimate:
-        """What loading ``name`` (or a GGUF path) with ``options`` would take on each device;
-        without options, what loading it by name would use (see :meth:`load`)."""
+    def estimate(self, name: str, options: LoadOptions | None = None, *, remote: bool | str = True,
+                 **overrides: Any) -> MemoryEstimate:
+        """What loading ``name`` (or a GGUF path) with ``options`` would take on each device; without options,
+        what loading it by name would use (see :meth:`load`); not pulled: its remote header's (:mod:`.store.peek`)."""
         from .memory.estimate import estimate
-        from .store.gguf import scan_cached
+        from .store.peek import headers
 
-        record = record_or_path(name, self.record)
-        requested, _ = self._remembered.choose(record.name, options, overrides)
-        devices = self._devices_for_estimate()
-        return estimate(scan_cached(record.path), requested, self._gpus_checked(devices, requested))
+        name, infos, notes = headers(name, lambda n: record_or_path(n, self.record), self.store, remote=remote)
+        requested, _ = self._remembered.choose(name, options, overrides)
+        return estimate(infos, requested, self._gpus_checked(self._devices_for_estimate(), requested), notes=notes)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -230,14 +236,14 @@ class ModelManager:
         from .eviction import plan, refusal
         from .loading import resolve
         from .memory.estimate import estimate as estimate_memory
-        from .runtime.process import Runtime
+        from .runtime.repack import start_worker
         from .store.gguf import scan_cached
 
         if pull and self.store.get(name) is None and not self._is_loaded(name):
             name = self.pull(name, listeners=listeners).name
         record = self.record(name)
         name = record.name
-        requested, reused = self._remembered.choose(name, options, overrides)
+        requested, reused = self._remembered.choose(name, options, overrides, record)
         # remembered once loaded: a refused or failed load must not spoil the next reload
         remembered = self._remembered if remember and not reused else None
         info = scan_cached(record.path)
@@ -278,13 +284,13 @@ class ModelManager:
                 notes.insert(0, f"reloaded {name} with the options of its last load: {describe(resolved)}")
             self._emit("loading", name=name, options=resolved.to_dict())
             try:
-                runtime = Runtime.start(record.path, resolved, name=name,
-                                        ollama_template=record.ollama.get("template") or None)
+                runtime, repack = start_worker(info, record, resolved, name=name, notes=notes, on_probe=lambda text:
+                                               self._emit("loading", name=name, status=text))
             except (ModelLoadError, WorkerCrashedError) as exc:
                 self._emit("load_failed", name=name, error=str(exc))
                 raise
             model = LoadedModel(name=name, record=record, options=resolved, estimate=estimate, runtime=runtime,
-                                requested=requested, notices=notes)
+                                requested=requested, notices=notes, repack=repack)
             if not remember:  # loaded for an API client, not chosen by the user
                 model.chosen_at = 0.0
             with self._lock:

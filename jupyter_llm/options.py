@@ -120,7 +120,8 @@ class LoadOptions:
     """KV cache element type: f16, q8_0 or q4_0 (quantized V needs flash attention)."""
     flash_attn: bool = field(default_factory=_default_flash_attn)
     threads: int | None = None
-    """CPU threads for generation; None = the number of cores."""
+    """CPU threads for generation; None = the physical cores this process may use (hyperthreads
+    of one core count once, as llama.cpp's own default; docs/notes.md §8)."""
     parallel: int = 1
     """Slots: sequences decoded together in one batch (the HTTP API's concurrent requests)."""
     n_batch: int = 512
@@ -128,8 +129,22 @@ class LoadOptions:
     keep_alive: float | None = field(default_factory=_default_keep_alive)
     """Seconds idle before the model is unloaded; None = forever; 0 = right after use."""
     tensor_split: tuple[float, ...] = field(default_factory=tuple)
+    rpc: tuple[str, ...] = field(default_factory=tuple)
+    """``host:port`` of llama.cpp rpc-servers whose devices take layers like GPUs (after the
+    local ones); ``"a:1,b:2"`` or a sequence, normalised once (:mod:`jupyter_llm.memory.rpc_endpoints`)."""
+    lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    """LoRA adapters (GGUF path, scale) applied to the context, set from a derived model's ADAPTER
+    lines (:mod:`jupyter_llm.store.derive`); a worker keeps one adapter set for its lifetime."""
 
     def __post_init__(self) -> None:
+        if self.rpc:  # parsed once, here: every later reader sees normalised "host:port" strings
+            from .memory.rpc_endpoints import parse_endpoints
+
+            object.__setattr__(self, "rpc", parse_endpoints(self.rpc))
+        elif not isinstance(self.rpc, tuple):
+            object.__setattr__(self, "rpc", ())
+        # JSON (remembered options, the sidebar) gives lists: one form, so equal loads compare equal
+        object.__setattr__(self, "lora", tuple((str(p), float(scale)) for p, scale in self.lora or ()))
         if self.gpu_layers != AUTO and (not isinstance(self.gpu_layers, int) or self.gpu_layers < 0):
             raise ValueError(f"gpu_layers must be a whole number ≥ 0 or 'auto', not {self.gpu_layers!r}")
         if self.n_ctx != AUTO and (not isinstance(self.n_ctx, int) or self.n_ctx < 16):

@@ -27,6 +27,10 @@ def isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setenv("OLLAMA_MODELS", str(root / "ollama"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(root / "runtime"))  # servers' token files
+    # Every test has a fresh home, so "auto" would probe repacking again at each load of a type
+    # this CPU may repack (on an AMX CPU the default model's Q4_1: a probe that crashes, ~2 s).
+    # tests/test_repack.py sets "auto" itself and covers the product's default.
+    monkeypatch.setenv("JUPYTER_LLM_REPACK", "off")
     for name in ("JUPYTER_LLM_HF_ENDPOINT", "HF_ENDPOINT", "JUPYTER_LLM_OLLAMA_REGISTRY", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     return root

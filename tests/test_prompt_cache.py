@@ -26,8 +26,23 @@ TURNS = ["What is the capital of France?", "What is it famous for?", "Name one m
 
 @pytest.fixture(scope="module")
 def cached(smollm2_path: Path):
-    """The real model with the prompt cache (the default)."""
-    with Runtime.start(smollm2_path, OPTIONS, name="smollm2") as runtime:
+    """The real model with the prompt cache, settling while idle (``JUPYTER_LLM_IDLE_SETTLE=1``:
+    the answer is re-evaluated while the user reads it, so the next turn reuses it too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_LLM_IDLE_SETTLE", "1")
+        runtime = Runtime.start(smollm2_path, OPTIONS, name="smollm2")
+    with runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def lazy(smollm2_path: Path):
+    """The real model with the prompt cache as it is by default: nothing done while idle, the
+    last answer evaluated again as part of the next prompt."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("JUPYTER_LLM_IDLE_SETTLE", raising=False)
+        runtime = Runtime.start(smollm2_path, OPTIONS, name="smollm2-lazy")
+    with runtime:
         yield runtime
 
 
@@ -120,6 +135,37 @@ def test_greedy_answers_with_the_cache_equal_those_without(cached: Runtime, plai
     assert plain.stats()["prompt_tokens_cached"] == 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_by_default_an_idle_model_costs_no_cpu_and_stays_exact(lazy: Runtime, plain: Runtime) -> None:
+    long = SamplingOptions(temperature=0.0, max_tokens=64)
+    first = converse(lazy, TURNS[:1], sampling=long, settle=False)[0]
+    before, settled_before = cpu_seconds(lazy.pid), lazy.stats()["tokens_settled"]
+    time.sleep(3)  # the user reads the answer
+    idle = cpu_seconds(lazy.pid) - before
+    stats = lazy.stats()
+    assert stats["tokens_settled"] == settled_before  # no settling while idle...
+    assert stats["unsettled_tokens"] > 0  # ...although the answer is not settled
+    assert idle < 0.05, f"an idle worker used {idle:.2f} CPU-s in 3 s"
+    history = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": first.text}]
+    second = converse(lazy, TURNS[1:2], sampling=long, settle=False, history=history)[0]
+    reference = converse(plain, TURNS[1:2], sampling=long, settle=False, history=history)[0]
+    assert second.text == reference.text  # the answer evaluated again as a prompt chunk: exact
+    assert first.prompt_tokens - 2 <= second.prompt_tokens_cached < first.prompt_tokens + first.completion_tokens
+
+
+def test_settling_while_idle_is_what_the_setting_turns_on(cached: Runtime) -> None:
+    before = cached.stats()["tokens_settled"]
+    converse(cached, TURNS[:1], settle=True)
+    assert cached.stats()["tokens_settled"] > before
+
+
 def test_a_fresh_worker_answers_the_second_turn_as_the_continued_one(cached: Runtime, smollm2_path: Path) -> None:
     continued = converse(cached, TURNS[:2], settle=True)
     history = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": continued[0].text}]
@@ -203,7 +249,9 @@ def test_two_conversations_in_parallel_each_reuse_their_own_slot(cached: Runtime
     assert [[r.text for r in results[k]] for k in range(2)] == [[r.text for r in ref] for ref in reference]
 
 
-def test_a_new_conversation_takes_an_empty_slot_rather_than_evict_one(smollm2_path: Path) -> None:
+def test_a_new_conversation_takes_an_empty_slot_rather_than_evict_one(smollm2_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUPYTER_LLM_IDLE_SETTLE", "1")
     with Runtime.start(smollm2_path, OPTIONS, name="smollm2") as rt:
         converse(rt, TURNS[:2], settle=True)
         holding = rt.stats()["slot_tokens"]

@@ -9,9 +9,9 @@ import sys
 import jupyter_llm
 
 PINNED = [
-    "JupyterLLMError", "Model", "__version__", "_jupyter_labextension_paths", "cp", "devices", "estimate",
-    "list_models", "load", "load_ipython_extension", "memory_widget", "picker", "ps", "pull", "rm", "serve",
-    "show", "unload", "unload_ipython_extension",
+    "JupyterLLMError", "Model", "__version__", "_jupyter_labextension_paths", "cp", "create", "devices", "estimate",
+    "list_models", "load", "load_ipython_extension", "memory_widget", "picker", "ps", "pull", "remote_add",
+    "remote_list", "remote_rm", "rm", "serve", "show", "unload", "unload_ipython_extension",
 ]
 
 

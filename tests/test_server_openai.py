@@ -118,10 +118,10 @@ def test_a_wrong_token_raises_the_clients_authentication_error(served: Any) -> N
 
 def test_bad_parameters_are_400s_in_openais_error_shape(client: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"n": 2}, "n"),
+        ({"n": 65}, "n"),
         ({"temperature": 5}, "temperature"),
         ({"max_tokens": 10**9}, "max_tokens"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
         ({"presence_penalty": 1.0}, "presence_penalty"),
         ({"response_format": {"type": "xml"}}, "response_format"),
     ]

@@ -137,6 +137,12 @@ def _notebook(root: Path) -> str:
         nbformat.v4.new_code_cell("%%chat --max-tokens 24 --seed 1 --temperature 0\nName three colours."),
         nbformat.v4.new_code_cell("%llm mem"),
         nbformat.v4.new_code_cell("%llm picker"),
+        nbformat.v4.new_code_cell(  # the kernel's own API as a remote: the token comes from a variable
+            "import os\nfrom jupyter_llm.manager import get_manager\n"
+            "os.environ['SELF_TOKEN'] = get_manager().server.token\n"
+            "get_ipython().run_line_magic('llm', f'remote add self {get_manager().server.url} --api ollama "
+            "--token-env SELF_TOKEN')\n"
+            "get_ipython().run_line_magic('llm', 'remote add dead http://127.0.0.1:9 --api ollama')"),
     ]
     nbformat.write(nb, root / "sidebar.ipynb")
     other = nbformat.v4.new_notebook()
@@ -187,6 +193,8 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
     server = report["server"]
     assert server["url"].startswith("http://127.0.0.1:") and server["token_length"] >= 16
     assert (server["with_token"], server["without_token"]) == (200, 401)  # the copied token is the key
+    assert f"self/{model}" in report["remotes"] and "reachable" in report["remotes"]
+    assert "unreachable" in report["remotes"] and "http://127.0.0.1:9" in report["remotes"]
     assert report["other_label"].startswith("other.ipynb") and "not loaded" in report["other_label"]
     assert report["back_label"] == "sidebar.ipynb — connected"
     assert report["console_errors"] == []

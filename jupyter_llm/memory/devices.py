@@ -30,7 +30,8 @@ class Device:
     """One place model memory can live. Sizes in bytes."""
 
     id: str
-    """``"CPU"`` for host RAM, ``"GPU0"``, ``"GPU1"``… for GPUs (NVML order)."""
+    """``"CPU"`` for host RAM, ``"GPU0"``, ``"GPU1"``… for GPUs (NVML order), llama.cpp's
+    ``"RPC0[host:port]"`` for the devices of rpc-servers (:mod:`jupyter_llm.memory.rpc`)."""
     kind: Literal["cpu", "gpu"]
     name: str
     total_bytes: int
@@ -40,6 +41,8 @@ class Device:
     """llama.cpp's name for the device (``"CPU"``, ``"CUDA0"``…) when known."""
     processes: list[tuple[int, int]] = field(default_factory=list)
     """``(pid, used_bytes)`` of processes using the GPU, when the driver says."""
+    host: str | None = None
+    """``host:port`` of the rpc-server holding the device, None for local ones."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "processes": [list(p) for p in self.processes]}

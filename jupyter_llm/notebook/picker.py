@@ -3,7 +3,9 @@
 A view of the manager like every other: its memory estimate comes from
 :meth:`~jupyter_llm.manager.ModelManager.estimate` (the same path as ``%llm estimate`` and the
 sidebar), which is arithmetic over a cached header scan against a device reading the manager
-keeps for a second, so dragging a slider stays smooth.
+keeps for a second, so dragging a slider stays smooth. A model not pulled yet is priced only
+once asked (the Estimate button): its remote header is read in a thread, never in the kernel's,
+and afterwards the sliders re-price it from the manager's in-memory copy (``remote="cached"``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..errors import ModelNotFoundError
+from ..errors import JupyterLLMError, ModelNotFoundError
 from ..options import AUTO, KV_TYPES, LoadOptions
 from .display import human_bytes
 from .widgets import _DIM, _ERROR, Coalesced, escape, estimate_html, loaded_html, view_manager
@@ -47,7 +49,14 @@ class ModelPicker(widgets.VBox):
         self.flash_attn = widgets.Checkbox(description="flash attention", value=False, style=style)
         self.parallel = widgets.IntSlider(description="Parallel slots", min=1, max=16, value=1, style=style,
                                           layout=wide)
+        # llama.cpp rpc-servers; only asked when the field is left (each estimate connects to them)
+        self.rpc = widgets.Text(description="RPC servers", style=style, layout=wide, continuous_update=False,
+                                placeholder="host:port, … (llama.cpp rpc-server; trusted networks only)")
         self.estimate_view = widgets.HTML()
+        self.estimate_button = widgets.Button(
+            description="Estimate", icon="search", layout=widgets.Layout(width="110px"),
+            tooltip="read the model's header from its source (a few MiB) to see its memory before pulling it")
+        self.estimate_button.layout.display = "none"
         self.load_button = widgets.Button(description="Load", button_style="primary", icon="play")
         self.unload_button = widgets.Button(description="Unload", icon="stop")
         self.status = widgets.HTML()
@@ -56,15 +65,17 @@ class ModelPicker(widgets.VBox):
         super().__init__([
             self.model, row([self.pull_name, self.pull_button]), self.pull_progress, self.pull_status,
             row([self.gpu_layers, self.gpu_auto]), row([self.context, self.ctx_auto]), self.kv_type,
-            self.flash_attn, self.parallel, self.estimate_view, row([self.load_button, self.unload_button]),
+            self.flash_attn, self.parallel, self.rpc, self.estimate_view,
+            row([self.estimate_button, self.load_button, self.unload_button]),
             self.status, self.loaded_view,
         ])
         self.add_class("jp-LLM-picker")
         for control in (self.gpu_layers, self.gpu_auto, self.context, self.ctx_auto, self.kv_type,
-                        self.flash_attn, self.parallel):
+                        self.flash_attn, self.parallel, self.rpc):
             control.observe(self._on_control, names="value")
         self.model.observe(lambda _: self._on_model(), names="value")
         self.pull_button.on_click(lambda _: self.pull(self.pull_name.value))
+        self.estimate_button.on_click(lambda _: self.estimate_remote())
         self.load_button.on_click(lambda _: self.load())
         self.unload_button.on_click(lambda _: self.unload())
         self._fill_models()
@@ -81,13 +92,15 @@ class ModelPicker(widgets.VBox):
             gpu_layers=AUTO if self.gpu_auto.value else int(self.gpu_layers.value),
             n_ctx=AUTO if self.ctx_auto.value else int(self.context.value),
             kv_type=self.kv_type.value, flash_attn=bool(self.flash_attn.value), parallel=int(self.parallel.value),
+            rpc=tuple(self.rpc.value.split(",")),  # LoadOptions parses and checks them
         )
 
     def reprice(self) -> Any:
         """Estimate the selected model with the current options and redraw the bars."""
         name = self.model.value
-        try:
-            self.estimate = self.manager.estimate(name, self.options()) if name else None
+        self.estimate_button.layout.display = "none"
+        try:  # a model not pulled: only a header read before (Estimate reads one, in a thread)
+            self.estimate = self.manager.estimate(name, self.options(), remote="cached") if name else None
         except ModelNotFoundError:
             self.estimate = None
         except Exception as exc:
@@ -95,10 +108,11 @@ class ModelPicker(widgets.VBox):
             self.estimate_view.value = f'<div style="{_ERROR}">{escape(exc)}</div>'
             return None
         if self.estimate is None:
+            self.estimate_button.layout.display = None if name else "none"
             self.estimate_view.value = (
-                f'<div style="{_DIM}">{escape(self.model.value)} is not cached: pull it (or press Load, which '
-                'pulls first) to see its memory.</div>' if self.model.value else
-                f'<div style="{_DIM}">No model yet: pull one, e.g. smollm2.</div>')
+                f'<div style="{_DIM}">{escape(self.model.value)} is not cached: press Estimate to read its '
+                'header (a few MiB) and see its memory before pulling it, or pull it (Load pulls first).</div>'
+                if self.model.value else f'<div style="{_DIM}">No model yet: pull one, e.g. smollm2.</div>')
             return None
         with self.hold_sync():
             self._syncing = True
@@ -144,12 +158,34 @@ class ModelPicker(widgets.VBox):
         self.reprice()
 
     def _info(self) -> Any:
-        """The selected model's header facts, None when it is not in the store yet."""
+        """The selected model's header facts: the store's, else a remote header read for an
+        estimate before; None when neither exists yet."""
         name = self.model.value
         try:
             return self.manager.show(name)["info"] if name else None
         except ModelNotFoundError:
+            pass
+        try:  # only the header matters here, so any small load will do (the controls may be mid-edit)
+            return self.manager.estimate(name, LoadOptions(gpu_layers=0, n_ctx=512), remote="cached").header
+        except JupyterLLMError:
             return None
+
+    def estimate_remote(self) -> threading.Thread:
+        """Price the selected model before pulling it: its header is read from the source in a
+        thread (a dead host fails within seconds, naming its address), then the sliders follow it."""
+        name, options = self.model.value, self.options()
+        self.estimate_button.disabled = True
+
+        def work() -> str:
+            try:
+                estimate = self.manager.estimate(name, options)
+            finally:
+                self.estimate_button.disabled = False
+            if self.model.value == name:
+                self._on_model()  # the header is cached now: the sliders get its layers and context
+            return escape(estimate.notes[-1] if estimate.notes else f"{name}: estimated")
+
+        return self._run(work, self.status, f"reading the header of {escape(name)}…")
 
     def _fill_models(self) -> None:
         from ..store.names import aliases
@@ -191,10 +227,10 @@ class ModelPicker(widgets.VBox):
 
     def load(self, force: bool = False) -> threading.Thread:
         """Load the selected model with the current options (pulling it first if needed)."""
-        name, options = self.model.value, self.options()
+        name = self.model.value
 
-        def work() -> str:
-            model = self.manager.load(name, options, force=force)
+        def work() -> str:  # the options in here: a bad rpc field is an error in the status line
+            model = self.manager.load(name, self.options(), force=force)
             return f"{escape(model.name)} loaded in worker pid {model.runtime.pid}"
 
         return self._run(work, self.status, f"loading {escape(name)}…")

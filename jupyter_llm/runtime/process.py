@@ -19,7 +19,6 @@ kept in a ring buffer (:meth:`Runtime.logs`) and gives the load's measured memor
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import os
@@ -37,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import config, wire
-from ..errors import ContextOverflowError, JupyterLLMError, ModelLoadError, WorkerCrashedError
+from ..errors import JupyterLLMError, ModelLoadError, WorkerCrashedError
 from ..options import AUTO, LoadOptions, SamplingOptions
+from .failure import error_from as _error_from
+from .failure import fresh as _fresh
 from .grammar import MAX_GRAMMAR_BYTES, schema_grammar
 from .report import LoadReport, load_report
-from .stream import Stream
+from .stream import Extras, Stream
 
 LogCallback = Callable[[int, str], None]
 log = logging.getLogger("jupyter_llm")
@@ -98,9 +99,9 @@ class Runtime:
 
         ``options`` must be resolved (no ``"auto"``: the estimate chooses). ``on_log(level, text)``
         receives llama.cpp's log messages (ggml levels 1 DEBUG … 4 ERROR, 5 continuation);
-        ``ollama_template`` is the chat template of the model's Ollama manifest (Go syntax). For
-        tests and benchmarks: ``_extra_bufts`` forces llama.cpp's CPU extra buffer types on (they
-        crash quantized models on Intel AMX CPUs), ``_prompt_cache=False`` evaluates every prompt
+        ``ollama_template`` is the chat template of the model's Ollama manifest (Go syntax).
+        ``_extra_bufts`` turns weight repacking on (the manager asks :mod:`jupyter_llm.runtime.repack`
+        first: it crashes on Intel AMX CPUs). For tests: ``_prompt_cache=False`` evaluates every prompt
         afresh, ``_fault`` makes the worker die, stop or stall at a chosen point (see the worker's
         docstring), ``_template_seconds`` sets the chat template's time limit. Raises
         ModelLoadError when llama.cpp refuses the file or context, WorkerCrashedError when the
@@ -131,12 +132,13 @@ class Runtime:
             if _prompt_cache is None:
                 _prompt_cache = config.prompt_cache()
             internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
+                        "idle_settle": config.idle_settle(),
                         "fault": dict(_fault) if _fault else None, "template_seconds": _template_seconds,
                         "ollama_template": ollama_template}
             rt._send((wire.LOAD, str(path), options.to_dict(), internal))
             msg = rt._wait(rt._start_inbox)
             if msg[0] == wire.CRASH:
-                raise _error_from(msg, rt)
+                raise _error_from(msg, rt.name)
             if msg[0] == wire.LOAD_ERROR:
                 if msg[2] == "model":
                     advice = ("Check that the file is a complete GGUF model (`%llm show` verifies it; pull "
@@ -211,27 +213,36 @@ class Runtime:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, sampling: SamplingOptions | None = None, *,
-                 grammar: str | None = None, json_schema: dict[str, Any] | None = None) -> Stream:
-        """Complete a raw prompt (special tokens in it are parsed). Starts at once; iterate to stream."""
-        return self._generate("prompt", prompt, sampling, grammar, json_schema, None)
+    def generate(self, prompt: str, sampling: SamplingOptions | None = None, *, grammar: str | None = None,
+                 json_schema: dict[str, Any] | None = None, extras: Extras | None = None) -> Stream:
+        """Complete a raw prompt (special tokens in it are parsed). Starts at once; iterate to stream.
+        ``extras``: several answers, log probabilities (:class:`~jupyter_llm.runtime.stream.Extras`)."""
+        return self._generate("prompt", prompt, sampling, grammar, json_schema, None, extras)
+
+    def infill(self, prefix: str, suffix: str, sampling: SamplingOptions | None = None, *,
+               grammar: str | None = None, extras: Extras | None = None) -> Stream:
+        """Fill the gap between ``prefix`` and ``suffix`` with the model's FIM tokens; a model
+        without them raises CapabilityError (``insert``)."""
+        return self._generate("fim", (prefix, suffix), sampling, grammar, None, None, extras)
 
     def chat(self, messages: list[dict[str, Any]], sampling: SamplingOptions | None = None, *,
              grammar: str | None = None, json_schema: dict[str, Any] | None = None,
-             reserve: int | None = None) -> Stream:
+             reserve: int | None = None, tools: list[dict[str, Any]] | None = None,
+             extras: Extras | None = None) -> Stream:
         """Answer a conversation, formatted with the model's own chat template.
 
         ``json_schema`` constrains the answer to JSON matching the schema (``{}``: any JSON
-        object); ``grammar`` is a GBNF grammar with a ``root`` rule. Give at most one.
-        ``reserve``: drop the oldest turns until the prompt leaves that many tokens of the
-        slot for the answer (:meth:`Stream.fitted` says how many messages went); without it a
-        conversation that does not fit is refused.
-        """
-        fit = {"reserve": int(reserve)} if reserve is not None else None
-        return self._generate("chat", messages, sampling, grammar, json_schema, fit)
+        object); ``grammar`` is a GBNF grammar with a ``root`` rule. Give at most one. ``reserve``:
+        drop the oldest turns until the prompt leaves that many tokens of the slot for the answer
+        (:meth:`Stream.fitted` says how many went), else one that does not fit is refused.
+        ``tools``: OpenAI function tools for the template. ``extras``: as for :meth:`generate`, and thinking."""
+        payload = {"messages": messages, "tools": tools} if tools else messages
+        return self._generate("chat", payload, sampling, grammar, json_schema,
+                              {"reserve": int(reserve)} if reserve is not None else None, extras)
 
     def _generate(self, kind: str, payload: Any, sampling: SamplingOptions | None,
-                  grammar: str | None, json_schema: dict[str, Any] | None, fit: dict[str, int] | None) -> Stream:
+                  grammar: str | None, json_schema: dict[str, Any] | None, fit: dict[str, int] | None,
+                  extras: Extras | None = None) -> Stream:
         if grammar is not None and json_schema is not None:
             raise ValueError("give either grammar or json_schema, not both")
         if json_schema is not None:
@@ -241,15 +252,16 @@ class Runtime:
         sampling = sampling or SamplingOptions()
         rid, inbox = self._register()
         try:
-            self._send((wire.GEN, rid, kind, payload, sampling.to_dict(), grammar, fit))
+            self._send((wire.GEN, rid, kind, payload, sampling.to_dict(), grammar, fit,
+                        extras.to_wire() if extras else None))
         except BaseException:
             self._forget(rid)
             raise
-        return Stream(self, rid, inbox)
+        return Stream(self, rid, inbox, extras)
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt the chat template makes of ``messages`` (with the generation prompt)."""
-        return self._call("render", messages)
+        return self._call("render", {"messages": messages, "tools": tools} if tools else messages)
 
     def count_tokens(self, messages_or_prompt: str | list[dict[str, Any]]) -> int:
         """Tokens a prompt (a string) or a conversation (after its template) takes."""
@@ -293,7 +305,7 @@ class Runtime:
             self._forget(rid)
         if msg[0] == wire.REPLY:
             return msg[2]
-        raise _error_from(msg, self)
+        raise _error_from(msg, self.name)
 
     def _register(self) -> tuple[int, queue.SimpleQueue[Any]]:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -384,7 +396,7 @@ class Runtime:
         self._proc.kill()  # a stopped process dies of SIGKILL too; the reader then reports it
 
     def _error(self, msg: tuple[Any, ...]) -> BaseException:  # (for Stream)
-        return _error_from(msg, self)
+        return _error_from(msg, self.name)
 
     def _gone(self) -> JupyterLLMError:
         return _fresh(self._dead) if self._dead else WorkerCrashedError(f"the worker running {self.name} is gone")
@@ -479,22 +491,6 @@ class Runtime:
                 if level == wanted and text.strip():
                     return text.strip(), said
         return None, ""
-
-
-def _error_from(msg: tuple[Any, ...], runtime: Runtime) -> BaseException:
-    if msg[0] == wire.CRASH:
-        return _fresh(msg[2])
-    _, _, kind, message, extra = msg
-    if kind == "ContextOverflowError":
-        return ContextOverflowError(message, extra.get("n_tokens"), extra.get("n_ctx"))
-    if kind == "ValueError":
-        return ValueError(message)
-    return JupyterLLMError(f"{runtime.name}: {message}")
-
-
-def _fresh(error: JupyterLLMError) -> JupyterLLMError:
-    """A copy to raise: one crash is raised in many threads, each with its own traceback."""
-    return copy.copy(error).with_traceback(None)
 
 
 __all__ = ["LoadReport", "Runtime", "schema_grammar"]

@@ -4,20 +4,65 @@ A :class:`Stream` is the caller's handle on one generation in a worker (made by
 :meth:`jupyter_llm.runtime.Runtime.generate` / ``chat``): it turns the worker's ``tok`` and
 ``done`` messages into chunks and the completion, and cancels the generation when the caller
 stops early (the stop button, leaving a ``with`` block, dropping the stream).
+
+:class:`Extras` asks for more than text: ``n`` answers to the prompt (chunks carry their
+``index``; :attr:`Stream.results` has one completion each), log probabilities of each token
+(:class:`TokenLogprob`, from the model's raw distribution) and thinking, whose reasoning the
+stream splits off the answer (:class:`~jupyter_llm.thinking.ThinkingSplitter`): chunks and
+completions then have it in ``thinking``, their ``text`` is the answer alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
 
 if TYPE_CHECKING:
+    from ..thinking import ThinkingSplitter
     from .process import Runtime
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a generation asks for beyond sampled text."""
+
+    n: int = 1
+    """Answers to the prompt, sampled independently (seeds seed, seed+1…) after one evaluation
+    of it; each takes a slot, so at most the model's ``parallel``."""
+    logprobs: int | None = None
+    """Log probabilities of each token with that many alternatives (0-20); None: none."""
+    template: dict[str, Any] = field(default_factory=dict)
+    """More variables for the chat template (``enable_thinking``…)."""
+    markers: tuple[str, str] | None = None
+    """Reasoning markers: split the answer's reasoning off its text at them."""
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, "logprobs": self.logprobs, "variables": self.template or None}
+        if self.markers is not None:
+            out["think_open"] = self.markers[0]
+        return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model's raw distribution (the logits row
+    it was sampled from, before temperature, top-k/p or a grammar), and the most likely
+    alternatives there, most likely first."""
+
+    token: str
+    logprob: float
+    bytes: bytes
+    top: tuple[TokenLogprob, ...] = ()
+
+
+def _logprobs(entries: list[Any]) -> list[TokenLogprob]:
+    return [TokenLogprob(t, lp, b, tuple(TokenLogprob(*alt) for alt in top)) for t, lp, b, top in entries]
 
 
 @dataclass(frozen=True)
@@ -26,6 +71,12 @@ class Chunk:
 
     text: str
     n_tokens: int
+    index: int = 0
+    """Which answer it belongs to (``Extras.n`` > 1)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Of the tokens since the last chunk, when asked for (text and tokens need not align)."""
+    thinking: str = ""
+    """Reasoning (when thinking was asked for); ``text`` is then the answer's part only."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +99,11 @@ class Completion:
     prompt_tokens_cached: int = 0
     """Of ``prompt_tokens``, how many the worker's prompt cache reused instead of evaluating
     (the prefix a slot still held from an earlier request, e.g. the conversation so far)."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """Every generated token's log probability, when asked for."""
+    thinking: str | None = None
+    """The reasoning, when thinking was asked for (``text`` is the answer without it)."""
+    index: int = 0
 
 
 class Stream:
@@ -58,11 +114,17 @@ class Stream:
     stop, and is raised again. Dropping an unfinished stream cancels it too.
     """
 
-    def __init__(self, runtime: Runtime, rid: int, inbox: queue.SimpleQueue[Any]) -> None:
+    def __init__(self, runtime: Runtime, rid: int, inbox: queue.SimpleQueue[Any], extras: Extras | None = None) -> None:
         self._rt, self._rid, self._inbox = runtime, rid, inbox
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
-        self._parts: list[str] = []
+        self.extras = extras or Extras()
+        self._texts: dict[int, list[str]] = {i: [] for i in range(self.extras.n)}
+        self._parts: list[str] = self._texts[0]
+        self._lps: dict[int, list[TokenLogprob]] = {i: [] for i in range(self.extras.n)}
+        self._split: dict[int, ThinkingSplitter] = {}
+        self._results: dict[int, Completion] = {}
+        self._unshown = 0  # tokens of pieces the splitter held back, counted with the next chunk
         self._result: Completion | None = None
         self._error: BaseException | None = None
         self._stats: dict[str, Any] = {}
@@ -114,19 +176,62 @@ class Stream:
         if kind == wire.TOKEN:
             if self._ttft is None:
                 self._ttft = time.perf_counter() - self._t0
-            self._parts.append(msg[2])
-            return Chunk(msg[2], msg[3])
-        self._rt._forget(self._rid)
+            if len(msg) == 4:  # one answer, nothing but text: the common case stays cheap
+                if not self.extras.markers:
+                    self._parts.append(msg[2])
+                    return Chunk(msg[2], msg[3])
+                return self._piece(0, msg[2], msg[3], [])
+            return self._piece(int(msg[4]["index"]), msg[2], msg[3], msg[4].get("logprobs") or [])
         if kind == wire.DONE:
-            s = self._stats = msg[2]
+            s = msg[2]
+            index = int(s.get("index", 0))
+            last = self._piece(index, "", 0, s.get("logprobs") or [], end=True)
             ttft = self._ttft if self._ttft is not None else s.get("worker_ttft_s")
-            self._result = Completion(
-                "".join(self._parts), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
+            split = self._split.get(index)
+            self._results[index] = Completion(
+                "".join(self._texts[index]), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
                 ttft, s["gen_tok_per_s"], s["prompt_tok_per_s"], time.perf_counter() - self._t0, s["seed"],
-                s.get("prompt_tokens_cached", 0))
-        else:
-            self._error = self._rt._error(msg)
+                s.get("prompt_tokens_cached", 0), tuple(self._lps[index]) if "logprobs" in s else None,
+                split.thinking if split is not None else None, index)
+            if "index" not in s:  # cancelled before the worker made the answers: they all end here
+                for i in range(1, self.extras.n):
+                    self._results.setdefault(i, dataclasses.replace(self._results[index], index=i))
+            if len(self._results) < self.extras.n:
+                return last
+            self._rt._forget(self._rid)
+            self._stats, self._result = s, self._results[0]
+            return last
+        self._rt._forget(self._rid)
+        self._error = self._rt._error(msg)
         return None
+
+    def _piece(self, index: int, text: str, n_tokens: int, entries: list[Any], *, end: bool = False) -> Chunk | None:
+        """A chunk of answer ``index``: its reasoning split off when asked, its logprobs decoded."""
+        lps = _logprobs(entries) if entries else []
+        self._lps[index] += lps
+        thinking = ""
+        if self.extras.markers:
+            split = self._split.get(index)
+            if split is None:
+                from ..thinking import ThinkingSplitter
+
+                split = self._split[index] = ThinkingSplitter(self.extras.markers)
+            thinking, text = split.feed(text)
+            if end:
+                more_thinking, more_text = split.finish()
+                thinking, text = thinking + more_thinking, text + more_text
+        self._texts[index].append(text)
+        if not (text or thinking or lps):
+            self._unshown += n_tokens
+            return None
+        n_tokens, self._unshown = n_tokens + self._unshown, 0
+        return Chunk(text, n_tokens, index, tuple(lps), thinking)
+
+    @property
+    def results(self) -> list[Completion]:
+        """One completion per answer (``Extras.n``), in order; reads the rest of the stream first."""
+        self.result  # noqa: B018 (reads the stream to its end)
+        return [self._results[i] for i in sorted(self._results)]
 
     def _interrupted(self) -> None:
         self.cancel()

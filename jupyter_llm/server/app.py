@@ -1,7 +1,8 @@
 """The ASGI application: every route in one list, behind the :class:`~.auth.Guard`.
 
 ``GET /health`` (no token) and ``GET /metrics`` live here; the Ollama routes are in
-:mod:`.ollama_api`, the OpenAI routes in :mod:`.openai_api`. :func:`build_app` is the only
+:mod:`.ollama_api`, the OpenAI routes in :mod:`.openai_api` and :mod:`.openai_responses`,
+Anthropic's Messages API in :mod:`.anthropic_api`. :func:`build_app` is the only
 place routes are assembled, so tests can enumerate them all (and prove each needs the token).
 """
 
@@ -68,13 +69,15 @@ def routes() -> list[Any]:
     """Every route of the server."""
     from starlette.routing import Route
 
-    from . import ollama_api, openai_api
+    from . import anthropic_api, ollama_api, openai_api, openai_responses
 
     return [
         Route("/health", health, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET"]),
         *ollama_api.routes(),
         *openai_api.routes(),
+        *openai_responses.routes(),
+        *anthropic_api.routes(),
     ]
 
 

@@ -9,7 +9,8 @@ Every request passes :class:`Guard` before any route runs, in this order:
    are allowed (exact match, never a wildcard); they get CORS headers, and their preflight
    ``OPTIONS`` is answered here. Any other Origin is refused with 403, even with no-auth, so
    a page the user visits cannot drive the API (cross-site request forgery).
-3. **Bearer token** (``Authorization: Bearer …``), compared in constant time, on every route
+3. **Bearer token** (``Authorization: Bearer …``, or ``x-api-key: …`` as Anthropic's clients send
+   it), compared in constant time, on every route
    but ``GET /health``; 401 otherwise.
 
 It also counts requests for the metrics — the ones it lets through by route template, method
@@ -26,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from .params import MAX_BODY_BYTES
+from .params import MAX_BODY_BYTES, streams_body
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -182,7 +183,7 @@ class Guard:
             if problem is not None:
                 await problem(scope, receive, send_counted)
                 return
-            await self.app(scope, _capped(receive, headers), send_counted)
+            await self.app(scope, receive if streams_body(scope["path"]) else _capped(receive, headers), send_counted)
         finally:
             self.on_request(route, scope["method"], status, time.perf_counter() - started)
 
@@ -204,11 +205,15 @@ class Guard:
             return "", None
         given = headers.get("authorization", "")
         scheme, _, credential = given.partition(" ")
+        key = headers.get("x-api-key")  # how the anthropic client sends its api_key
+        if key is not None and not given:
+            scheme, credential, given = "bearer", key, key
         if scheme.lower() != "bearer" or not secrets.compare_digest(credential.strip().encode(), self.token.encode()):
             what = "a wrong token" if given else "no token"
             return "token", _error(path, 401, f"this server needs its API token and got {what}: send the header "
-                                   "'Authorization: Bearer TOKEN' (the ollama client reads OLLAMA_API_KEY, the "
-                                   "openai client its api_key); `%llm serve --status` says where to find it",
+                                   "'Authorization: Bearer TOKEN' or 'x-api-key: TOKEN' (the ollama client reads "
+                                   "OLLAMA_API_KEY, the openai and anthropic clients their api_key); "
+                                   "`%llm serve --status` says where to find it",
                                    "invalid_api_key", {"www-authenticate": "Bearer"})
         return "", None
 
@@ -216,7 +221,7 @@ class Guard:
         return [
             (b"access-control-allow-origin", (origin or "").encode("latin-1")),
             (b"access-control-allow-credentials", b"true"),
-            (b"access-control-allow-headers", b"authorization, content-type"),
+            (b"access-control-allow-headers", b"authorization, content-type, x-api-key, anthropic-version"),
             (b"access-control-allow-methods", b"GET, POST, DELETE, HEAD, OPTIONS"),
             (b"access-control-max-age", b"600"),
             (b"vary", b"Origin"),
@@ -233,7 +238,13 @@ async def _preflight(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def error_body(path: str, status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
-    """An error in the shape the caller's API uses: OpenAI's under /v1, Ollama's elsewhere."""
+    """An error in the shape the caller's API uses: Anthropic's under /v1/messages, OpenAI's
+    elsewhere under /v1, Ollama's elsewhere."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}.get(
+            status, "invalid_request_error" if status < 500 else "api_error")
+        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
     if path.startswith("/v1"):
         kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 503: "server_overloaded"}.get(

@@ -86,6 +86,9 @@ class Backend:
         Blocking: run it in a thread. ``keep_alive`` (seconds, None = forever, 0 = unload after
         this request) applies from this request on, as in Ollama.
         """
+        remote = self.manager.remotes.model(name)
+        if remote is not None:  # NAME/MODEL: the remote engine loads and queues it itself
+            return Loaded(remote, 0.0)
         t0, wall = time.perf_counter(), time.time()
         for _attempt in range(3):  # the model may be reaped between finding it and marking it busy
             with self._lock:
@@ -125,8 +128,9 @@ class Backend:
         trained = int((record.summary or {}).get("context_length") or DEFAULT_CTX_PER_SLOT)
         # keep_alive 0 is applied once the request holds the model, or the reaper would unload it first
         from .. import config
+        from ..store.derive import num_ctx as model_ctx  # a derived model's PARAMETER num_ctx
 
-        per_slot = num_ctx or min(config.context_length() or DEFAULT_CTX_PER_SLOT, trained)
+        per_slot = num_ctx or model_ctx(record) or min(config.context_length() or DEFAULT_CTX_PER_SLOT, trained)
         # n_ctx, kv_type, flash_attn and keep_alive not given follow the environment (OLLAMA_*)
         keep = {} if keep_alive is UNCHANGED or keep_alive == 0 else {"keep_alive": keep_alive}
         options = LoadOptions(n_ctx=max(per_slot * self.parallel, 16), parallel=self.parallel, **keep)
@@ -247,9 +251,14 @@ class Backend:
             return dict(self._admitted)
 
     def start(self, loaded: Loaded, kind: str, payload: Any, sampling: Any, grammar: str | None,
-              max_tokens_param: str = "max_tokens") -> Job:
+              max_tokens_param: str = "max_tokens", *, tools: list[dict[str, Any]] | None = None,
+              tool_choice: Any = None, extras: Any = None, think: Any = None) -> Job:
         """Admit (or 503) and start a generation; ``await job.prime()`` before answering, so
-        that a request the worker refuses still gets its 4xx. The job releases ``loaded``."""
+        that a request the worker refuses still gets its 4xx. The job releases ``loaded``.
+        ``tools`` and ``tool_choice`` (chats only) go to the chat turn as :func:`~jupyter_llm.chat.start`
+        takes them; the calls are in ``job.tool_calls`` when the Completion arrives. ``extras``
+        (choices, logprobs) and ``think`` (chats) as the turn takes them (``server/choice_shapes.py``);
+        ``kind`` "fim" fills the gap between ``payload``'s (prefix, suffix)."""
         try:
             check_max_tokens(sampling.max_tokens, loaded.n_ctx_per_slot, max_tokens_param)
             release = self.admit(loaded)
@@ -257,6 +266,8 @@ class Backend:
             loaded.release()
             raise
         job = Job(self, loaded, kind, payload, sampling, grammar, release)
+        job.tools, job.tool_choice = tools, tool_choice
+        job.extras, job.think = extras, think
         with self._lock:
             self._jobs.add(job)
         job.start()
@@ -350,6 +361,14 @@ class Job:
         self.started = time.perf_counter()
         self.result: Any = None
         """The :class:`~jupyter_llm.runtime.Completion`, once the stream ended."""
+        self.tools: list[dict[str, Any]] | None = None
+        self.tool_choice: Any = None
+        self.tool_calls: list[Any] = []
+        self.extras: Any = None
+        self.think: Any = None
+        self.results: list[Any] = []
+        """One Completion per choice (``extras.n``), once the stream ended."""
+        """The chat turn's :class:`~jupyter_llm.tools.ToolCall` s, set before the Completion is handed on."""
 
     def start(self) -> None:
         threading.Thread(target=self._pump, name="jupyter_llm-http-job", daemon=True).start()
@@ -383,17 +402,27 @@ class Job:
     def _run(self, model: Any) -> None:
         from .. import chat
 
+        turn = None
         if self.kind == "chat":
-            stream = chat.start(model, self.payload, self.sampling, grammar=self.grammar).stream
+            with_tools = {"tools": self.tools, "tool_choice": self.tool_choice} if self.tools else {}
+            asks = {k: v for k, v in (("extras", self.extras), ("think", self.think)) if v is not None}
+            turn = chat.start(model, self.payload, self.sampling, grammar=self.grammar, **with_tools, **asks)
+            stream = turn.stream
+        elif self.kind == "fim":
+            stream = model.runtime.infill(*self.payload, self.sampling, grammar=self.grammar, extras=self.extras)
         else:
-            stream = model.runtime.generate(self.payload, self.sampling, grammar=self.grammar)
+            asks = {"extras": self.extras} if self.extras is not None else {}
+            stream = model.runtime.generate(self.payload, self.sampling, grammar=self.grammar, **asks)
         self._stream = stream
         if self._cancelled.is_set():
             stream.cancel()
-        for chunk in stream:
+        for chunk in turn if turn is not None else stream:  # a turn holds back tool-call markup
             self._put(chunk)
         result = stream.result
+        if turn is not None:
+            self.tool_calls = list(turn.tool_calls)
         self.result = result
+        self.results = list(getattr(stream, "results", None) or [result])
         self.backend.metrics.generation(self.loaded.name, result.prompt_tokens, result.completion_tokens,
                                         result.ttft_s)
         self._put(result)
@@ -433,7 +462,8 @@ class Job:
         result = None
         async for item in self.events():
             if hasattr(item, "n_tokens"):
-                parts.append(item.text)
+                if not getattr(item, "index", 0):  # the further choices' texts are in job.results
+                    parts.append(item.text)
             else:
                 result = item
         if result is None:

@@ -7,8 +7,9 @@ exceptions (``AuthenticationError``, ``NotFoundError``, ``BadRequestError``…).
 
 Models not loaded are loaded on demand (keep_alive 5 minutes, as through the Ollama API).
 Beyond OpenAI's parameters, ``top_k``, ``min_p`` and ``repeat_penalty`` are accepted as
-llama.cpp's servers do. Refused with a 400 that says so: ``n`` > 1, ``logprobs``,
-``logit_bias``, tools, non-zero presence/frequency penalties, images, token-id prompts.
+llama.cpp's servers do. ``n``, ``logprobs``, ``reasoning_effort`` and ``suffix``: see
+:mod:`.choice_shapes`. Refused with a 400 that says so: ``logit_bias``, non-zero
+presence/frequency penalties, images, token-id prompts. Tools: see :mod:`jupyter_llm.server.tool_shapes`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from .._version import __version__
 from .backend import UNCHANGED
+from .choice_shapes import indexed, openai_asks, openai_choices, openai_delta, openai_usage, wants
 from .params import MAX_INPUTS, Body, bad, common_sampling, grammar_for, sampling
 from .responses import (
     Streamed,
@@ -34,24 +36,32 @@ from .responses import (
     sse,
     until_disconnect,
 )
+from .tool_shapes import finish_reason, forced_grammar, message_calls, openai_calls, read_tools
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_TOKENS_LIMIT = 2**31
 
 
 def _model(record: Any) -> dict[str, Any]:
-    return {"id": record.name, "object": "model", "created": int(record.created or 0), "owned_by": record.source}
+    from ..capabilities import of_record  # an extra field (Ollama's names); OpenAI's clients keep extras
+
+    return {"id": record.name, "object": "model", "created": int(record.created or 0), "owned_by": record.source,
+            "capabilities": of_record(record)}
 
 
 @endpoint
 async def list_models(request: Any) -> Any:
     records = await run_blocking(ctx(request).manager.models)
-    return json_response({"object": "list", "data": [_model(r) for r in records]})
+    remote = [{"id": m["name"], "object": "model", "created": 0, "owned_by": m["remote"]}
+              for m in await run_blocking(ctx(request).manager.remotes.served, request.headers)]
+    return json_response({"object": "list", "data": [_model(r) for r in records] + remote})
 
 
 @endpoint
 async def get_model(request: Any) -> Any:
     name = request.path_params["model_id"]
+    if ctx(request).manager.remotes.model(name) is not None:  # NAME/MODEL of a remote engine
+        return json_response({"id": name, "object": "model", "created": 0, "owned_by": name.partition("/")[0]})
     record = await run_blocking(ctx(request).manager.record, name)
     return json_response(_model(record))
 
@@ -89,26 +99,19 @@ def messages_of(items: Any) -> list[dict[str, str]]:
         role = item.get("role")
         if role not in _ROLES:
             raise bad(f"'messages[{i}].role' must be one of {', '.join(_ROLES)}, not {role!r}", "messages")
-        if item.get("tool_calls"):
-            raise bad("tool calls are not supported by this server yet", "messages")
-        out.append({"role": _ROLES[role], "content": _text_content(item.get("content"), f"messages[{i}].content")})
+        out.append({"role": _ROLES[role], "content": _text_content(item.get("content"), f"messages[{i}].content"),
+                    **message_calls(item, i)})
     return out
 
 
 def _sampling_fields(body: Body, default_max: int | None) -> dict[str, Any]:
     """OpenAI's sampling parameters (plus llama.cpp's extras) → SamplingOptions fields."""
-    if body.integer("n", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
-        raise bad("only n=1 is supported", "n")
     for key in ("presence_penalty", "frequency_penalty"):
         if body.number(key, 0.0, lo=-2.0, hi=2.0) != 0.0:
             raise bad(f"'{key}' is not supported (use 'repeat_penalty')", key)
-    if body.raw("logprobs") not in (None, False, 0):
-        raise bad("'logprobs' is not supported", "logprobs")
     logit_bias = body.raw("logit_bias")
     if logit_bias is not None and (not isinstance(logit_bias, dict) or logit_bias):
         raise bad("'logit_bias' is not supported", "logit_bias")
-    if body.array("tools"):
-        raise bad("tools are not supported by this server yet", "tools")
     fields = common_sampling(body, temperature_max=2.0)
     max_tokens = body.integer("max_completion_tokens", lo=1, hi=MAX_TOKENS_LIMIT)
     if max_tokens is None:
@@ -161,15 +164,20 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
     c = ctx(request)
     name = body.text("model", required=True, nonempty=True, max_len=512)
     options = sampling(_sampling_fields(body, default_max))
+    extras, think = openai_asks(body, chat=chat)  # n, logprobs, reasoning_effort (choice_shapes)
     stream = bool(body.flag("stream", False))
     include_usage = _include_usage(body, stream)
     schema = _schema(body)
     grammar = await run_blocking(grammar_for, schema, "response_format") if schema is not None else None
+    specs, tool_pick = read_tools(body) if chat else ([], None)  # a forced call's grammar wins (tool_shapes)
+    grammar = (await run_blocking(forced_grammar, specs, tool_pick) if specs else None) or grammar
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
     job = c.backend.start(loaded, kind, payload, options, grammar,
-                          "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens")
+                          "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens",
+                          tools=specs or None, tool_choice=tool_pick, extras=extras, think=think)
     if not await until_disconnect(request, job.prime, job.cancel):
         return _gone()
+    shaped = wants(extras, think)
     prefix = "chatcmpl" if chat else "cmpl"
     base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
             "system_fingerprint": f"jupyter_llm-{__version__}"}
@@ -180,12 +188,16 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
             return _gone()
         text, result = collected
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": _finish(result.finish_reason)}
+            calls = {"tool_calls": openai_calls(job.tool_calls)} if job.tool_calls else {}
+            message = {"role": "assistant", "content": text if text or not calls else None, **calls}
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": finish_reason(result, job.tool_calls)}
         else:
             choice = {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": _finish(result.finish_reason)}
         obj = "chat.completion" if chat else "text_completion"
-        return json_response({**base, "object": obj, "choices": [choice], "usage": _usage(result)})
+        choices = openai_choices(choice, job.results, chat=chat, echo=echo) if shaped else [choice]
+        usage = openai_usage(job.results) if shaped else _usage(result)
+        return json_response({**base, "object": obj, "choices": choices, "usage": usage})
 
     obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -203,17 +215,26 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
 
     async def events() -> Any:
         try:
-            if chat:
-                yield sse(chunk(None, None, role=True))
-            if echo:
-                yield sse(chunk(echo, None))
+            for index in range(extras.n):
+                if chat:
+                    yield sse(indexed(chunk(None, None, role=True), index))
+                if echo:
+                    yield sse(indexed(chunk(echo, None), index))
             async for item in job.events():
                 if hasattr(item, "n_tokens"):
-                    yield sse(chunk(item.text, None))
+                    piece = chunk(item.text, None)
+                    yield sse(openai_delta(piece, item, chat=chat) if shaped else piece)
                 else:
-                    yield sse(chunk(None, _finish(item.finish_reason)))
+                    for other in job.results[1:]:
+                        yield sse(indexed(chunk(None, _finish(other.finish_reason)), other.index))
+                    if job.tool_calls:  # parsed once the answer ended: all of them in one delta
+                        calls = chunk(None, None)
+                        calls["choices"][0]["delta"] = {"tool_calls": openai_calls(job.tool_calls, stream=True)}
+                        yield sse(calls)
+                    yield sse(chunk(None, finish_reason(item, job.tool_calls) if chat else _finish(item.finish_reason)))
                     if include_usage:
-                        yield sse({**base, "object": obj, "choices": [], "usage": _usage(item)})
+                        usage = openai_usage(job.results) if shaped else _usage(item)
+                        yield sse({**base, "object": obj, "choices": [], "usage": usage})
             yield sse("[DONE]")
         except Exception as exc:  # a worker that died mid-answer
             problem = problem_from(exc)
@@ -246,11 +267,12 @@ async def completions(request: Any) -> Any:
         raise bad("'prompt' must be a string (token-id prompts and several prompts are not supported)", "prompt")
     if not prompt:
         raise bad("'prompt' must not be empty", "prompt")
-    if body.text("suffix"):
-        raise bad("'suffix' is not supported", "suffix")
+    suffix = body.text("suffix")
     if body.integer("best_of", 1, lo=1, hi=MAX_TOKENS_LIMIT) != 1:
         raise bad("only best_of=1 is supported", "best_of")
     echo = prompt if body.flag("echo", False) else ""
+    if suffix is not None:  # fill in the middle, with the model's FIM tokens (400 without: 'insert')
+        return await _complete(request, body, "fim", (prompt, suffix), 16, chat=False, echo=echo)
     return await _complete(request, body, "prompt", prompt, 16, chat=False, echo=echo)
 
 

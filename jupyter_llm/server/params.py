@@ -16,11 +16,20 @@ from typing import Any
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Larger request bodies get 413: nothing this API accepts needs more."""
+MAX_BLOB_BYTES = 512 * 1024**3
+"""Largest blob upload (``POST /api/blobs``): those bodies stream to disk, bounded by this and
+the free space (:func:`jupyter_llm.store.upload.receive`), not by :data:`MAX_BODY_BYTES`."""
+
 MAX_STOP = 16
 MAX_INPUTS = 2048
 """Texts per embedding request."""
 
 _UNSET: Any = object()
+
+
+def streams_body(path: str) -> bool:
+    """Whether the route at ``path`` streams its body to disk and bounds it itself (blob uploads)."""
+    return path.startswith("/api/blobs/")
 
 
 class HTTPProblem(Exception):
@@ -235,7 +244,7 @@ def ollama_options(options: Body | None, n_ctx_max: int) -> tuple[dict[str, Any]
     """Ollama's ``options`` → (SamplingOptions fields, num_ctx or None)."""
     if options is None:
         return {"max_tokens": None}, None
-    known = set(OLLAMA_SAMPLING) | set(OLLAMA_LOAD) | set(OLLAMA_IGNORED)
+    known = set(OLLAMA_SAMPLING) | set(OLLAMA_LOAD) | set(OLLAMA_IGNORED) | {"tool_choice"}  # (server/tool_shapes)
     unknown = sorted(k for k in options.data if k not in known)
     if unknown:
         raise bad(f"unknown option(s) {', '.join(map(repr, unknown))}; supported: "

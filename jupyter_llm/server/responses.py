@@ -26,6 +26,7 @@ from ..errors import (
     ModelLoadError,
     ModelNotFoundError,
     PullError,
+    RemoteEngineError,
     StoreError,
     TruncatedGGUFError,
     WontFitError,
@@ -81,6 +82,8 @@ def _problem(exc: BaseException) -> HTTPProblem:
                            "with it, `%llm pull NAME --update` fetches it again", code="invalid_model_file")
     if isinstance(exc, PullError):
         return HTTPProblem(502, str(exc), code="pull_failed")
+    if isinstance(exc, RemoteEngineError):  # the remote's 401 is not this server's: a bad gateway
+        return HTTPProblem(502, str(exc), code="remote_failed")
     if isinstance(exc, ModelLoadError | WorkerCrashedError):
         return HTTPProblem(500, str(exc), code="model_failed")
     if isinstance(exc, ValueError):  # options and the worker's refusals (templates, grammars)

@@ -7,7 +7,9 @@ over an ``mmap`` and *skips* the bodies of large arrays (tokens, merges, scores)
 their element type and count. Small arrays (per-layer head counts…) are kept as lists.
 
 Corrupt input never causes a large allocation: every count and length is checked against the
-bytes left in the file before it is used. The gguf package is used only for its constants
+bytes left in the file before it is used. :func:`scan_prefix` parses the first bytes of a file
+that is elsewhere (a remote GGUF read by ranges, :mod:`jupyter_llm.store.peek`) and raises
+:class:`NeedMoreBytes` when the header continues past them. The gguf package is used only for its constants
 (quantization types and block sizes, file-type names).
 
 GGUF layout (little endian unless the version field says otherwise)::
@@ -70,6 +72,31 @@ def scan(path: str | os.PathLike[str], *, name: str | None = None) -> GGUFInfo:
         raise GGUFError(f"{path} is a directory, not a GGUF file; give the .gguf file inside it") from None
 
 
+class NeedMoreBytes(Exception):
+    """The header continues past the bytes :func:`scan_prefix` was given: read at least ``need``."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(f"the GGUF header continues past the bytes read; at least {need:,} are needed")
+        self.need = need
+
+
+def scan_prefix(data: bytes, size: int, *, where: str, name: str | None = None) -> GGUFInfo:
+    """:func:`scan` for a file known only by its first ``len(data)`` of ``size`` bytes.
+
+    ``where`` names the file in messages and becomes the info's ``path``. Raises
+    :class:`NeedMoreBytes` when the header (metadata and tensor table) runs past ``data``, and
+    the errors of :func:`scan` for a header that is not GGUF, corrupt or longer than ``size``.
+    """
+    label = Path(where)
+    if size < 24 or len(data) < min(size, 24):
+        if len(data) >= 4 and data[:4] != MAGIC:
+            raise _not_gguf(where, data)
+        if size < 24:
+            raise TruncatedGGUFError(f"{where} has only {size} bytes, less than a GGUF header; it is not a model")
+        raise NeedMoreBytes(24)
+    return _Parser(label, data, size, name, where=where).parse()
+
+
 _cache: dict[str, tuple[tuple[int, float], GGUFInfo]] = {}
 _cache_lock = threading.Lock()
 
@@ -123,7 +150,7 @@ def split_parts(first: str | os.PathLike[str]) -> list[Path]:
     return parts
 
 
-def _not_gguf(path: Path, head: bytes) -> GGUFError:
+def _not_gguf(path: Path | str, head: bytes) -> GGUFError:
     shown = head[:16]
     return GGUFError(
         f"{path} is not a GGUF file (starts with {shown!r}); pull a .gguf model, "
@@ -134,8 +161,13 @@ def _not_gguf(path: Path, head: bytes) -> GGUFError:
 class _Parser:
     """A cursor over the mapped header; every read is bounds-checked."""
 
-    def __init__(self, path: Path, buf: mmap.mmap, size: int, name: str | None) -> None:
+    def __init__(self, path: Path, buf: mmap.mmap | bytes, size: int, name: str | None,
+                 where: str | None = None) -> None:
         self.path, self.buf, self.size, self.name = path, buf, size, name
+        self.where = where or str(path)
+        """The file as messages name it (a remote file's address)."""
+        self.avail = min(len(buf), size)
+        """Bytes of the file in ``buf``: all of them for a mapped file, a prefix for a remote one."""
         self.pos = 0
         self.e = "<"
 
@@ -143,13 +175,13 @@ class _Parser:
     def corrupt(self, what: str, at: int | None = None) -> GGUFError:
         where = self.pos if at is None else at
         return GGUFError(
-            f"{self.path} has a corrupt GGUF header: {what} at offset {where}; the file is damaged: "
+            f"{self.where} has a corrupt GGUF header: {what} at offset {where}; the file is damaged: "
             f"delete it and pull the model again"
         )
 
     def truncated(self, what: str, need: int) -> TruncatedGGUFError:
         return TruncatedGGUFError(
-            f"{self.path} is truncated: {what} needs the file to be at least {need:,} bytes but it "
+            f"{self.where} is truncated: {what} needs the file to be at least {need:,} bytes but it "
             f"is {self.size:,}; re-pull it: `%llm pull {self.name or '<name>'}`"
         )
 
@@ -157,6 +189,8 @@ class _Parser:
     def need(self, n: int, what: str) -> None:
         if self.pos + n > self.size:
             raise self.truncated(f"{what} at offset {self.pos}", self.pos + n)
+        if self.pos + n > self.avail:
+            raise NeedMoreBytes(self.pos + n)
 
     def unpack(self, fmt: str, n: int, what: str) -> Any:
         self.need(n, what)
@@ -176,6 +210,8 @@ class _Parser:
         if n > self.size - self.pos:
             raise self.corrupt(f"{what} claims {n:,} bytes, more than the {self.size - self.pos:,} left "
                                f"in the file", start)
+        if self.pos + n > self.avail:
+            raise NeedMoreBytes(self.pos + n)
         raw = self.buf[self.pos:self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -206,6 +242,7 @@ class _Parser:
         if fmt is not None:
             n = count * struct.calcsize(fmt)
             if count <= SMALL_ARRAY:
+                self.need(n, f"values of {key!r}")
                 values = list(struct.unpack_from(f"{self.e}{count}{fmt}", self.buf, self.pos))
                 self.pos += n
                 return values
@@ -229,16 +266,20 @@ class _Parser:
             for _ in range(count):
                 pos += 8 + unpack(buf, pos)[0]
         except struct.error:
+            if self.avail < self.size and pos + 8 <= self.size:
+                raise NeedMoreBytes(pos + 8) from None  # only a prefix of the file is here
             raise self.corrupt(f"string array {key!r} runs past the end of the file", pos) from None
         if pos > self.size:
             raise self.corrupt(f"string array {key!r} runs past the end of the file", self.pos)
+        if pos > self.avail:
+            raise NeedMoreBytes(pos)
         self.pos = pos
 
     # -- the header ----------------------------------------------------------------------------
     def parse(self) -> GGUFInfo:
         head = self.buf[:16]
         if head[:4] != MAGIC:
-            raise _not_gguf(self.path, head)
+            raise _not_gguf(self.where, head)
         self.pos = 4
         version = self.u32("version")
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
@@ -247,7 +288,7 @@ class _Parser:
             self.e, version = ">", swapped
         if version not in SUPPORTED_VERSIONS:
             raise GGUFError(
-                f"{self.path} is GGUF version {version}, which jupyter_llm cannot read (it reads "
+                f"{self.where} is GGUF version {version}, which jupyter_llm cannot read (it reads "
                 f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}); convert it with a current "
                 f"llama.cpp or pull a newer file"
             )
@@ -321,12 +362,12 @@ class _Parser:
                 end_needed, end_tensor = offset + n_bytes, name
         if end_needed > self.size:
             raise TruncatedGGUFError(
-                f"{self.path} is truncated: tensor {end_tensor!r} ends at byte {end_needed:,} but the "
+                f"{self.where} is truncated: tensor {end_tensor!r} ends at byte {end_needed:,} but the "
                 f"file has {self.size:,} bytes ({end_needed - self.size:,} missing); the download is "
                 f"incomplete: re-pull it: `%llm pull {self.name or '<name>'}`"
             )
         return tensors
 
 
-__all__ = ["ArrayInfo", "GGUFInfo", "SplitInfo", "TensorInfo", "scan", "scan_cached", "scan_parts", "split_parts",
-           "total_weights_bytes"]
+__all__ = ["ArrayInfo", "GGUFInfo", "NeedMoreBytes", "SplitInfo", "TensorInfo", "scan", "scan_cached", "scan_parts",
+           "scan_prefix", "split_parts", "total_weights_bytes"]

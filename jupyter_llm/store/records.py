@@ -46,7 +46,10 @@ class ModelRecord:
     created: float = 0.0
     ollama: dict[str, Any] = field(default_factory=dict)
     """An Ollama model's manifest layers: ``template`` (Go template text), ``system`` (text),
-    ``params`` (the JSON object: stop, temperature, num_ctx…) and ``license``; empty otherwise."""
+    ``params`` (the JSON object: stop, temperature, num_ctx…) and ``license``; empty otherwise.
+    A derived model (:mod:`jupyter_llm.store.derive`) adds ``messages`` (put before every chat),
+    ``adapters`` (``{"path", "scale", "blob"}`` LoRA GGUFs), ``parent`` (its base's name) and
+    ``modelfile`` (the Modelfile that makes it)."""
 
     def __post_init__(self) -> None:
         if not self.ollama and self.source in _OLLAMA_SOURCES:
@@ -73,6 +76,9 @@ class ModelRecord:
             return f"its files were removed from jupyter_llm's Ollama blobs; {again}"
         if self.source == "ollama-store":
             return "its blob was removed from the local Ollama store; `ollama pull` it again"
+        if self.source in ("derived", "created"):
+            return (f"the files of its base {self.ollama.get('parent') or missing[0]!r} are gone; pull the base "
+                    f"again and create {self.name} again, or `%llm rm {self.name}`")
         return f"{missing[0]} no longer exists; {again}"
 
     @property

@@ -8,12 +8,16 @@ the two processes) and :mod:`jupyter_llm.errors`. The kernel starts these module
 ``params``             the one mapping of load options to llama.cpp's model and context params
 ``llama``              ctypes helpers: llama.cpp's own words for a failure, metadata, ggml libs
 ``prep``               one thread per request: render, tokenize, fit, sampler (cancellable)
-``engine``             the decode loop: slots, continuous batching, sampling
+``engine``             the decode loop: slots, continuous batching, sampling, ``n`` answers per prompt
+``sampler``            the sampler chain of one answer (grammar, penalties, greedy or random)
+``logprobs``           log probabilities from the sampled logits rows (only when asked)
+``fim``                fill-in-the-middle prompts from the vocabulary's FIM tokens
 ``text``               tokenizing in chunks, the byte bound, fitting a conversation, text out
 ``template``           chat templates rendered with limits (time, output, memory, cancel)
 ``prompt_cache``       which tokens each slot's KV holds; reuse between requests
 ``embedding``          pooled embeddings in a second context
 ``probe``              ``python -m jupyter_llm.worker.probe``: dry-run loads and backend devices
+``repack_probe``       ``python -m jupyter_llm.worker.repack_probe``: is weight repacking safe and faster here
 =====================  =====================================================================
 """
 

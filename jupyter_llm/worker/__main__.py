@@ -22,13 +22,14 @@ kernel → worker                                            worker → kernel
 =========================================================  ======================================
 ``("load", path, options, internal)`` (first, once)        ``("loaded", report)`` or
                                                            ``("load_error", message, stage)``
-``("gen", rid, "prompt"|"chat", payload, sampling, gbnf,   ``("fit", rid, dropped, n_prompt)``
-fit)`` (fit: ``{"reserve": N}`` or None)                    (chat with fit), ``("tok", rid, text,
-                                                           n_tokens)`` …, ``("done", rid, stats)``
+``("gen", rid, "prompt"|"chat"|"fim", payload, sampling,   ``("fit", rid, dropped, n_prompt)``
+gbnf, fit, extra)`` (fit: ``{"reserve": N}`` or None;      (chat with fit), ``("tok", rid, text,
+extra: None or ``n``, ``logprobs``, ``variables``,         n_tokens[, {index, logprobs}])`` …,
+``think_open``, see worker/prep.py)                        ``("done", rid, stats)`` (per answer)
 ``("cancel", rid)``                                        (the generation ends "cancelled")
 ``("embed", rid, texts, normalize)``                       ``("reply", rid, vectors)``
 ``("call", rid, name, args)`` (tokenize, detokenize,       ``("reply", rid, value)``
-render, count, stats)
+render, count, fim, stats)
 any request that fails                                     ``("error", rid, kind, message, extra)``
 ``("ping",)`` (any time, from the first message on)        ``("pong",)``
 ``("close",)``                                             ``("closed",)``, then exit
@@ -36,10 +37,10 @@ any request that fails                                     ``("error", rid, kind
 =========================================================  ======================================
 
 ``internal`` holds what is not a load option: ``ollama_template`` (the chat template of an
-Ollama manifest, Go syntax, see :mod:`jupyter_llm.worker.gotemplate`), and switches only tests
-and benchmarks change: ``extra_bufts`` (llama.cpp's CPU
-extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs and
-works on others), ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
+Ollama manifest, Go syntax, see :mod:`jupyter_llm.worker.gotemplate`), ``extra_bufts`` (llama.cpp's
+CPU extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs; on
+where the kernel's repack probe found it safe and faster), and switches only tests and benchmarks
+change: ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
 evaluates every prompt afresh), ``template_seconds`` (the chat template's time limit) and
 ``fault`` (``{"at": "load"|"warm_up"|"decode", "signal": "SIGSEGV"|"SIGABRT"|"SIGKILL"|"SIGSTOP"|…}``:
 die, or stop, there, the way llama.cpp's faults end the process, so that every path of crash
@@ -57,11 +58,11 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import wire
-from . import RequestError, params
+from . import RequestError, lora, params
 from .engine import Engine
 from .llama import llama_said, model_meta
 from .prep import Prep
@@ -103,6 +104,7 @@ class Worker:
         self.engine: Engine | None = None
         self.prep: Prep | None = None
         self._engine_thread: threading.Thread | None = None
+        self._rpc: tuple[Any, list[dict[str, Any]]] | None = None  # device array, rpc devices
 
     def _on_log(self, level: int, text: bytes, _user: Any) -> None:
         try:
@@ -127,7 +129,9 @@ class Worker:
         self._log_cb = L.llama_log_callback(self._on_log)
         L.llama_log_set(self._log_cb, None)
         L.llama_backend_init()
-        mp, self._keep = params.model_params(L, opts, extra_bufts=bool(internal.get("extra_bufts", False)))
+        rpc_array = self._rpc_devices(opts.get("rpc") or ())
+        mp, self._keep = params.model_params(L, opts, extra_bufts=bool(internal.get("extra_bufts", False)),
+                                             devices=rpc_array)
         self.errors.clear()
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
@@ -138,9 +142,15 @@ class Worker:
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise _LoadFailed("context", llama_said(self.errors, "llama.cpp could not create the context"))
+        self.errors.clear()
+        self._adapters, failed = lora.attach(L, self.model, self.ctx, opts.get("lora") or ())  # before warm-up
+        if failed:
+            said = llama_said(self.errors, "")
+            raise _LoadFailed("model", f"{failed}: {said}" if said else failed)  # the file is at fault
         engine = Engine(L, self.model, self.ctx, parallel=int(opts["parallel"]), n_threads=n_threads,
                         send=self.channel.send, errors=self.errors,
                         prompt_cache=bool(internal.get("prompt_cache", True)),
+                        settle_idle=bool(internal.get("idle_settle", False)),
                         batch_invariant=not opts.get("flash_attn"))
         if internal.get("template_seconds"):
             engine.text.template_seconds = float(internal["template_seconds"])
@@ -151,6 +161,20 @@ class Worker:
             raise _LoadFailed("context", llama_said(self.errors, f"the first decode failed ({rc})"))
         self.engine = engine
         return self._report(path, opts, time.perf_counter() - t0)
+
+    def _rpc_devices(self, endpoints: Sequence[str]) -> Any:
+        """With ``rpc`` endpoints: their devices registered (:mod:`jupyter_llm.worker.rpc`), the
+        device array for the model; None without."""
+        if not endpoints:
+            return None
+        from . import rpc
+
+        rpc.install_abort_message(endpoints)  # ggml aborts when a server is gone: name it
+        try:
+            self._rpc = rpc.devices(endpoints)
+        except rpc.RpcUnavailable as exc:
+            raise _LoadFailed("model", str(exc)) from None
+        return self._rpc[0]
 
     def _report(self, path: str, opts: dict[str, Any], load_s: float) -> dict[str, Any]:
         L, model, engine = self.L, self.model, self.engine
@@ -173,8 +197,17 @@ class Worker:
                 "chat_template": template.decode("utf-8", "replace") if template else None,
                 "pooling_type": model_meta(L, model, f"{arch}.pooling_type"),
                 "add_bos": engine.text.add_bos,
+                # {endpoint, index, name, free, total} per rpc device, as its server reports it now
+                "rpc_devices": self._rpc_memory(),
             },
         }
+
+    def _rpc_memory(self) -> list[dict[str, Any]]:
+        if not self._rpc:
+            return []
+        from . import rpc
+
+        return rpc.memory(self._rpc[1], self._rpc[0])
 
     def _load_and_start(self, path: str, opts: dict[str, Any], internal: dict[str, Any]) -> None:
         """The loader thread: load, start the engine, say so (or why not, and exit)."""

@@ -19,6 +19,12 @@ ends; the next request takes the slot holding the longest prefix of its prompt a
 only the rest. While the engine has nothing else to do it re-evaluates the tokens it generated
 one at a time, as a prompt would be, so that reusing them changes no output.
 
+Several answers to one prompt (``n`` > 1): the request takes ``n`` slots at once; the prompt is
+evaluated in the first, its KV copied to the others (``llama_memory_seq_cp``) and each answer
+sampled from the same last row with its own seed, then generated as any sequence. Log
+probabilities (:mod:`~jupyter_llm.worker.logprobs`) are read from the sampled rows only for
+requests that ask: a request without them costs nothing extra.
+
 Cancellation: a flag per request, checked between steps, plus an abort callback installed for
 steps that evaluate prompt tokens, so a long prompt stops within ~10 ms (``llama_decode``
 returns 2; the chunk's partial KV is removed). Idle-time re-evaluation is aborted the same way
@@ -42,6 +48,7 @@ from .. import wire
 from . import RequestError
 from .llama import llama_said
 from .prompt_cache import SlotCache, chunk_size
+from .sampler import sampler_chain
 from .text import TextOut, Vocab
 
 
@@ -65,6 +72,26 @@ class _Request:
     n_unsent: int = 0
     t_first: float = 0.0
     t_last: float = 0.0
+    index: int = 0
+    """Which of the request's answers this is (``n`` > 1); all share ``rid``."""
+    group: list[_Request] = field(default_factory=list)
+    left: int = 1
+    """On the first answer: all answers (itself first), and how many have not finished."""
+    head: _Request | None = None
+    """The first answer of the group (None on the first itself)."""
+    waiting: bool = False
+    """An answer holding its slot until the first answer's prompt is evaluated and copied."""
+    top: int | None = None
+    """Log probabilities asked for: None none, else the alternatives per token (0…20)."""
+    lp: list[Any] = field(default_factory=list)
+    """Log-probability entries not sent yet (they go with the next text)."""
+    prefix: str = ""
+    """Text sent before the first token's (the reasoning marker the template opened)."""
+
+    @property
+    def plain(self) -> bool:
+        """One answer without log probabilities: its messages carry nothing extra."""
+        return self.top is None and self.head is None and len(self.group) <= 1
 
 
 class Engine:
@@ -72,7 +99,7 @@ class Engine:
 
     def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
                  send: Callable[[tuple[Any, ...]], None], errors: deque[str], prompt_cache: bool = True,
-                 batch_invariant: bool = True) -> None:
+                 settle_idle: bool = False, batch_invariant: bool = True) -> None:
         """``batch_invariant``: whether the backend computes a token's KV the same in any prompt
         chunk of two or more tokens (measured true on the CPU without flash attention); then the
         prompt cache reuses only such KV, and cached outputs equal uncached ones."""
@@ -93,7 +120,8 @@ class Engine:
         # A recurrent state cannot be cut back to re-evaluate its tail: it is reused as it is.
         recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
         self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
-                               exact=batch_invariant and self.n_chunk >= 4 and not recurrent)
+                               exact=batch_invariant and self.n_chunk >= 4 and not recurrent,
+                               settle_idle=settle_idle)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, _Request] = {}
         self.pending: deque[_Request] = deque()
@@ -107,6 +135,7 @@ class Engine:
         self._no_abort = L.ggml_abort_callback()  # NULL
         self._abort_on = False
         self._embedder: Any = None  # an Embedder, made on the first embedding request
+        self._logprobs: Any = None  # a Logprobs reader, made on the first request asking for them
         self.fault: Callable[[str], None] | None = None
         """Tests only: called at "warm_up" and before each "decode" of generated tokens, to crash
         the worker there (see the worker's ``internal["fault"]``)."""
@@ -126,19 +155,36 @@ class Engine:
 
     # -- requests (other threads) --------------------------------------------------------------
 
-    def enqueue(self, rid: int, tokens: list[int], sampling: dict[str, Any], grammar: str | None) -> None:
-        """Queue a prepared prompt for generation; raises RequestError on bad input."""
+    def enqueue(self, rid: int, tokens: list[int], sampling: dict[str, Any], grammar: str | None,
+                extra: dict[str, Any] | None = None) -> None:
+        """Queue a prepared prompt for generation; raises RequestError on bad input. ``extra``:
+        ``n`` answers, ``logprobs`` (alternatives per token, or None), ``prefix`` (text first)."""
+        extra = extra or {}
         if not tokens:
             raise RequestError("ValueError", "the prompt is empty")
         if len(tokens) >= self.n_ctx_seq:
             raise self.overflow(len(tokens))
+        n = int(extra.get("n") or 1)
+        if not 1 <= n <= self.parallel:
+            raise RequestError("ValueError", f"{n} answers to one prompt need {n} slots, and this model has "
+                               f"{self.parallel}; load it with more (`%llm load MODEL --parallel {n}`, or serve "
+                               f"the API with --parallel {n})")
+        top = extra.get("logprobs")
         seed = sampling["seed"]
         seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
-        chain = self._chain(sampling, grammar, seed)
-        out = TextOut(tuple(sampling["stop"] or ()))
-        req = _Request(rid, tokens, chain, sampling["max_tokens"], out, seed)
-        self.requests[rid] = req
-        self.inbox.put(req)
+        group: list[_Request] = []
+        for i in range(n):  # each answer its own seed, so that they differ when sampled
+            chain = sampler_chain(self.L, self.text.vocab, sampling, grammar, (seed + i) & 0xFFFFFFFF, self.errors)
+            out = TextOut(tuple(sampling["stop"] or ()))
+            req = _Request(rid, tokens, chain, sampling["max_tokens"], out, (seed + i) & 0xFFFFFFFF, index=i,
+                           top=None if top is None else int(top), prefix=str(extra.get("prefix") or ""))
+            group.append(req)
+        first = group[0]
+        first.group, first.left = group, n
+        for req in group[1:]:
+            req.head = first
+        self.requests[rid] = first
+        self.inbox.put(first)
 
     def overflow(self, n_tokens: int, counted: str | None = None) -> RequestError:
         """The error for a prompt of ``n_tokens`` tokens that does not fit a slot (``counted``:
@@ -150,38 +196,12 @@ class Engine:
             "slots); shorten it, or load the model with a larger --ctx or fewer --parallel slots",
             n_tokens=n_tokens, n_ctx=self.n_ctx_seq)
 
-    def _chain(self, s: dict[str, Any], grammar: str | None, seed: int) -> Any:
-        L = self.L
-        params = L.llama_sampler_chain_default_params()
-        params.no_perf = True
-        chain = L.llama_sampler_chain_init(params)
-        add = lambda sampler: L.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if grammar:
-            self.errors.clear()
-            g = L.llama_sampler_init_grammar(self.text.vocab, grammar.encode(), b"root")
-            if not g:
-                L.llama_sampler_free(chain)
-                raise RequestError("ValueError", "the grammar does not parse: " + llama_said(self.errors, "?"))
-            add(g)
-        # every key is present: the kernel sends SamplingOptions whole (its defaults are the only ones)
-        if s["repeat_penalty"] != 1.0:
-            add(L.llama_sampler_init_penalties(64, s["repeat_penalty"], 0.0, 0.0))
-        if s["temperature"] <= 0.0:
-            add(L.llama_sampler_init_greedy())
-            return chain
-        if s["top_k"] > 0:
-            add(L.llama_sampler_init_top_k(s["top_k"]))
-        add(L.llama_sampler_init_top_p(s["top_p"], 1))
-        add(L.llama_sampler_init_min_p(s["min_p"], 1))
-        add(L.llama_sampler_init_temp(s["temperature"]))
-        add(L.llama_sampler_init_dist(seed))
-        return chain
-
     def cancel(self, rid: int) -> None:
         """Flag a request and abort the decode in flight (a long prompt stops within ~10 ms)."""
         req = self.requests.get(rid)
         if req is not None:
-            req.cancelled = True
+            for member in req.group:
+                member.cancelled = True
             self._abort = True  # a spurious abort only makes the engine redo one step
 
     def stats(self) -> dict[str, Any]:
@@ -211,7 +231,7 @@ class Engine:
 
     def _step(self) -> bool:
         self._abort = False  # reset *before* reading cancel flags: a later cancel still aborts
-        idle = not self.pending and all(s is None for s in self.slots) and not self.cache.unsettled
+        idle = not self.pending and all(s is None for s in self.slots) and not self.cache.idle_work
         item = self.inbox.get() if idle else None  # block only when there is nothing to do
         while True:
             if item is None:
@@ -231,13 +251,15 @@ class Engine:
         for req in [r for r in (*self.slots, *self.pending) if r is not None and r.cancelled]:
             if req.slot < 0:
                 self.pending.remove(req)
+                for member in req.group[1:]:
+                    self._finish(member, "cancelled")
             self._finish(req, "cancelled")
         free = [i for i, s in enumerate(self.slots) if s is None]
-        while free and self.pending:
+        while self.pending and len(free) >= len(self.pending[0].group):  # a request's answers start together
             self._assign(self.pending.popleft(), free)
         if any(s is not None for s in self.slots):
             self._decode_step()
-        elif self.inbox.empty():
+        elif self.inbox.empty() and self.cache.idle_work:
             self._settle_step()
         return True
 
@@ -251,9 +273,15 @@ class Engine:
         self.slots[slot] = req
         self.cache.touch(slot)
         self.counters["prompt_tokens_cached"] += n_cached
+        for other in req.group[1:]:  # they hold a slot each until the prompt's KV is copied there
+            other.slot = min(free, key=self.cache.used.__getitem__)
+            free.remove(other.slot)
+            other.t_start, other.waiting = req.t_start, True
+            self.slots[other.slot] = other
+            self.cache.touch(other.slot)
 
     def _decode_step(self) -> None:
-        active = [r for r in self.slots if r is not None]
+        active = [r for r in self.slots if r is not None and not r.waiting]
         generating = [r for r in active if r.n_prompt_done == len(r.tokens)]
         if generating:
             self._generate_step(generating)
@@ -274,7 +302,7 @@ class Engine:
             self.cache.decoded(req.slot, [req.last_token])
             req.n_past += 1
         for n, req in enumerate(reqs):
-            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, n), now)
+            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, n), now, n)
 
     def _prompt_step(self, req: _Request) -> None:
         """One chunk of one request's prompt; samples its first token after the last chunk."""
@@ -290,7 +318,14 @@ class Engine:
         req.n_past += take
         req.n_prompt_done += take
         if take == left:
-            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, take - 1), time.perf_counter())
+            now, row = time.perf_counter(), take - 1
+            others = [r for r in req.group[1:] if r.waiting]
+            for other in others:  # the prompt's KV, evaluated once, for each further answer
+                self.cache.copy(req.slot, other.slot)
+                other.n_past = other.n_prompt_done = req.n_past
+                other.waiting = False
+            for r in (req, *others):  # each samples the same row with its own chain
+                self._accept(r, self.L.llama_sampler_sample(r.chain, self.ctx, row), now, row)
 
     def _settle_step(self) -> None:
         """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
@@ -326,8 +361,9 @@ class Engine:
             self.L.llama_memory_seq_rm(self.mem, req.slot, req.n_past, -1)
         if rc != 2:  # 2 = aborted by a cancel: the next step redoes the others' tokens
             message = f"llama_decode failed ({rc}): " + llama_said(self.errors, "see the worker log")
-            for req in what:
-                self._finish(req, "error", message)
+            for req in what:  # (with the answers waiting for this prompt's KV)
+                for member in [req, *(m for m in req.group[1:] if m.waiting)]:
+                    self._finish(member, "error", message)
         return False
 
     def _run_decode(self, n: int, *, abortable: bool) -> int:
@@ -345,7 +381,7 @@ class Engine:
         b.seq_id[i][0] = seq
         b.logits[i] = logits
 
-    def _accept(self, req: _Request, token: int, now: float) -> None:
+    def _accept(self, req: _Request, token: int, now: float, row: int) -> None:
         if req.n_gen == 0:
             req.t_first = now
         req.t_last = now
@@ -355,10 +391,13 @@ class Engine:
         req.n_gen += 1
         req.n_unsent += 1
         self.counters["tokens_out"] += 1
+        if req.top is not None:
+            req.lp.append(self._entry(row, token, req.top))
         text, stopped = req.out.feed(self.text.piece(token))
+        if req.prefix:
+            text, req.prefix = req.prefix + text, ""
         if text:
-            self.send((wire.TOKEN, req.rid, text, req.n_unsent))
-            req.n_unsent = 0
+            self._send_text(req, text)
         if stopped:
             self._finish(req, "stop")
         elif (req.max_tokens is not None and req.n_gen >= req.max_tokens) or req.n_past >= self.n_ctx_seq:
@@ -374,16 +413,20 @@ class Engine:
             self.slots[req.slot] = None
             req.slot = -1
         self.L.llama_sampler_free(req.chain)
-        self.requests.pop(req.rid, None)
+        head = req.head or req
+        head.left -= 1
+        if head.left <= 0:
+            self.requests.pop(req.rid, None)
         if error is not None:
             self.send((wire.ERROR, req.rid, "RuntimeError", error, {}))
             return
         if reason != "cancelled":
             rest = req.out.flush()  # a stop-string prefix held back was real text after all
             if rest:
-                self.send((wire.TOKEN, req.rid, rest, req.n_unsent))
+                self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
-        self.send((wire.DONE, req.rid, {
+        extra = {} if req.plain else self._extra(req)
+        self.send((wire.DONE, req.rid, {**extra,
             "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
             "completion_tokens": req.n_gen,
             "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
@@ -391,8 +434,35 @@ class Engine:
             "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
         }))
 
+    def _send_text(self, req: _Request, text: str) -> None:
+        """A TOKEN message; with the answer's index and log probabilities when they were asked for."""
+        if req.plain:
+            self.send((wire.TOKEN, req.rid, text, req.n_unsent))
+        else:
+            self.send((wire.TOKEN, req.rid, text, req.n_unsent, self._extra(req)))
+        req.n_unsent = 0
+
+    @staticmethod
+    def _extra(req: _Request) -> dict[str, Any]:
+        """The answer's index and the log-probability entries not sent yet (when asked for)."""
+        if req.top is None:
+            return {"index": req.index}
+        lp, req.lp = req.lp, []
+        return {"index": req.index, "logprobs": lp}
+
+    def _entry(self, row: int, token: int, top: int) -> Any:
+        if self._logprobs is None:
+            from .logprobs import Logprobs
+
+            n_vocab = self.L.llama_vocab_n_tokens(self.text.vocab)
+            self._logprobs = Logprobs(self.L, self.ctx, n_vocab, self.text.piece)
+        return self._logprobs.entry(row, token, top)
+
     def _shutdown(self) -> None:
         for req in [*self.pending, *(s for s in self.slots if s is not None)]:
+            if req.slot < 0:
+                for member in req.group[1:]:
+                    self._finish(member, "cancelled")
             self._finish(req, "cancelled")
         self.pending.clear()
 

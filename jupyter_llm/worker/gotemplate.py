@@ -5,8 +5,12 @@ only in its manifest's TEMPLATE layer, written for Go's ``text/template``. The s
 library templates use is translated here into the Jinja that :mod:`jupyter_llm.worker.template`
 renders under its meter:
 
-- fields: ``.System``, ``.Prompt``, ``.Response``, ``.Messages``, and inside ``range`` over the
-  messages ``.Role`` and ``.Content`` (``$.System`` reaches the top level from inside);
+- fields: ``.System``, ``.Prompt``, ``.Response``, ``.Messages``, ``.Tools``, and inside ``range`` over the
+  messages ``.Role``, ``.Content`` and ``.ToolCalls`` (``$.System`` reaches the top level from inside);
+- tools: ``range .Tools`` (``.``, ``.Function``, ``.Function.Name``/``Description``/``Parameters``)
+  and ``range .ToolCalls`` in a message (``.Function.Name``, ``.Function.Arguments``); objects
+  print as JSON, as Ollama's types print themselves, and ``json X`` too; the idiom
+  ``$last := eq (len (slice $.Messages $i)) 1`` is the loop's last message;
 - ``{{ if X }}`` / ``{{ else if X }}`` / ``{{ else }}`` / ``{{ end }}``, ``{{ range .Messages }}``
   and ``{{ range $i, $m := .Messages }}``, with conditions built from fields, ``eq``/``ne``
   with a string, ``and``/``or``/``not``;
@@ -26,8 +30,20 @@ from collections.abc import Callable
 
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 _FIELDS_TOP = {".System": "system", ".Prompt": "prompt", ".Response": "response", ".Messages": "messages",
-               "$.System": "system", "$.Prompt": "prompt", "$.Response": "response", "$.Messages": "messages"}
-_FIELDS_MESSAGE = {".Role": "message.role", ".Content": "message.content"}
+               "$.System": "system", "$.Prompt": "prompt", "$.Response": "response", "$.Messages": "messages",
+               ".Tools": "tools", "$.Tools": "tools"}
+_FIELDS_MESSAGE = {".Role": "message.role", ".Content": "message.content", ".ToolCalls": "message.tool_calls"}
+# Inside ``range .Tools`` and ``range .ToolCalls`` (tools and calls in OpenAI's shape, see worker/tool_prompt)
+_FIELDS_TOOL = {".": "tool", ".Type": "tool.type", ".Function": "tool.function", ".Function.Name": "tool.function.name",
+                ".Function.Description": "tool.function.description",
+                ".Function.Parameters": "tool.function.parameters"}
+_FIELDS_CALL = {".": "call", ".ID": "call.id", ".Function": "call.function", ".Function.Name": "call.function.name",
+                ".Function.Arguments": "call.function.arguments"}
+_OBJECTS = {"tools", "tool", "tool.function", "tool.function.parameters", "message.tool_calls", "call",
+            "call.function", "call.function.arguments"}
+"""Values Go prints as JSON (Ollama's tool types print themselves so): printed with tojson."""
+_LAST = re.compile(r"^\$(\w+)\s*:=\s*eq\s+\(len\s+\(slice\s+\$\.Messages\s+\$\w+\)\)\s+1$")
+"""``$last := eq (len (slice $.Messages $i)) 1``, the idiom of Ollama's templates for the last message."""
 _STRING = re.compile(r'^"(?:[^"\\]|\\.)*"$')
 
 
@@ -53,8 +69,8 @@ def to_jinja(source: str) -> str:
         trim_next = bool(match.group(3))
         pos = match.end()
         action = match.group(2).strip()
-        fields = _FIELDS_MESSAGE if stack.count("for") else {}
-        names = loop_vars[-1] if loop_vars else {}
+        names = loop_vars[-1] if loop_vars else {}  # (the innermost range's variables and fields)
+        fields = {k: v for k, v in names.items() if k.startswith(".")}
         out.append(_action(action, stack, loop_vars, fields, names))
     tail = source[pos:]
     out.append(_literal(tail.lstrip() if trim_next else tail))
@@ -90,12 +106,27 @@ def _action(action: str, stack: list[str], loop_vars: list[dict[str, str]], fiel
         if m:
             declared = {f"${m.group(1)}": "loop.index0", f"${m.group(2)}": "message"}
             target = m.group(3).strip()
-        if target not in (".Messages", "$.Messages"):
-            raise ValueError(f"the Ollama template ranges over {target!r}; only .Messages is supported")
+        ranges = {".Messages": ("message", "messages", _FIELDS_MESSAGE), ".Tools": ("tool", "tools", _FIELDS_TOOL),
+                  ".ToolCalls": ("call", "message.tool_calls", _FIELDS_CALL)}
+        ranged = ranges.get(target[1:] if target.startswith("$.") else target)
+        if ranged is None or (ranged[0] == "call" and "message" not in names.values()):
+            raise ValueError(f"the Ollama template ranges over {target!r}; only .Messages, .Tools and a message's "
+                             ".ToolCalls are supported")
+        item, over, item_fields = ranged
+        if item != "message":
+            declared = {k: (item if v == "message" else v) for k, v in declared.items()}
         stack.append("for")
-        loop_vars.append(declared)
-        return "{%+ for message in messages +%}"
-    return "{{ " + _value(action, fields, names) + " }}"
+        loop_vars.append({**item_fields, **declared})
+        return "{%+ for " + item + " in " + over + " +%}"
+    last = _LAST.match(action)
+    if last and loop_vars:
+        loop_vars[-1][f"${last.group(1)}"] = "loop.last"
+        return ""
+    words = _split(action)
+    if len(words) == 2 and words[0] == "json":
+        return "{{ (" + _value(words[1], fields, names) + " | tojson) }}"
+    value = _value(action, fields, names)
+    return "{{ " + (f"({value} | tojson)" if value in _OBJECTS else value) + " }}"
 
 
 def _condition(expr: str, fields: dict[str, str], names: dict[str, str]) -> str:
@@ -126,6 +157,8 @@ def _value(word: str, fields: dict[str, str], names: dict[str, str]) -> str:
     if word in _FIELDS_TOP:
         return _FIELDS_TOP[word]
     for var, name in names.items():
+        if not var.startswith("$"):
+            continue
         if word == var:
             return name
         if word.startswith(var + "."):

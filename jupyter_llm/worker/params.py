@@ -20,19 +20,43 @@ LOAD_MODE_MMAP = 1
 
 
 def threads(opts: dict[str, Any]) -> int:
-    """CPU threads for both phases: the option, else the number of cores."""
-    return int(opts.get("threads") or os.cpu_count() or 1)
+    """CPU threads for both phases: the option, else the number of physical cores we may run on
+    (llama.cpp's own default: a second hyperthread of a core adds contention, not speed)."""
+    return int(opts.get("threads") or physical_cores())
 
 
-def model_params(L: Any, opts: dict[str, Any], *, extra_bufts: bool = False, dry_run: bool = False
-                 ) -> tuple[Any, Any]:
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Cores among the CPUs this process may use, counting a core's hyperthreads once.
+
+    Read from each CPU's ``topology/thread_siblings_list`` (the same id for all threads of one
+    core); without that (containers hiding sysfs, other systems) every usable CPU counts.
+    """
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = list(range(os.cpu_count() or 1))
+    cores: set[str] = set()
+    for cpu in usable:
+        try:
+            with open(f"{sysfs}/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
+
+
+def model_params(L: Any, opts: dict[str, Any], *, extra_bufts: bool = False, dry_run: bool = False,
+                 devices: Any = None) -> tuple[Any, Any]:
     """``llama_model_params`` for ``opts`` and an object to keep referenced until the load
     returns (the tensor-split array llama.cpp reads from).
 
     ``extra_bufts``: llama.cpp's CPU extra buffer types (weight repacking), off by default
-    because they segfault quantized models on Intel AMX CPUs (docs/notes.md §2, §8).
+    because they segfault quantized models on Intel AMX CPUs (docs/notes.md §2, §8); the kernel
+    turns them on where a probe (:mod:`jupyter_llm.worker.repack_probe`) found them safe and faster.
     ``dry_run``: read and allocate nothing (no_alloc, load mode NONE); the log still gives the
     exact KV and compute sizes of every context made from the model (docs/notes.md §3).
+    ``devices``: the NULL-ended device array to offload to (with ``rpc``, from
+    :func:`jupyter_llm.worker.rpc.devices`); None lets llama.cpp take every local GPU.
     """
     mp = L.llama_model_default_params()
     ngl = opts.get("gpu_layers", 0)
@@ -41,6 +65,8 @@ def model_params(L: Any, opts: dict[str, Any], *, extra_bufts: bool = False, dry
     if dry_run:
         mp.no_alloc = True
         mp.load_mode = LOAD_MODE_NONE
+    if devices is not None:
+        mp.devices = ctypes.cast(devices, ctypes.c_void_p)
     keep = None
     split = [float(x) for x in opts.get("tensor_split") or ()]
     if split:

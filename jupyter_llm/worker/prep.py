@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from . import Cancelled, PromptTooLong, RequestError
+from .fim import fim_tokens
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -59,12 +60,12 @@ class Prep:
     # -- control thread ------------------------------------------------------------------------
 
     def generate(self, rid: int, kind: str, payload: Any, sampling: dict[str, Any], grammar: str | None,
-                 fit: dict[str, int] | None = None) -> None:
-        """Prepare a generation, then queue it for the engine (``fit``: see :meth:`_generate`)."""
-        self._start(rid, self._generate, kind, payload, sampling, grammar, fit)
+                 fit: dict[str, int] | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Prepare a generation, then queue it for the engine (``fit``, ``extra``: see :meth:`_generate`)."""
+        self._start(rid, self._generate, kind, payload, sampling, grammar, fit, extra)
 
     def call(self, rid: int, name: str, args: tuple[Any, ...]) -> None:
-        """Answer ``tokenize``, ``detokenize``, ``render`` or ``count``."""
+        """Answer ``tokenize``, ``detokenize``, ``render``, ``count`` or ``fim``."""
         self._start(rid, self._call, name, *args)
 
     def embed(self, rid: int, texts: list[str], normalize: bool) -> None:
@@ -114,22 +115,35 @@ class Prep:
                 self._threads.pop(job.rid, None)
 
     def _generate(self, job: Job, kind: str, payload: Any, sampling: dict[str, Any], grammar: str | None,
-                  fit: dict[str, int] | None) -> None:
+                  fit: dict[str, int] | None, extra: dict[str, Any] | None) -> None:
         """``fit`` (chat only): ``{"reserve": N}`` drops the conversation's oldest turns until the
         prompt leaves N tokens for the answer in a slot; the kernel is told what was dropped (a
-        ``fit`` message) before any token."""
+        ``fit`` message) before any token. ``kind`` "fim": ``payload`` is (prefix, suffix)
+        (:mod:`.fim`). ``extra``: ``variables`` for the chat template, ``think_open`` (a reasoning
+        marker: when the rendered prompt ends with it, the answer's text starts with it, so the
+        kernel reads the answer as the model's whole turn), and what the engine takes
+        (:meth:`~.engine.Engine.enqueue`)."""
         engine, vocab, n_ctx = self.engine, self.vocab, self.engine.n_ctx_seq
+        extra = dict(extra or {})
+        variables, opener = extra.pop("variables", None), extra.pop("think_open", None)
         meter = vocab.meter(n_ctx, lambda: job.cancelled)
         if kind == "chat" and fit is not None:
-            tokens, dropped = vocab.fit(payload, meter, reserve=int(fit["reserve"]), n_ctx=n_ctx, check=job.check)
+            tokens, dropped = vocab.fit(payload, meter, reserve=int(fit["reserve"]), n_ctx=n_ctx, check=job.check,
+                                        variables=variables)
             self.send((wire.FITTED, job.rid, dropped, len(tokens)))
         else:
             try:
-                tokens = vocab.prompt_tokens(kind, payload, meter, limit=n_ctx, check=job.check)
+                if kind == "fim":
+                    tokens = fim_tokens(vocab, str(payload[0]), str(payload[1]), limit=n_ctx, check=job.check)
+                else:
+                    tokens = vocab.prompt_tokens(kind, payload, meter, limit=n_ctx, check=job.check,
+                                                 variables=variables)
             except PromptTooLong as exc:
                 raise engine.overflow(exc.n_tokens, str(exc)) from None
+        if opener and kind == "chat" and _ends_with(vocab, tokens, str(opener)):
+            extra["prefix"] = str(opener)
         job.check()
-        engine.enqueue(job.rid, tokens, sampling, grammar)
+        engine.enqueue(job.rid, tokens, sampling, grammar, extra)
         if job.cancelled:  # a cancel that came while it was being queued
             engine.cancel(job.rid)
 
@@ -149,6 +163,8 @@ class Prep:
             value = vocab.detokenize(args[0])
         elif name == "render":
             value = vocab.render(args[0], vocab.meter(self.engine.n_ctx_seq, lambda: job.cancelled))
+        elif name == "fim":  # the infill prompt's tokens, as a generation with a suffix uses them
+            value = fim_tokens(vocab, args[0], args[1], limit=self.engine.n_ctx_seq, check=job.check)
         elif name == "count":
             kind, payload = args
             meter = vocab.meter(self.engine.n_ctx_seq, lambda: job.cancelled)
@@ -172,6 +188,17 @@ class Prep:
                                f"embeds at most {limit}; split the text", n_tokens=exc.n_tokens, n_ctx=limit) from None
         job.check()
         self.engine.inbox.put((job.rid, inputs, normalize))
+
+
+def _ends_with(vocab: Any, tokens: list[int], text: str) -> bool:
+    """Whether the prompt ``tokens`` end with ``text`` (whitespace aside), special tokens spelled out."""
+    import ctypes
+
+    L, buf, tail = vocab.L, ctypes.create_string_buffer(256), b""
+    for token in tokens[-16:]:
+        n = L.llama_token_to_piece(vocab.vocab, token, buf, len(buf), 0, True)
+        tail += buf.raw[:max(n, 0)]
+    return tail.decode("utf-8", "replace").rstrip().endswith(text.strip())
 
 
 __all__ = ["Job", "Prep"]

@@ -10,11 +10,13 @@ same whichever chunk of *two or more* tokens of its sequence it is evaluated in;
 evaluated alone (every generated token, and a prompt's lone first token when batched with
 another sequence) goes through other kernels and differs in the last bits, enough to change a
 greedy answer later on (measured; flash attention differs even between chunk sizes). So in
-``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``), and
-while the engine is idle it evaluates the rest again the way a prompt would be (``settle``): a
-reused prefix then gives the same outputs as evaluating the whole prompt. Settling waits for
-an engine with no request at all, and stops within ~10 ms when one arrives; tokens not settled
-by then are evaluated again as part of the next prompt. Without ``exact`` (flash attention on;
+``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``); the
+rest (a turn's answer) is evaluated again, in chunks, as part of the next prompt, so a reused
+prefix gives the same outputs as evaluating the whole prompt. Optionally (``settle_idle``,
+``JUPYTER_LLM_IDLE_SETTLE=1``) the engine does that work while idle instead (``settle``): the next
+turn's first token comes sooner, but an idle model then burns CPU the user's next cell wants.
+Settling waits for an engine with no request at all, and stops within ~10 ms when one arrives;
+tokens not settled by then are evaluated again as part of the next prompt. Without ``exact`` (flash attention on;
 a recurrent model, whose state cannot be cut back) every decoded token is reused at once, as
 llama-server and Ollama do, and outputs may differ from a fresh evaluation in the last bits.
 
@@ -30,8 +32,13 @@ class SlotCache:
     """Per slot: the tokens whose KV its sequence holds, how many of them are settled, and
     which tokens are being settled (see the module docstring)."""
 
-    def __init__(self, L: Any, mem: Any, parallel: int, *, n_swa: int, enabled: bool, exact: bool) -> None:
+    def __init__(self, L: Any, mem: Any, parallel: int, *, n_swa: int, enabled: bool, exact: bool,
+                 settle_idle: bool = False) -> None:
         self.L, self.mem = L, mem
+        self.settle_idle = settle_idle
+        """Settle while the engine is idle (the next turn's first token comes sooner, but an idle
+        model then costs CPU: ~1.9 CPU-s after a 256-token answer). Off by default: the unsettled
+        tail is evaluated again as part of the next prompt, in chunks, so the reuse stays exact."""
         self.n_swa = n_swa
         self.enabled = enabled
         """Reuse a slot's KV for the common prefix of the next prompt (off: every prompt afresh)."""
@@ -102,6 +109,15 @@ class SlotCache:
         self.settled[slot] = 0
         self._count()
 
+    def copy(self, src: int, dst: int) -> None:
+        """Give ``dst`` the KV ``src`` holds (a prompt evaluated once for several answers). With
+        per-slot KV (``kv_unified = False``) llama.cpp copies the whole stream, at the next decode."""
+        self.clear(dst)
+        self.L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+        self.tokens[dst] = list(self.tokens[src])
+        self.settled[dst] = self.settled[src]
+        self._count()
+
     def touch(self, slot: int) -> None:
         """Mark the slot as just used."""
         self._clock += 1
@@ -165,6 +181,11 @@ class SlotCache:
 
     def _count(self) -> None:
         self.unsettled = sum(self._unsettled(i) for i in range(len(self.tokens)))
+
+    @property
+    def idle_work(self) -> int:
+        """Tokens the engine would settle now if it has nothing else to do (0: it may sleep)."""
+        return self.unsettled if self.settle_idle else 0
 
     def stats(self) -> dict[str, Any]:
         """How many tokens each slot's KV holds, and how many wait to be settled."""

@@ -27,7 +27,7 @@ import ctypes
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import PromptTooLong, RequestError, gotemplate
+from . import PromptTooLong, RequestError, gotemplate, tool_prompt
 from .template import Meter, compile_template, render
 
 Message = dict[str, Any]
@@ -52,6 +52,7 @@ class Vocab:
         self.template_seconds = TEMPLATE_SECONDS
         self._pieces: dict[int, bytes] = {}
         self._template: Any = None
+        self._source = ""
         self.ollama_template: str | None = None
         """An Ollama (Go) chat template from the model's manifest; it wins over the GGUF's, as in
         Ollama, when :mod:`~jupyter_llm.worker.gotemplate` can render it."""
@@ -186,17 +187,21 @@ class Vocab:
         return Meter(n_ctx=n_ctx, bytes_per_token=self.bytes_per_token, seconds=self.template_seconds,
                      cancelled=cancelled)
 
-    def render(self, messages: list[Message], meter: Meter) -> str:
-        """The chat prompt: the GGUF's Jinja chat template, rendered in a sandbox under ``meter``."""
+    def render(self, payload: list[Message] | dict[str, Any], meter: Meter,
+               variables: dict[str, Any] | None = None) -> str:
+        """The chat prompt: the GGUF's Jinja chat template, rendered in a sandbox under ``meter``
+        (``payload``: the messages, or messages and tools, see :mod:`.tool_prompt`)."""
         if self._template is None:
-            self._template = compile_template(self._template_source(), meter)
+            self._source = self._template_source()
+            self._template = compile_template(self._source, meter)
+        messages, extra = tool_prompt.prepare(self._source, *tool_prompt.unpack(payload))
         bos, eos = self._special_text(self.bos), self._special_text(self.L.llama_vocab_eos(self.vocab))
         if self._single_turn:
             return gotemplate.render_turns(lambda **values: render(self._template, meter, **values), messages)
         # as Ollama's templates see it: .System joins the system messages, .Messages keeps them all
-        system = "\n\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
+        system = "\n\n".join(m.get("content") or "" for m in messages if m.get("role") == "system")
         return render(self._template, meter, messages=messages, add_generation_prompt=True, bos_token=bos,
-                      eos_token=eos, system=system)
+                      eos_token=eos, system=system, **extra, **(variables or {}))
 
     def _template_source(self) -> str:
         """The Jinja source to render chats with: the manifest's Ollama template translated, else
@@ -220,10 +225,11 @@ class Vocab:
         return text.decode("utf-8", "replace") if text else ""
 
     def prompt_tokens(self, kind: str, payload: Any, meter: Meter, *, limit: int | None = None,
-                      check: Callable[[], None] | None = None) -> list[int]:
+                      check: Callable[[], None] | None = None, variables: dict[str, Any] | None = None) -> list[int]:
         """Tokens of a raw prompt or of rendered chat messages, with BOS once if the model wants
-        it; more than ``limit`` raise PromptTooLong, found out as early as possible."""
-        text = self.render(payload, meter) if kind == "chat" else str(payload)
+        it; more than ``limit`` raise PromptTooLong, found out as early as possible. ``variables``:
+        more for the chat template (``enable_thinking``…)."""
+        text = self.render(payload, meter, variables) if kind == "chat" else str(payload)
         if limit is not None:
             self.check_bytes(text, limit)
         tokens = self.tokenize(text, limit=limit, check=check)
@@ -231,12 +237,14 @@ class Vocab:
             tokens.insert(0, self.bos)
         return tokens
 
-    def fit(self, messages: list[Message], meter: Meter, *, reserve: int, n_ctx: int,
-            check: Callable[[], None] | None = None) -> tuple[list[int], int]:
+    def fit(self, payload: list[Message] | dict[str, Any], meter: Meter, *, reserve: int, n_ctx: int,
+            check: Callable[[], None] | None = None, variables: dict[str, Any] | None = None) -> tuple[list[int], int]:
         """Tokens of the conversation fitted by :func:`fit` (rendered and tokenized here, once
-        per candidate, never in the kernel), and how many messages were dropped."""
-        _, tokens, dropped = fit(messages, lambda m: self.prompt_tokens("chat", m, meter, limit=n_ctx - reserve,
-                                                                        check=check), reserve=reserve, n_ctx=n_ctx)
+        per candidate, never in the kernel), and how many messages were dropped (tools stay)."""
+        messages, tools = tool_prompt.unpack(payload)
+        _, tokens, dropped = fit(messages, lambda m: self.prompt_tokens(
+            "chat", tool_prompt.pack(m, tools), meter, limit=n_ctx - reserve, check=check, variables=variables),
+            reserve=reserve, n_ctx=n_ctx)
         return tokens, dropped
 
 

@@ -111,6 +111,7 @@ export class LLMPanel extends Widget {
         h('div', { class: 'jp-LLM-inline' }, this._pullInput, pullButton),
         sections.pulls
       ),
+      section('Remote engines', sections.remotes),
       section('API server', sections.server)
     );
   }

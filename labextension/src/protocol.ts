@@ -128,6 +128,27 @@ export interface IServerStatus {
   error?: string | null;
 }
 
+/** A remote engine's model, as ``NAME/MODEL``; sizes it did not report are null. */
+export interface IRemoteModel {
+  name: string;
+  model: string;
+  size?: number | null;
+  context_length?: number | null;
+}
+
+/** A remote engine (jupyter_llm.remote Remotes.snapshot()): its address, state and models. */
+export interface IRemoteState {
+  name: string;
+  url: string;
+  api: string;
+  /** reachable, unreachable, error, checking or unknown (not asked yet). */
+  state: string;
+  error?: string | null;
+  models: IRemoteModel[];
+  /** What it reports as loaded (Ollama's /api/ps, llama-server's /props and /slots). */
+  running: IRemoteModel[];
+}
+
 /** The manager's snapshot. */
 export interface IState {
   models: IModelRecord[];
@@ -135,6 +156,8 @@ export interface IState {
   pulls: IPullProgress[];
   devices: IDevice[];
   server: IServerStatus | null;
+  /** Absent from kernels older than remote engines. */
+  remotes?: IRemoteState[];
 }
 
 export interface IAlias {

@@ -10,6 +10,7 @@ import {
   ILoadedSlice,
   IModelsSlice,
   IPullSlice,
+  IRemoteSlice,
   SectionRenderers,
   ServerSlice
 } from './slices';
@@ -48,6 +49,7 @@ export class StateSections {
   /** The load form's suggestions: cached models, then the kernel's aliases. */
   readonly names = h('datalist', { id: 'jp-LLM-names' });
   readonly pulls = h('div', { class: 'jp-LLM-pulls' });
+  readonly remotes = h('div', { class: 'jp-LLM-remotes' });
   readonly server = h('div', { class: 'jp-LLM-server' });
   /** The API server's port; one element kept across redraws, so what is typed stays. */
   readonly port = h('input', {
@@ -62,6 +64,7 @@ export class StateSections {
     loaded: slice => this._renderLoaded(slice),
     models: slice => this._renderModels(slice),
     pulls: slice => this._renderPulls(slice),
+    remotes: slice => this._renderRemotes(slice),
     server: slice => this._renderServer(slice)
   };
 
@@ -214,6 +217,44 @@ export class StateSections {
           progress
         )
       );
+    }
+  }
+
+  private _renderRemotes(slice: IRemoteSlice[]): void {
+    this.remotes.replaceChildren();
+    if (slice.length === 0) {
+      this.remotes.append(
+        h(
+          'p',
+          { class: 'jp-LLM-empty' },
+          'No remote engines: ',
+          h('code', {}, '%llm remote add NAME URL --api openai|ollama'),
+          ' uses one; its models are NAME/MODEL.'
+        )
+      );
+      return;
+    }
+    for (const remote of slice) {
+      const item = h(
+        'div',
+        {
+          class: `jp-LLM-remote${remote.failed ? ' jp-LLM-unreachable' : ''}`,
+          'data-remote': remote.name
+        },
+        h('b', {}, remote.name),
+        h('div', { class: 'jp-LLM-caption' }, remote.caption)
+      );
+      for (const model of remote.models) {
+        item.append(
+          h(
+            'div',
+            { class: 'jp-LLM-remote-model', 'data-model': model.name },
+            h('code', {}, model.name),
+            model.caption ? ` ${model.caption}` : ''
+          )
+        );
+      }
+      this.remotes.append(item);
     }
   }
 

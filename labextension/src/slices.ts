@@ -17,7 +17,7 @@ import {
   modelShares,
   visibleDevices
 } from './memory';
-import { IAlias, IState } from './protocol';
+import { IAlias, IRemoteState, IState } from './protocol';
 
 /** Everything the sections are drawn from: the state and the panel's own inputs. */
 export interface ISectionInput {
@@ -87,6 +87,15 @@ export interface IPullSlice {
   total: number | null;
 }
 
+/** A remote engine's row: its state, and a line per model (loaded ones with what it reports). */
+export interface IRemoteSlice {
+  name: string;
+  caption: string;
+  /** It could not be reached or answered an error (not while it is still being asked). */
+  failed: boolean;
+  models: { name: string; caption: string }[];
+}
+
 /** The API server: running, or not (with its last error). */
 export type ServerSlice =
   | { running: true; url: string; token: string; requests: number }
@@ -99,6 +108,7 @@ export interface ISlices {
   loaded: ILoadedSlice[] | null;
   models: IModelsSlice | null;
   pulls: IPullSlice[];
+  remotes: IRemoteSlice[];
   server: ServerSlice | null;
 }
 
@@ -111,6 +121,7 @@ export const SECTION_NAMES: readonly SectionName[] = [
   'loaded',
   'models',
   'pulls',
+  'remotes',
   'server'
 ];
 
@@ -136,6 +147,7 @@ export function slices(input: ISectionInput): ISlices {
       loaded: null,
       models: null,
       pulls: [],
+      remotes: [],
       server: null
     };
   }
@@ -194,6 +206,7 @@ export function slices(input: ISectionInput): ISlices {
         total: pull.total ?? null
       };
     }),
+    remotes: (state.remotes ?? []).map(remoteSlice),
     server: server?.running
       ? {
           running: true,
@@ -206,6 +219,30 @@ export function slices(input: ISectionInput): ISlices {
           error: server?.error ?? null,
           busy: busy.has('serve')
         }
+  };
+}
+
+/** A remote's row; what it did not report is left out (unknown, never shown as zero). */
+export function remoteSlice(remote: IRemoteState): IRemoteSlice {
+  const running = new Map(remote.running.map(r => [r.name, r]));
+  // what happened, not what to do about it: `%llm remote list` says that
+  const problem = remote.error ? `: ${remote.error.split('; ')[0]}` : '';
+  return {
+    name: remote.name,
+    caption: `${remote.url} · ${remote.api} · ${remote.state}${problem}`,
+    failed: remote.state === 'unreachable' || remote.state === 'error',
+    models: remote.models.map(model => {
+      const loaded = running.get(model.name);
+      const parts = [model.size ? humanBytes(model.size) : ''];
+      if (loaded) {
+        parts.push(
+          'loaded',
+          loaded.size ? `${humanBytes(loaded.size)} in memory` : '',
+          loaded.context_length ? `ctx ${loaded.context_length}` : ''
+        );
+      }
+      return { name: model.name, caption: parts.filter(Boolean).join(' · ') };
+    })
   };
 }
 

@@ -106,7 +106,7 @@ describe('SectionRedraw', () => {
     const fresh = new Harness();
     assert.deepEqual(
       SECTION_NAMES.map(n => fresh.drawn[n]),
-      [1, 1, 1, 1, 1, 1]
+      [1, 1, 1, 1, 1, 1, 1]
     );
     fresh.comm.hello(ATTACHED);
     assert.equal(fresh.client.status, 'attached');
@@ -117,6 +117,7 @@ describe('SectionRedraw', () => {
       loaded: 2,
       models: 2,
       pulls: 1,
+      remotes: 1,
       server: 2
     });
   });
@@ -172,6 +173,52 @@ describe('SectionRedraw', () => {
       }
     });
     assert.deepEqual(t.since(before), ['server']);
+  });
+
+  it('redraws the remotes alone when a remote answers, and shows what it reports', () => {
+    const remote = {
+      name: 'big',
+      url: 'http://127.0.0.1:8080',
+      api: 'ollama',
+      state: 'checking',
+      models: [],
+      running: []
+    };
+    t.push({ ...ATTACHED, remotes: [remote] });
+    assert.equal(
+      slices(t.input()).remotes[0].failed,
+      false,
+      'still being asked'
+    );
+    const before = { ...t.drawn };
+    const model = { name: 'big/qwen', model: 'qwen', size: 2 * GiB };
+    t.push({
+      ...ATTACHED,
+      remotes: [
+        {
+          ...remote,
+          state: 'reachable',
+          models: [model],
+          running: [{ ...model, size: 3 * GiB, context_length: 4096 }]
+        }
+      ]
+    });
+    assert.deepEqual(t.since(before), ['remotes']);
+    const row = slices(t.input()).remotes[0];
+    assert.equal(row.failed, false);
+    assert.deepEqual(row.models, [
+      {
+        name: 'big/qwen',
+        caption: '2.00 GiB · loaded · 3.00 GiB in memory · ctx 4096'
+      }
+    ]);
+    t.push({
+      ...ATTACHED,
+      remotes: [{ ...remote, state: 'unreachable', error: 'could not connect' }]
+    });
+    const dead = slices(t.input()).remotes[0];
+    assert.equal(dead.failed, true);
+    assert.match(dead.caption, /unreachable: could not connect/);
   });
 
   it('redraws the loaded models alone when an unload starts', () => {

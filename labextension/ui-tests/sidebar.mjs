@@ -232,6 +232,16 @@ async function main() {
     step('API server started from the sidebar', { url: apiUrl });
     await page.locator(sidebar).evaluate(el => el.scrollTo(0, el.scrollHeight));
     await shot(page, '07-server-light');
+
+    // 7b. remote engines: this kernel's own API as an Ollama remote (token from a variable), and a dead one
+    await runCell(page, 4);
+    const remotes = page.locator(`${sidebar} .jp-LLM-remotes`);
+    await remotes.locator('.jp-LLM-remote[data-remote="self"] .jp-LLM-remote-model').first().waitFor();
+    await remotes.locator('.jp-LLM-remote.jp-LLM-unreachable[data-remote="dead"]').waitFor();
+    report.remotes = await remotes.innerText();
+    step('remote engines listed in the sidebar');
+    await remotes.scrollIntoViewIfNeeded();
+    await shot(page, '07-remotes-light');
     await page.locator(`${sidebar} .jp-LLM-stop`).click();
     await page.locator(`${sidebar} .jp-LLM-serve`).waitFor();
     step('API server stopped from the sidebar');

@@ -33,3 +33,20 @@ class Pulled:
     details: dict[str, Any] = field(default_factory=dict)
     """Source specifics: repo, revision, commit, filename, registry, digest, template, system,
     params, license, package, version… shown by ``%llm show``."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a source's model file is and how to ask for its bytes, found the way a pull finds
+    it but without downloading (``estimate`` reads its header, :mod:`jupyter_llm.store.peek`)."""
+
+    url: str
+    """The file's address after the source's own resolution (the Hub's CDN location, a
+    registry's blob URL, whose redirect the HTTP client follows as a pull's does)."""
+    size: int | None
+    key: str
+    """What names these exact bytes (a sha256, or the Hub's etag): the header cache's key."""
+    label: str
+    """The file as messages name it: ``repo/file`` or ``host/namespace/model:tag``."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Request headers a pull would send (the Hub's token, only to the Hub's own origin)."""

@@ -42,7 +42,7 @@ from ..blobs import link_identical
 from ..deadline import Deadline, current
 from ..download import fetch
 from ..names import HF_PREFIX
-from . import Pulled
+from . import Located, Pulled
 
 if TYPE_CHECKING:
     from ..names import HFRef
@@ -267,6 +267,55 @@ def pull(ref: HFRef, *, name: str, progress: ProgressFanout) -> Pulled:
 
 
 @dataclass(frozen=True)
+class _Located(Located):
+    """What the pull needs beside: the verified sha256 and the commit the file is at."""
+
+    sha256: str | None = None
+    commit: str = ""
+
+
+def locate(ref: HFRef) -> list[Located]:
+    """Where the file(s) a pull of ``ref`` would download are, found exactly as the pull finds
+    them (the listing, the quant choice, the Hub's metadata and redirect, the token only for
+    the Hub's own origin), without downloading anything.
+
+    Raises what a pull raises before its first byte: :class:`ModelNotFoundError`,
+    :class:`AmbiguousModelError`, :class:`HostUnreachableError` (within seconds), :class:`RemoteError`.
+    """
+    repo, revision = ref.repo, ref.revision or "main"
+    listing = {f.path: f for f in list_gguf_files(repo, revision)}
+    chosen = choose_files(listing, ref.filename or ref.quant, sizes={p: f.size for p, f in listing.items()},
+                          repo=repo)
+    return [_locate(repo, revision, filename, listing.get(filename)) for filename in chosen]
+
+
+def _locate(repo: str, revision: str, filename: str, listed: HFFile | None) -> _Located:
+    """One file's metadata from the Hub: where its bytes are (the CDN), their etag and sha256, size."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    endpoint = config.hf_endpoint()
+    token = config.hf_token()
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+    meta = _hub_call(
+        functools.partial(get_hf_file_metadata, url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
+        repo=repo, revision=revision, endpoint=endpoint, filename=filename,
+    )
+    if not meta.etag or not meta.commit_hash or not _SAFE_ETAG.match(meta.etag):
+        raise RemoteError(
+            f"{endpoint} did not send usable metadata for {repo}/{filename} (commit {meta.commit_hash!r}, "
+            f"etag {meta.etag!r}); check that JUPYTER_LLM_HF_ENDPOINT / HF_ENDPOINT points at a Hugging Face Hub"
+        )
+    sha256 = meta.etag if _SHA256.match(meta.etag) else (listed.sha256 if listed else None)
+    headers = build_hf_headers(token=token)
+    if _origin(meta.location) != _origin(endpoint):
+        headers.pop("authorization", None)  # a signed CDN URL must not receive the token
+    # The size bounds the download (a chunked body has none of its own): the Hub's, else the listing's.
+    size = meta.size if meta.size is not None else (listed.size if listed else None)
+    return _Located(meta.location, size, meta.etag, f"{repo}/{filename}", headers, sha256, meta.commit_hash)
+
+
+@dataclass(frozen=True)
 class _PulledFile:
     snapshot: Path
     blob: Path
@@ -282,33 +331,18 @@ def _pull_file(
 ) -> _PulledFile:
     """One file: metadata, our verified download into the blob (or a hard link to identical
     bytes we already have from Ollama), then huggingface_hub's links."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import hf_hub_download
 
     endpoint = config.hf_endpoint()
     token = config.hf_token()
     where = {"repo": repo, "revision": revision, "endpoint": endpoint, "filename": filename}
-    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-    meta = _hub_call(
-        functools.partial(get_hf_file_metadata, url, token=token, timeout=_hub_timeout(), endpoint=endpoint),
-        **where,
-    )
-    if not meta.etag or not meta.commit_hash or not _SAFE_ETAG.match(meta.etag):
-        raise RemoteError(
-            f"{endpoint} did not send usable metadata for {repo}/{filename} (commit {meta.commit_hash!r}, "
-            f"etag {meta.etag!r}); check that JUPYTER_LLM_HF_ENDPOINT / HF_ENDPOINT points at a Hugging Face Hub"
-        )
-    sha256 = meta.etag if _SHA256.match(meta.etag) else (listed.sha256 if listed else None)
-    blob = config.hf_cache().expanduser().resolve() / ("models--" + repo.replace("/", "--")) / "blobs" / meta.etag
-    headers = build_hf_headers(token=token)
-    if _origin(meta.location) != _origin(endpoint):
-        headers.pop("authorization", None)  # a signed CDN URL must not receive the token
-    # The size bounds the download (a chunked body has none of its own): the Hub's, else the listing's.
-    size = meta.size if meta.size is not None else (listed.size if listed else None)
+    located = _locate(repo, revision, filename, listed)
+    sha256, size = located.sha256, located.size
+    blob = config.hf_cache().expanduser().resolve() / ("models--" + repo.replace("/", "--")) / "blobs" / located.key
     found = blob.is_file()
     if not found and sha256 is not None:
         link_identical(blob, sha256, size)
-    fetch(meta.location, blob, sha256=sha256, size=size, headers=headers,
+    fetch(located.url, blob, sha256=sha256, size=size, headers=located.headers,
           on_bytes=progress.bytes_callback(name, filename, sha256), client=client)
     progress(PullProgress(name, "verifying sha256 digest", filename, sha256, size, size or 0))
     # The blob is in place, so this only writes refs/<revision> and the snapshot symlink.
@@ -317,7 +351,7 @@ def _pull_file(
                           endpoint=endpoint, token=token, etag_timeout=_hub_timeout()),
         **where,
     )
-    return _PulledFile(Path(str(snapshot)), blob, sha256, meta.commit_hash, found)
+    return _PulledFile(Path(str(snapshot)), blob, sha256, located.commit, found)
 
 
 

@@ -39,7 +39,7 @@ from ..blobs import link_identical
 from ..download import fetch
 from ..http import get_bytes, make_client
 from ..names import DEFAULT_NAMESPACE, OLLAMA_SCHEME
-from . import Pulled
+from . import Located, Pulled
 
 if TYPE_CHECKING:
     from ..names import OllamaRef
@@ -101,17 +101,7 @@ def pull(ref: OllamaRef, *, name: str, progress: ProgressFanout) -> Pulled:
     progress(PullProgress(name, "pulling manifest", message=f"{host}/{repo}:{ref.tag}"))
     client = make_client()
     try:
-        try:
-            raw = get_bytes(f"{base}/v2/{repo}/manifests/{ref.tag}", headers={"Accept": MANIFEST_MEDIA_TYPE},
-                            client=client)
-        except RemoteError as exc:
-            if exc.status == 404:
-                raise ModelNotFoundError(
-                    f"{repo}:{ref.tag} not found in the Ollama registry {host}; check the model name and tag "
-                    "(the registry's library page lists the tags)"
-                ) from exc
-            raise
-        manifest = _parse_manifest(raw, f"{host}/{repo}:{ref.tag}")
+        raw, manifest = _fetch_manifest(ref, base, client)
         layers = _sized(_layers(manifest), f"{host}/{repo}:{ref.tag}")
         blobs_dir = _home() / "blobs"
         for layer in layers:
@@ -150,6 +140,41 @@ def pull(ref: OllamaRef, *, name: str, progress: ProgressFanout) -> Pulled:
         owned=[*dict.fromkeys(_blob_path(_home(), layer["digest"]) for layer in layers), manifest_path],
         details=details,
     )
+
+
+def locate(ref: OllamaRef) -> Located:
+    """Where the model blob a pull of ``ref`` would download is (the registry's blob URL, whose
+    redirect to the CDN the client follows), found from the manifest as the pull finds it.
+
+    Raises what a pull raises before its first blob byte (not found, unreachable, not a registry).
+    """
+    base = registry_url(ref)
+    host = urlsplit(base).netloc
+    client = make_client()
+    try:
+        _, manifest = _fetch_manifest(ref, base, client)
+    finally:
+        client.close()
+    layer = _sized([_model_layer(manifest)], f"{host}/{ref.namespace}/{ref.model}:{ref.tag}")[0]
+    return Located(f"{base}/v2/{ref.namespace}/{ref.model}/blobs/{layer['digest']}", layer["size"],
+                   _hex(layer["digest"]), f"{host}/{ref.namespace}/{ref.model}:{ref.tag}")
+
+
+def _fetch_manifest(ref: OllamaRef, base: str, client: Any) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's bytes as received, and parsed; an unknown name or tag is ModelNotFoundError."""
+    host = urlsplit(base).netloc
+    repo = f"{ref.namespace}/{ref.model}"
+    try:
+        raw = get_bytes(f"{base}/v2/{repo}/manifests/{ref.tag}", headers={"Accept": MANIFEST_MEDIA_TYPE},
+                        client=client)
+    except RemoteError as exc:
+        if exc.status == 404:
+            raise ModelNotFoundError(
+                f"{repo}:{ref.tag} not found in the Ollama registry {host}; check the model name and tag "
+                "(the registry's library page lists the tags)"
+            ) from exc
+        raise
+    return raw, _parse_manifest(raw, f"{host}/{repo}:{ref.tag}")
 
 
 def registry_url(ref: OllamaRef) -> str:
