@@ -8,7 +8,7 @@ ARTIFACTS ?= test-artifacts
 
 # llama-cpp-python compiles llama.cpp from source (PyPI has no wheel for it). Build only the
 # libraries the bindings load: no multimodal library, tests, examples, tools or server; with
-# ggml's RPC backend, for `%llm load --rpc` (docs/notes.md §10).
+# ggml's RPC backend, for `%llm load --rpc` (docs/notes.md §9).
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF \
 	-DGGML_RPC=ON

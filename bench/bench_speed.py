@@ -13,8 +13,12 @@ our API, 1 client, vs ``llama-server -np 4``           ≥ 0.95×
 our API, 4 clients, vs ``llama-server -np 4``          ≥ 1.0×
 TTFT of a request arriving while 3 others generate      ≤ llama-server's
 a kernel cell (``sum(range(10**7))``) while generating  ≤ 2× its idle time
-worker CPU seconds in the 10 s after an answer         < 0.05 s
+worker CPU seconds in the 10 s after an answer         < 0.05 s (also with the prompt cache on)
 =====================================================  ==============================
+
+It also shows the plain loop under ``OMP_WAIT_POLICY=PASSIVE`` (the wait policy is chosen by this
+measurement) and the second turn's first token with the prompt cache settling while idle (the
+old behaviour) and without (the default).
 
     .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N]
 """
@@ -47,6 +51,12 @@ PROMPTS = [f"Request {i}: {p}" for i, p in enumerate((
     "Write a travel guide to an imaginary island with three towns."))]
 
 
+def physical_cores() -> int:
+    from jupyter_llm.worker.params import physical_cores as cores
+
+    return cores()
+
+
 def clean_env() -> dict[str, str]:
     """llama.cpp's default environment: ours without any OpenMP or ggml setting."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "KMP_", "GGML_"))}
@@ -68,11 +78,15 @@ def cpu_seconds(pid: int) -> float:
 
 # -- single-stream contenders ------------------------------------------------------------------------
 
-def plain_loop(args: argparse.Namespace, prompt: str) -> dict[str, float]:
-    """The ctypes decode loop of bench_runtime.py, in its own process, llama.cpp's environment."""
+def plain_loop(args: argparse.Namespace, prompt: str, *, wait_policy: str | None = None) -> dict[str, float]:
+    """The ctypes decode loop of bench_runtime.py, in its own process, llama.cpp's environment
+    (or with ``OMP_WAIT_POLICY=wait_policy``, to show what that setting does)."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_runtime.py"), "--raw", "--model", args.model,
            "--tokens", str(args.tokens), "--ctx", str(args.ctx), "--threads", str(args.threads), "--batch", "512"]
-    proc = subprocess.Popen(cmd, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    env = clean_env()
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -134,6 +148,36 @@ def chat_cell(args: argparse.Namespace, kernel: Any) -> dict[str, float]:
 
 # -- servers -------------------------------------------------------------------------------------------
 
+def idle_and_second_turn(args: argparse.Namespace, settle_idle: bool) -> dict[str, float]:
+    """The prompt cache as users have it (on): a 256-token answer, the worker's CPU seconds in
+    the 10 s after it, then the second turn's time to first token. ``settle_idle``: the worker
+    re-evaluates the answer while idle (``JUPYTER_LLM_IDLE_SETTLE=1``, the behaviour before)."""
+    from jupyter_llm.options import LoadOptions, SamplingOptions
+    from jupyter_llm.runtime import Runtime
+
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_LLM_PROMPT_CACHE", "JUPYTER_LLM_IDLE_SETTLE")}
+    os.environ["JUPYTER_LLM_PROMPT_CACHE"] = "1"
+    os.environ["JUPYTER_LLM_IDLE_SETTLE"] = "1" if settle_idle else "0"
+    try:
+        rt = Runtime.start(Path(args.model), LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with rt:
+        messages = [{"role": "user", "content": QUESTION}]
+        first = rt.chat(messages, SamplingOptions(temperature=0, max_tokens=256, seed=1)).result
+        before = cpu_seconds(rt.pid)
+        time.sleep(10)
+        idle_cpu = cpu_seconds(rt.pid) - before
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now make it shorter."}]
+        second = rt.chat(messages, SamplingOptions(temperature=0, max_tokens=16, seed=1)).result
+    return {"idle_cpu_s": idle_cpu, "second_ttft_s": second.ttft_s or 0.0,
+            "second_cached": float(second.prompt_tokens_cached), "second_prompt": float(second.prompt_tokens)}
+
+
 def start_llama_server(args: argparse.Namespace, binary: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     import bench_server
 
@@ -192,7 +236,7 @@ def main() -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=physical_cores(), help="default: physical cores, as ours")
     p.add_argument("--ctx", type=int, default=2048, help="context per request (and of the single streams)")
     p.add_argument("--parallel", type=int, default=4)
     args = p.parse_args()
@@ -226,7 +270,8 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {}
     try:
         for r in range(args.rounds):
-            got = {"plain loop": plain_loop(args, prompt), "Python API": python_api(args),
+            got = {"plain loop": plain_loop(args, prompt),
+                   "plain PASSIVE": plain_loop(args, prompt, wait_policy="PASSIVE"), "Python API": python_api(args),
                    "%%chat": chat_cell(args, kernel)}
             proc, info = start_ours(args)
             try:
@@ -241,6 +286,10 @@ def main() -> None:
             for name, res in got.items():
                 rows.setdefault(name, []).append(res)
                 print(f"round {r + 1}: {name:>13}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+        cache = {mode: idle_and_second_turn(args, mode == "settle while idle")
+                 for mode in ("default", "settle while idle")}  # once: 2 × (10 s + 256 tokens)
+        for mode, res in cache.items():
+            print(f"prompt cache on, {mode:>17}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
     finally:
         kernel.close()
         manager.close()
@@ -258,6 +307,11 @@ def main() -> None:
         ("TTFT under load: ours / llama-server", ours["ttft_under_load_s"] / base["ttft_under_load_s"], "≤ 1.0"),
         ("kernel cell while generating / idle", chat["cell_busy_over_idle"], "≤ 2"),
         ("worker CPU s in 10 s after an answer", chat["idle_cpu_s"], "< 0.05"),
+        ("  the same, prompt cache on (default)", cache["default"]["idle_cpu_s"], "< 0.05"),
+        ("  the same, settling while idle (before)", cache["settle while idle"]["idle_cpu_s"], "(was 1.9)"),
+        ("second-turn TTFT ms, default", cache["default"]["second_ttft_s"] * 1000, "(shown)"),
+        ("second-turn TTFT ms, settling while idle", cache["settle while idle"]["second_ttft_s"] * 1000, "(shown)"),
+        ("plain loop OMP default / PASSIVE tok/s", plain["tok_s"] / med["plain PASSIVE"]["tok_s"], "(> 1: default)"),
     ]
     print("\nmedians: " + json.dumps(med))
     print("\nresult (medians of rounds):")

@@ -243,6 +243,49 @@ def test_load_options_from_json_are_validated() -> None:
         load_options({"n_gpu": 3})
 
 
+def test_rpc_servers_from_the_panel_are_priced_and_bad_ones_answered(hub: CommHub) -> None:
+    from tests.llamacpp import rpc_server
+
+    comm = RecordingComm()
+    hub.attach(comm)
+    with rpc_server() as server:
+        priced = comm.request("r1", "estimate", name="smollm2",
+                              options={"gpu_layers": 31, "n_ctx": 2048, "rpc": [server.endpoint]})
+    assert priced["ok"], priced
+    rows = {r["device_id"]: r for r in priced["result"]["devices"]}
+    assert rows[f"RPC0[{server.endpoint}]"]["total"] > 0  # the layers went to the rpc-server's device
+    assert priced["result"]["options"]["rpc"] == [server.endpoint]
+    assert "warnings" not in priced["result"]  # loopback: nothing to warn about
+    for bad, says in (["no-port"], "HOST:PORT"), (5, "list of"), (["127.0.0.1:70000"], "outside 1-65535"):
+        reply = comm.request(f"r-{bad}", "estimate", name="smollm2", options={"rpc": bad})
+        assert reply["ok"] is False and reply["error"]["type"] == "ValueError", reply
+        assert says in reply["error"]["message"]
+
+
+def test_an_rpc_server_named_by_host_name_is_warned_about_in_the_reply(hub: CommHub) -> None:
+    import socket
+
+    from tests.llamacpp import rpc_server
+
+    name = socket.gethostname().lower()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        address = ""
+    if address != "127.0.0.1":
+        pytest.skip(f"this machine's name {name!r} does not resolve to 127.0.0.1, where the rpc-server listens")
+    comm = RecordingComm()
+    hub.attach(comm)
+    with rpc_server() as server:
+        port = server.endpoint.rpartition(":")[2]
+        # a host name's address is not resolved to check it: the panel is told what the kernel warns
+        reply = comm.request("h1", "estimate", name="smollm2",
+                             options={"gpu_layers": 31, "n_ctx": 2048, "rpc": [f"{name}:{port}"]})
+    assert reply["ok"], reply
+    [warning] = reply["result"]["warnings"]
+    assert f"{name}:{port}" in warning and "no authentication" in warning
+
+
 def test_jsonable_turns_paths_tuples_and_infinities_into_json() -> None:
     assert jsonable({"p": Path("/x"), "t": (1, 2), "inf": float("inf"), 3: {"s"}}) == {
         "p": "/x", "t": [1, 2], "inf": None, "3": ["s"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -131,6 +132,19 @@ def test_json_schema_output_parses_and_matches_the_schema(rt: Runtime) -> None:
     assert isinstance(value["name"], str) and isinstance(value["age"], int)
     any_json = rt.chat(ask, SamplingOptions(temperature=0.0, max_tokens=80), json_schema={}).result
     assert isinstance(json.loads(any_json.text), dict)
+
+
+def test_a_grammar_the_model_would_not_follow_still_decides_every_token(rt: Runtime) -> None:
+    # The sampler picks from the free logits and the grammar checks that one token; a rejected
+    # token makes it mask every candidate and pick again (worker/sampler.py). Digits in a fixed
+    # shape are nothing the model would answer to a greeting: nearly every token goes the long way.
+    grammar = 'root ::= "Z" [0-9] [0-9] "-" [0-9] [0-9] [0-9]'
+    for sampling in (SamplingOptions(temperature=0.0, max_tokens=20),
+                     SamplingOptions(temperature=1.0, seed=7, max_tokens=20)):
+        text = rt.chat([{"role": "user", "content": "Hello! How are you?"}], sampling, grammar=grammar).result.text
+        assert re.fullmatch(r"Z\d\d-\d\d\d", text), text
+    free = rt.chat([{"role": "user", "content": "Hello! How are you?"}], GREEDY).result.text
+    assert not re.fullmatch(r"Z\d\d-\d\d\d", free)
 
 
 def test_a_grammar_that_does_not_parse_is_a_value_error(rt: Runtime) -> None:

@@ -3,6 +3,7 @@ server and model."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,22 @@ def test_a_forced_tool_gives_a_tool_use_block_whose_input_validates(client: anth
     uses = [b for b in m.content if b.type == "tool_use"]
     assert m.stop_reason == "tool_use" and uses
     assert uses[0].name == "get_weather" and uses[0].id and isinstance(uses[0].input["city"], str)
+
+
+def test_output_config_format_constrains_the_text_and_a_forced_tool_still_wins(client: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"],
+              "additionalProperties": False}
+    config = {"output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    question = [{"role": "user", "content": "Paris is in which country?"}]
+    m = client.messages.create(model=MODEL, max_tokens=64, extra_body={**T0, **config}, messages=question)
+    assert m.stop_reason == "end_turn", m.content
+    assert isinstance(json.loads(m.content[0].text)["country"], str)
+    m = client.messages.create(model=MODEL, max_tokens=64, extra_body={**T0, **config}, tools=[WEATHER],
+                               tool_choice={"type": "any"}, messages=question)
+    assert m.stop_reason == "tool_use" and [b for b in m.content if b.type == "tool_use"]
+    with pytest.raises(anthropic.BadRequestError, match="output_config"):
+        client.messages.create(model=MODEL, max_tokens=8, messages=question,
+                               extra_body={"output_config": {"format": {"type": "xml"}}})
 
 
 def test_a_streamed_tool_use_block_accumulates_its_input(client: anthropic.Anthropic) -> None:

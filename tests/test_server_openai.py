@@ -65,7 +65,9 @@ def test_streamed_chat_equals_the_whole_answer_and_reports_usage(client: openai.
 def test_the_event_stream_ends_with_done(served: Any) -> None:
     _, server = served
     body = {"model": MODEL, "messages": HI, "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=auth(server)) as r:
+    # httpx's default 5 s read timeout is too short for a first token on a shared, busy machine
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=auth(server),
+                      timeout=120) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)

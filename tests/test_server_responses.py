@@ -222,6 +222,18 @@ def test_a_required_tool_gives_a_function_call_whose_arguments_validate(client: 
     assert isinstance(json.loads(calls[0].arguments)["city"], str)
 
 
+def test_a_forced_tool_wins_over_text_format(client: openai.OpenAI) -> None:
+    # instructor's RESPONSES_TOOLS mode sends both: the call must come back, not text in the format
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=64,
+                                temperature=0, text={"format": {"type": "json_schema", "name": "A", "schema": schema}})
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather", r.output
+    assert isinstance(json.loads(calls[0].arguments)["city"], str)
+
+
 def test_a_named_tool_streams_function_call_events(client: openai.OpenAI) -> None:
     events = list(client.responses.create(model=MODEL, input="Weather in Rome?", tools=[WEATHER], stream=True,
                                           tool_choice={"type": "function", "name": "get_weather"},

@@ -26,6 +26,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.llamacpp import rpc_server
+
 ROOT = Path(__file__).resolve().parent.parent
 EXT_SOURCE = ROOT / "labextension"
 EXT_BUILD = ROOT / "jupyter_llm" / "labextension"
@@ -168,8 +170,10 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
         "PROFILE": str(lab["profile"]),
     }
     started = time.monotonic()
-    proc = subprocess.run(["node", str(EXT_SOURCE / "ui-tests" / "sidebar.mjs")], env=env, cwd=EXT_SOURCE,
-                          capture_output=True, text=True, timeout=540)
+    with rpc_server() as rpc:  # priced from the load form's "RPC servers" field
+        env["RPC_ENDPOINT"] = rpc.endpoint
+        proc = subprocess.run(["node", str(EXT_SOURCE / "ui-tests" / "sidebar.mjs")], env=env, cwd=EXT_SOURCE,
+                              capture_output=True, text=True, timeout=540)
     seconds = time.monotonic() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     report = json.loads(lines[-1]) if lines else {"ok": False, "error": proc.stdout[-2000:]}
@@ -184,6 +188,9 @@ def test_sidebar_pulls_loads_chats_and_unloads_in_a_real_browser(
     model = report["model"]
     assert model and "Q4_1" in report["cached_caption"] and "93.8 MiB" in report["cached_caption"]
     assert "CPU: needs" in report["estimate_caption"]
+    assert report["rpc_field"] and "RPC servers" in report["rpc_field"]
+    assert f"RPC0[{rpc.endpoint}]: needs" in report["rpc_estimate"], report["rpc_estimate"]
+    assert '"no-port" is not HOST:PORT' in report["rpc_error"]
     assert "ctx 2048" in report["loaded_card"] and "predicted" in report["loaded_card"]
     assert report["device_segments"][:3] == ["weights", "kv", "compute"]
     assert "tokens" in report["chat_output"] and "tok/s" in report["chat_output"]

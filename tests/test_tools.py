@@ -412,6 +412,7 @@ def model(smollm2_path: Path) -> Iterator[Any]:
     manager_module._manager = None
 
 
+@pytest.mark.timeout(900)  # up to 11 answers (two tool loops of at most 5), on a shared machine
 def test_model_chat_returns_the_calls_and_runs_python_tools(model: Any) -> None:
     seen: list[tuple[int, int]] = []
 
@@ -421,11 +422,11 @@ def test_model_chat_returns_the_calls_and_runs_python_tools(model: Any) -> None:
         return a + b
 
     ask = [{"role": "user", "content": "What is 2 plus 3?"}]
-    asked = model.chat(ask, tools=[add], tool_choice="required", temperature=0, max_tokens=60)
+    asked = model.chat(ask, tools=[add], tool_choice="required", temperature=0, max_tokens=40)
     assert seen == [] and len(asked.tool_calls) == 1 and asked.tool_calls[0].name == "add"
     check_call("add", asked.tool_calls[0].arguments)
 
-    reply = model.chat(ask, tools=[add], tool_choice="add", run_tools=True, temperature=0, max_tokens=60)
+    reply = model.chat(ask, tools=[add], tool_choice="add", run_tools=True, temperature=0, max_tokens=40)
     assert len(seen) >= 1 and isinstance(reply, str) and reply.tool_calls == []
     call, result = reply.messages[0], reply.messages[1]
     assert call["role"] == "assistant" and call["tool_calls"][0]["function"]["name"] == "add"
@@ -433,7 +434,7 @@ def test_model_chat_returns_the_calls_and_runs_python_tools(model: Any) -> None:
                       "name": "add"}
 
     streamed = model.chat("What is 2 plus 3?", tools=[add], tool_choice="add", run_tools=True, stream=True,
-                          temperature=0, max_tokens=60)
+                          temperature=0, max_tokens=40)
     text = "".join(streamed)
     assert streamed.reply == text and len(seen) >= 2
     roles = [m["role"] for m in model.history]

@@ -22,7 +22,7 @@ def _until(predicate: Any, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def _widths(html: str) -> list[str]:
+def _widths(html: str) -> list[tuple[str, str]]:
     return re.findall(r'jp-LLM-seg-(\w+)" title="[^"]*" style="display:block;height:100%;width:([0-9.]+)%', html)
 
 
@@ -179,3 +179,61 @@ def test_magics_return_the_widgets(manager: ModelManager, monkeypatch: pytest.Mo
     finally:
         picker.close()
         mem.close()
+
+
+@pytest.mark.slow
+def test_memory_widget_shows_what_remotes_report_without_waiting_for_them(
+        manager: ModelManager, smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from jupyter_llm.notebook.display import human_bytes
+    from jupyter_llm.options import LoadOptions
+    from tests.apiserver import running_server
+    from tests.llamacpp import free_port
+
+    # a remote that takes the connection (the listen backlog) and never answers: its poll is open
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    with running_server(smollm2_path, tmp_path / "k2") as (other, server):
+        other.load("smollm2", LoadOptions(n_ctx=512, gpu_layers=0, threads=1, keep_alive=None))
+        measured = sum(s["total"] for s in other.ps()[0].to_dict()["measured"].values())
+        monkeypatch.setenv("K2_TOKEN", str(server.token))
+        manager.remotes.add("k2", server.url, api="ollama", token_env="K2_TOKEN")
+        manager.remotes.add("dead", f"http://127.0.0.1:{free_port()}", api="openai")
+        manager.remotes.add("silent", f"http://127.0.0.1:{silent.getsockname()[1]}", api="ollama")
+        mem = widgets.memory_widget(manager, period=0)
+        try:
+            # drawn at once from the registry's last poll: the silent remote is still being asked
+            assert 'data-remote="silent" data-state="checking"' in mem.html.value, mem.html.value
+            assert "checking…" in mem.html.value
+            # each poll that ends is an event: the widget redraws with what the remote reported
+            _until(lambda: 'data-remote="k2" data-state="reachable"' in mem.html.value)
+            _until(lambda: 'data-remote="dead" data-state="unreachable"' in mem.html.value)
+            drawn = mem.html.value
+            row = re.search(r'<tr data-remote-model="k2/smollm2">(.*?)</tr>', drawn)
+            assert row is not None, drawn
+            cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+            # Ollama's /api/ps: size = what the remote's llama.cpp measured, none of it in VRAM (CPU)
+            assert cells == ["k2/smollm2", human_bytes(measured), human_bytes(0), "512", "?"], cells
+            assert "1 model(s) loaded" in drawn
+            dead = re.search(r'data-remote="dead" data-state="unreachable">(.*?)</div>', drawn)
+            assert dead is not None and "127.0.0.1" in dead.group(1)
+            # the silent remote's read times out: shown as such, never a wait in the widget
+            _until(lambda: 'data-remote="silent" data-state="checking"' not in mem.html.value)
+            assert re.search(r'data-remote="silent" data-state="(unreachable|error)"', mem.html.value)
+        finally:
+            mem.close()
+            silent.close()
+
+
+def test_what_a_remote_did_not_report_is_drawn_as_unknown() -> None:
+    # llama-server's /props and /slots give a context and slots but no sizes (docs/notes.md §10)
+    state = {"name": "big", "url": "http://127.0.0.1:8080", "api": "openai", "state": "reachable", "error": None,
+             "running": [{"name": "big/smollm2", "model": "smollm2", "size": None, "size_vram": None,
+                          "context_length": 2048, "slots": 4, "busy": 1}]}
+    drawn = widgets.remotes_html([state])
+    row = re.search(r'<tr data-remote-model="big/smollm2">(.*?)</tr>', drawn)
+    assert row is not None, drawn
+    assert re.findall(r"<td[^>]*>(.*?)</td>", row.group(1)) == ["big/smollm2", "?", "?", "2048", "1/4 busy"]
+    assert widgets.remotes_html([]) == ""  # no remotes: nothing drawn

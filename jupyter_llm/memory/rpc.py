@@ -6,7 +6,7 @@ parsed by :mod:`jupyter_llm.memory.rpc_endpoints`. :func:`query` speaks just eno
 protocol (HELLO, DEVICE_COUNT, GET_DEVICE_MEMORY as ``ggml-rpc.cpp`` lays them out, protocol 7)
 to ask a server for its devices' memory, with timeouts, so that a dead or busy server is a
 clear error naming it before any worker starts. An rpc-server serves **one client at a time**
-(docs/notes.md §10): while a worker holds it, another client waits unanswered, which
+(docs/notes.md §9): while a worker holds it, another client waits unanswered, which
 :func:`query` reports as busy.
 """
 

@@ -4,7 +4,7 @@ Apart from :mod:`jupyter_llm.memory.rpc` (which talks to the servers) so that
 :class:`~jupyter_llm.options.LoadOptions` can parse its ``rpc`` field without importing
 anything else. The RPC protocol has no authentication and no encryption: anyone who reaches an
 rpc-server can run computations on it and read what it holds, so an endpoint that is neither
-loopback nor a private address gets a warning (docs/notes.md §10).
+loopback nor a private address gets a warning (docs/notes.md §9).
 """
 
 from __future__ import annotations

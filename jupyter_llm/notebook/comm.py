@@ -275,10 +275,12 @@ def run_action(hub: CommHub, action: str, args: dict[str, Any]) -> Any:
     if action == "pull":
         return manager.pull(_name(args), update=bool(args.get("update", False))).to_dict()
     if action == "estimate":
-        return manager.estimate(_name(args), load_options(args.get("options"))).to_dict()
+        options = load_options(args.get("options"))
+        return _warned(manager.estimate(_name(args), options).to_dict(), options)
     if action == "load":
-        model = manager.load(_name(args), load_options(args.get("options")), force=bool(args.get("force")))
-        return model.to_dict()
+        options = load_options(args.get("options"))
+        model = manager.load(_name(args), options, force=bool(args.get("force")))
+        return _warned(model.to_dict(), options)
     if action == "unload":
         if args.get("all"):
             return manager.unload(all=True)
@@ -304,7 +306,22 @@ def load_options(raw: Any) -> LoadOptions:
         raise ValueError(f"unknown load option(s): {', '.join(unknown)}; known: {', '.join(sorted(_LOAD_KEYS))}")
     if "tensor_split" in raw:
         raw["tensor_split"] = tuple(raw["tensor_split"] or ())
+    if "rpc" in raw:  # LoadOptions parses the endpoints; only the JSON shape is checked here
+        rpc = raw["rpc"]
+        if not (rpc is None or isinstance(rpc, str)
+                or (isinstance(rpc, list) and all(isinstance(e, str) for e in rpc))):
+            raise ValueError(f"rpc {rpc!r}: give a list of \"host:port\" strings, e.g. [\"192.168.1.20:50052\"]")
+        raw["rpc"] = tuple(rpc.split(",")) if isinstance(rpc, str) else tuple(rpc or ())
     return LoadOptions(**raw)
+
+
+def _warned(result: dict[str, Any], options: LoadOptions) -> dict[str, Any]:
+    """``result`` with ``warnings``: the exposure warning of the options' rpc-servers, if any. The
+    Python warning the manager raises goes to the kernel's stderr, which the panel never shows."""
+    from ..memory.rpc_endpoints import exposure_warning
+
+    message = exposure_warning(options.rpc)
+    return {**result, "warnings": [message]} if message else result
 
 
 def _server(manager: Any, action: str, args: dict[str, Any]) -> Any:

@@ -124,6 +124,7 @@ def memory_html(snapshot: dict[str, Any], devices: list[str] | None = None) -> s
             f'{human_bytes(device["free_bytes"])} free of {human_bytes(total)}; {html.escape(names)}</span>'
             + bar_html(segments, total) + "</div>")
     out.append(legend_html())
+    out.append(remotes_html(snapshot.get("remotes") or []))
     if loaded:
         out.append('<table class="jp-LLM-compare" style="border-collapse:collapse;margin-top:6px;'
                    f'{_DIM}"><tr><th align="left">model</th><th align="left">device</th><th>weights</th>'
@@ -134,6 +135,50 @@ def memory_html(snapshot: dict[str, Any], devices: list[str] | None = None) -> s
     else:
         out.append(f'<div style="{_DIM}">No model is loaded: <code>%llm load smollm2</code> loads the '
                    'default model.</div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _known_bytes(n: Any) -> str:
+    """Bytes a remote reported, or "?" for what it did not report (unknown, not zero)."""
+    return human_bytes(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else "?"
+
+
+def remotes_html(remotes: list[dict[str, Any]]) -> str:
+    """Each remote engine's memory as it reports it, one row per model it has loaded (Ollama's
+    ``/api/ps`` size and size in VRAM; llama-server reports no sizes: "?"). The states are the
+    registry's last poll (:meth:`~jupyter_llm.remote.registry.Remotes.snapshot` never waits), so
+    a remote that has not answered yet shows "checking", one that cannot be reached says so."""
+    if not remotes:
+        return ""
+    out = ['<div class="jp-LLM-remotes" style="margin-top:6px"><b>Remote engines</b>']
+    for r in remotes:
+        state = str(r.get("state") or "unknown")
+        head = (f'<div class="jp-LLM-remote" data-remote="{escape(r.get("name"))}" data-state="{escape(state)}">'
+                f'<b>{escape(r.get("name"))}</b> <span style="{_DIM}">{escape(r.get("url"))} ({escape(r.get("api"))})'
+                f' — ')
+        if state != "reachable":
+            error = (r.get("error") or "").split("; ")[0]  # what happened; `%llm remote list` says what to do
+            shown = {"checking": "checking…", "unknown": "not asked yet"}.get(state, state)
+            style = _DIM if state in ("checking", "unknown") else _ERROR
+            out.append(head + f'<span style="{style}">{escape(shown)}{": " + escape(error) if error else ""}'
+                       "</span></span></div>")
+            continue
+        running = r.get("running") or []
+        out.append(head + (f"{len(running)} model(s) loaded" if running else "no model loaded") + "</span></div>")
+        if running:
+            out.append(f'<table class="jp-LLM-remote-models" style="border-collapse:collapse;{_DIM}"><tr>'
+                       '<th align="left">model</th><th>size</th><th>in VRAM</th><th>context</th><th>slots</th></tr>')
+            for m in running:
+                slots = "?" if m.get("slots") is None else (
+                    f'{m["busy"]}/{m["slots"]} busy' if m.get("busy") is not None else str(m["slots"]))
+                ctx = m.get("context_length")
+                out.append(f'<tr data-remote-model="{escape(m.get("name"))}"><td>{escape(m.get("name"))}</td>'
+                           f'<td align="right">{_known_bytes(m.get("size"))}</td>'
+                           f'<td align="right">{_known_bytes(m.get("size_vram"))}</td>'
+                           f'<td align="right">{escape(ctx) if ctx is not None else "?"}</td>'
+                           f'<td align="right">{escape(slots)}</td></tr>')
+            out.append("</table>")
     out.append("</div>")
     return "".join(out)
 

@@ -186,7 +186,7 @@ class Live:
             response.close()
 
     def cancel(self) -> None:
-        # closing the connection is how an engine learns to stop (docs/notes.md §11)
+        # closing the connection is how an engine learns to stop (docs/notes.md §10)
         with self._lock:
             self.cancelled = True
             response = self._response

@@ -4,7 +4,7 @@ Answers stream as server-sent events from ``/v1/chat/completions`` and ``/v1/com
 What the engine reports about its state is read from whichever of llama-server's ``/slots``
 and ``/props`` and the Prometheus ``/metrics`` (llama-server with ``--metrics``, vLLM) it
 answers; an endpoint it does not have is left out, never an error (what llama-server answers
-is in docs/notes.md §11).
+is in docs/notes.md §10).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 llama.cpp's CPU "extra buffer types" copy quantized weights into interleaved layouts its faster
 kernels read. On one Intel AMX CPU that path segfaults in the first multi-token decode; on an
-AMD EPYC it makes Q4_0 faster and changes nothing for Q8_0 (docs/notes.md §2, §8, §12). So no CPU
+AMD EPYC it makes Q4_0 faster and changes nothing for Q8_0 (docs/notes.md §2, §8, §11). So no CPU
 is trusted blindly: the first load whose dominant weight type this CPU may repack runs a probe
 (``python -m jupyter_llm.worker.repack_probe TYPE``, a process that may die) which compares the
 logits and speed of both paths, and the verdict is kept in ``$JUPYTER_LLM_HOME/repack.json``
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 PROBE_MODULE = "jupyter_llm.worker.repack_probe"
 TIMEOUT = 60.0
 """Seconds a probe may take: ~2 s on 2 quiet cores (~7 s for a K-quant, requantized first), up to
-a minute under a load average of 12 (docs/notes.md §12)."""
+a minute under a load average of 12 (docs/notes.md §11)."""
 ON = "safe+faster"
 CACHE_FILE = "repack.json"
 

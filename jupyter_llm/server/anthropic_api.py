@@ -8,7 +8,9 @@ blocks) first, then ``messages`` whose content is a string or text, ``tool_use``
 a slot of the model's context lets the answer run until the slot is full). Tools
 (``{"name", "description", "input_schema"}``) come back as ``tool_use`` blocks with an ``id``
 and an ``input`` object; ``tool_choice`` is ``auto``, ``any``, ``tool`` (with its ``name``) or
-``none``. Streams are server-sent events: ``message_start``, per block ``content_block_start``,
+``none``. ``output_config.format`` (``json_schema``: structured outputs, what ``messages.parse``
+sends) constrains the text with a grammar. Streams are server-sent events: ``message_start``, per
+block ``content_block_start``,
 ``content_block_delta`` (``text_delta`` / ``input_json_delta``) and ``content_block_stop``,
 then ``message_delta`` (stop reason and usage, the input tokens included) and ``message_stop``.
 Errors have Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``
@@ -29,7 +31,7 @@ from typing import Any
 
 from .backend import UNCHANGED
 from .openai_api import MAX_TOKENS_LIMIT
-from .params import Body, bad, common_sampling, sampling
+from .params import Body, bad, common_sampling, grammar_for, sampling
 from .responses import (
     Streamed,
     ctx,
@@ -163,6 +165,18 @@ def tool_choice_of(body: Body, tools: list[dict[str, Any]] | None) -> Any:
     raise bad("'tool_choice.type' must be auto, any, tool or none", "tool_choice")
 
 
+def _output_schema(body: Body) -> dict[str, Any] | None:
+    """``output_config.format`` (structured outputs, what ``messages.parse`` sends) → its JSON schema."""
+    config = body.obj("output_config")
+    fmt = config.obj("format") if config is not None else None
+    if fmt is None:
+        return None
+    schema = fmt.raw("schema")
+    if fmt.text("type") != "json_schema" or not isinstance(schema, dict):
+        raise bad("'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}", "output_config")
+    return schema
+
+
 def _sampling_fields(body: Body) -> dict[str, Any]:
     thinking = body.obj("thinking")
     if thinking is not None and thinking.text("type") != "disabled":
@@ -204,12 +218,16 @@ async def create(request: Any) -> Any:
     tools = tools_of(body)
     choice = tool_choice_of(body, tools)
     stream = bool(body.flag("stream", False))
+    schema = _output_schema(body)
+    # a forced call keeps its own grammar (chat.start builds it when none is given)
+    forced = tools and choice not in (None, "none")
+    grammar = await run_blocking(grammar_for, schema, "output_config.format") if schema and not forced else None
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
     if options.max_tokens > loaded.n_ctx_per_slot:
         # max_tokens is required, and clients send generous ones (4096, 32000): past what one slot
         # holds, the answer runs until the slot is full and stop_reason says max_tokens
         options = dataclasses.replace(options, max_tokens=None)
-    job = c.backend.start(loaded, "chat", messages, options, None, tools=tools, tool_choice=choice)
+    job = c.backend.start(loaded, "chat", messages, options, grammar, tools=tools, tool_choice=choice)
     if not await until_disconnect(request, job.prime, job.cancel):
         return _gone()
     mid = f"msg_{uuid.uuid4().hex[:24]}"

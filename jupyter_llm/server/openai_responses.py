@@ -25,11 +25,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from ..tools import tool_choice
 from .backend import UNCHANGED
 from .openai_api import MAX_TOKENS_LIMIT, _gone
 from .params import Body, HTTPProblem, bad, common_sampling, grammar_for, sampling
 from .response_store import ResponseStore
 from .responses import Streamed, ctx, endpoint, json_response, problem_from, read_json, run_blocking, until_disconnect
+from .tool_shapes import forced_grammar
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -291,6 +293,8 @@ async def create(request: Any) -> Any:
     stream = bool(body.flag("stream", False))
     answer = Answer(body, name, options, previous, tools, fmt, keep)
     grammar = await run_blocking(grammar_for, schema, "text.format") if schema is not None else None
+    # a forced call's grammar wins over text.format, as on the chat route (tool_shapes)
+    grammar = (await run_blocking(forced_grammar, tools, tool_choice(choice, tools)) if tools else None) or grammar
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
     job = c.backend.start(loaded, "chat", messages, options, grammar, "max_output_tokens", tools=tools,
                           tool_choice=choice)

@@ -48,7 +48,7 @@ from .. import wire
 from . import RequestError
 from .llama import llama_said
 from .prompt_cache import SlotCache, chunk_size
-from .sampler import sampler_chain
+from .sampler import Sampler, sampler_chain
 from .text import TextOut, Vocab
 
 
@@ -56,7 +56,7 @@ from .text import TextOut, Vocab
 class _Request:
     rid: int
     tokens: list[int]
-    chain: Any
+    chain: Sampler
     max_tokens: int | None
     out: TextOut
     seed: int
@@ -302,7 +302,7 @@ class Engine:
             self.cache.decoded(req.slot, [req.last_token])
             req.n_past += 1
         for n, req in enumerate(reqs):
-            self._accept(req, self.L.llama_sampler_sample(req.chain, self.ctx, n), now, n)
+            self._accept(req, req.chain.sample(self.ctx, n), now, n)
 
     def _prompt_step(self, req: _Request) -> None:
         """One chunk of one request's prompt; samples its first token after the last chunk."""
@@ -325,7 +325,7 @@ class Engine:
                 other.n_past = other.n_prompt_done = req.n_past
                 other.waiting = False
             for r in (req, *others):  # each samples the same row with its own chain
-                self._accept(r, self.L.llama_sampler_sample(r.chain, self.ctx, row), now, row)
+                self._accept(r, r.chain.sample(self.ctx, row), now, row)
 
     def _settle_step(self) -> None:
         """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
@@ -412,7 +412,7 @@ class Engine:
             self.cache.released(req.slot, failed=error is not None)
             self.slots[req.slot] = None
             req.slot = -1
-        self.L.llama_sampler_free(req.chain)
+        req.chain.free()
         head = req.head or req
         head.left -= 1
         if head.left <= 0:

@@ -1,7 +1,7 @@
 """Log probabilities of generated tokens, from the logits row each token was sampled from.
 
 Computed only for requests that ask (the engine's per-token cost is zero otherwise; ~1.7 ms per
-token for SmolLM2's vocabulary when asked, docs/notes.md §13), on the
+token for SmolLM2's vocabulary when asked, docs/notes.md §12), on the
 engine thread right after sampling, while the row is still llama.cpp's: the log-softmax of
 the **raw model distribution** over the whole vocabulary. Temperature, top-k/top-p/min-p, a
 repeat penalty or a grammar shape which token is drawn, not these numbers, so a sampled

@@ -2,7 +2,7 @@
 
 llama.cpp's CPU "extra buffer types" repack quantized weights into layouts its faster kernels
 read; on one Intel AMX CPU that path segfaults in the first multi-token decode, on an AMD EPYC
-it makes Q4_0 faster and leaves Q8_0 as it is (docs/notes.md §2, §8, §12). So the kernel asks
+it makes Q4_0 faster and leaves Q8_0 as it is (docs/notes.md §2, §8, §11). So the kernel asks
 this probe, once per machine, llama.cpp build and weight type, in a process of its own that may die.
 
 In ``DIR`` (deleted afterwards) it writes a small random-weight llama model of ``TYPE``
@@ -61,7 +61,7 @@ weights (the timing does not depend on the values), so it is written in seconds.
 BUSY = 2.0
 """Timings are not trusted while the 1-minute load average exceeds the CPUs plus this (the
 probe's own threads): on 2 cores with a load of 12 a decode ran 4-60× slower and the speedups
-measured swung from 1.6× to 4× (docs/notes.md §12)."""
+measured swung from 1.6× to 4× (docs/notes.md §11)."""
 BATCH = 32
 """Tokens of the compared batch (all with logits) and of the timed prompt batch."""
 DECODE_STEPS, REPEATS = 8, 5
@@ -70,7 +70,7 @@ SLACK, FLOOR = 1.5, 1e-3
 """Repacked logits may be off the exact (F32) ones by at most SLACK × what the unrepacked
 kernels are off, plus FLOOR × the largest logit. Both kernels quantize the activations to 8
 bits, so both are ~2-3 % off the exact product; repacking only reorders the sums (measured:
-docs/notes.md §12). A wrong layout is off by the logits' own size."""
+docs/notes.md §11). A wrong layout is off by the logits' own size."""
 FASTER = 1.03
 """Repacked must be at least this much faster per decode step (and no slower on the prompt)
 to be turned on: below that the gain is within a shared machine's noise."""

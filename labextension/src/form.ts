@@ -53,6 +53,14 @@ export class LoadForm {
       type: 'checkbox',
       class: 'jp-LLM-flash-attn'
     }) as HTMLInputElement;
+    this._rpc = input(
+      'rpc',
+      '',
+      'llama.cpp RPC servers (host:port, comma-separated)'
+    );
+    this._rpc.placeholder = 'host:port, … (trusted networks only)';
+    // every estimate connects to the servers: price when the field is left, not on each key
+    this._rpc.addEventListener('change', options.changed);
     for (const el of [
       this._name,
       this._gpuLayers,
@@ -79,6 +87,7 @@ export class LoadForm {
       row('KV cache', this._kvType),
       row('Flash attention', this._flashAttn),
       row('Parallel slots', this._parallel),
+      row('RPC servers', this._rpc),
       this._estimate,
       h(
         'div',
@@ -107,7 +116,8 @@ export class LoadForm {
       context: this._context.value,
       kvType: this._kvType.value,
       flashAttn: this._flashAttn.checked,
-      parallel: this._parallel.value
+      parallel: this._parallel.value,
+      rpc: this._rpc.value
     });
   }
 
@@ -150,6 +160,9 @@ export class LoadForm {
     if (!est.fits && est.suggestion) {
       box.append(h('p', { class: 'jp-LLM-error' }, est.suggestion));
     }
+    for (const warning of est.warnings ?? []) {
+      box.append(h('p', { class: 'jp-LLM-error jp-LLM-warning' }, warning));
+    }
   }
 
   private _estimate = h('div', { class: 'jp-LLM-estimate' });
@@ -159,4 +172,5 @@ export class LoadForm {
   private _parallel: HTMLInputElement;
   private _kvType: HTMLSelectElement;
   private _flashAttn: HTMLInputElement;
+  private _rpc: HTMLInputElement;
 }

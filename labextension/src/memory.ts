@@ -274,6 +274,48 @@ export interface IOptionsForm {
   kvType: string;
   flashAttn: boolean;
   parallel: string;
+  /** llama.cpp rpc-servers, `host:port` separated by commas; empty or absent: none. */
+  rpc?: string;
+}
+
+/** At most this many rpc-servers (llama.cpp's GGML_RPC_MAX_SERVERS). */
+export const MAX_RPC_SERVERS = 16;
+
+/**
+ * `"a:1, B:2"` → `["a:1", "b:2"]`, or a message that says what to type instead. The same rules
+ * as the kernel's parser (jupyter_llm/memory/rpc_endpoints.py), so a bad endpoint is named here
+ * before any request; llama.cpp splits an endpoint at its first colon, so no IPv6 addresses.
+ */
+export function parseEndpoints(text: string): string[] | string {
+  const found: string[] = [];
+  for (const item of text.split(',')) {
+    const value = item.trim();
+    if (value === '') {
+      continue;
+    }
+    const usage = `RPC servers: "${value}" is not HOST:PORT, e.g. 192.168.1.20:50052`;
+    const colon = value.lastIndexOf(':');
+    const host = value.slice(0, Math.max(colon, 0));
+    const port = value.slice(colon + 1);
+    if (colon < 0 || host === '' || !/^\d+$/.test(port) || /\s/.test(host)) {
+      return usage;
+    }
+    if (host.includes(':') || host.startsWith('[')) {
+      return `${usage} (llama.cpp's RPC backend takes no IPv6 addresses)`;
+    }
+    const number = Number(port);
+    if (number < 1 || number > 65535) {
+      return `${usage} (port ${number} is outside 1-65535)`;
+    }
+    const endpoint = `${host.toLowerCase()}:${number}`;
+    if (!found.includes(endpoint)) {
+      found.push(endpoint);
+    }
+  }
+  if (found.length > MAX_RPC_SERVERS) {
+    return `RPC servers: at most ${MAX_RPC_SERVERS}, not ${found.length}`;
+  }
+  return found;
 }
 
 /** Form text → load options, or an error message that says what to type instead. */
@@ -307,13 +349,19 @@ export function parseOptions(form: IOptionsForm): ILoadOptions | string {
   if (!['f16', 'q8_0', 'q4_0'].includes(form.kvType)) {
     return 'KV type: choose f16, q8_0 or q4_0';
   }
-  return {
+  const rpc = parseEndpoints(form.rpc ?? '');
+  if (typeof rpc === 'string') {
+    return rpc;
+  }
+  const options: ILoadOptions = {
     gpu_layers: gpuLayers as number | 'auto',
     n_ctx: context as number | 'auto',
     kv_type: form.kvType as ILoadOptions['kv_type'],
     flash_attn: form.flashAttn,
     parallel
   };
+  // none: the request stays as it was before rpc-servers (the kernel's default is none)
+  return rpc.length > 0 ? { ...options, rpc } : options;
 }
 
 /**

@@ -268,8 +268,15 @@ export class LLMPanel extends Widget {
     this._busy.add(busyKey);
     this._setMessage('info', `${action}…`);
     try {
-      await client.request(action, args);
-      this._setMessage('info', done);
+      const result = await client.request<unknown>(action, args);
+      // a load on an rpc-server outside private networks comes back with the kernel's warning
+      const warnings = (result as { warnings?: unknown } | null)?.warnings;
+      this._setMessage(
+        'info',
+        Array.isArray(warnings) && warnings.length > 0
+          ? `${done} — warning: ${warnings.join(' ')}`
+          : done
+      );
     } catch (error) {
       const e = error as RequestError;
       this._setMessage(

@@ -51,6 +51,8 @@ export interface IEstimate {
   source?: string;
   notes?: string[];
   suggestion?: string | null;
+  /** What the user must know before loading (an rpc-server outside private networks). */
+  warnings?: string[];
 }
 
 export interface IDevice {
@@ -89,6 +91,8 @@ export interface ILoadOptions {
   parallel: number;
   threads?: number | null;
   keep_alive?: number | null;
+  /** llama.cpp rpc-servers (`host:port`) whose devices take layers like GPUs. */
+  rpc?: string[];
 }
 
 export interface ILoadedModel {

@@ -8,6 +8,7 @@ import {
   estimateSegments,
   humanBytes,
   modelShares,
+  parseEndpoints,
   parseOptions,
   percent,
   visibleDevices
@@ -277,6 +278,47 @@ describe('parseOptions', () => {
       parseOptions({ ...form, parallel: '0' }) as string,
       /parallel/
     );
+  });
+  it('sends rpc-servers only when some are given', () => {
+    assert.equal(
+      'rpc' in (parseOptions({ ...form, rpc: ' , ' }) as object),
+      false
+    );
+    assert.deepEqual(
+      (parseOptions({ ...form, rpc: '127.0.0.1:50052' }) as { rpc: string[] })
+        .rpc,
+      ['127.0.0.1:50052']
+    );
+    assert.match(
+      parseOptions({ ...form, rpc: '127.0.0.1' }) as string,
+      /RPC servers: "127.0.0.1" is not HOST:PORT/
+    );
+  });
+});
+
+describe('parseEndpoints', () => {
+  it('normalises like the kernel: trimmed, host lower-cased, each once', () => {
+    assert.deepEqual(
+      parseEndpoints(' GPU-Box:50052, 10.0.0.2:2,gpu-box:50052 '),
+      ['gpu-box:50052', '10.0.0.2:2']
+    );
+    assert.deepEqual(parseEndpoints(''), []);
+  });
+  it('names the endpoint that is wrong and what to type', () => {
+    for (const [bad, says] of [
+      ['no-port', /"no-port" is not HOST:PORT, e.g. 192.168.1.20:50052/],
+      [':50052', /is not HOST:PORT/],
+      ['host:port', /is not HOST:PORT/],
+      ['my host:1', /is not HOST:PORT/],
+      ['host:0', /port 0 is outside 1-65535/],
+      ['host:70000', /port 70000 is outside 1-65535/],
+      ['::1:50052', /no IPv6 addresses/],
+      ['[::1]:50052', /no IPv6 addresses/]
+    ] as [string, RegExp][]) {
+      assert.match(parseEndpoints(bad) as string, says, bad);
+    }
+    const many = Array.from({ length: 17 }, (_, i) => `h:${i + 1}`).join(',');
+    assert.match(parseEndpoints(many) as string, /at most 16, not 17/);
   });
 });
 

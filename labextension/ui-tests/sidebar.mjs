@@ -4,7 +4,7 @@
 //
 // Environment: LAB_URL (http://127.0.0.1:PORT), LAB_TOKEN, NOTEBOOK (path in the lab's root),
 // PULL_NAME (what to type into the pull box), ARTIFACTS (screenshot folder), CHROMIUM (binary),
-// PROFILE (a fresh profile directory).
+// PROFILE (a fresh profile directory); RPC_ENDPOINT (optional: a loopback rpc-server to price).
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -163,6 +163,37 @@ async function main() {
     await page.locator(`${sidebar} .jp-LLM-load-name`).fill(model);
     await page.waitForSelector(`${sidebar} .jp-LLM-estimate .jp-LLM-bar`);
     report.estimate_caption = await page.locator(`${sidebar} .jp-LLM-estimate`).innerText();
+
+    // 3b. the RPC servers field: a real rpc-server on loopback is priced as a device of its own
+    const rpcField = page.locator(`${sidebar} .jp-LLM-rpc`);
+    await rpcField.waitFor();
+    report.rpc_field = await rpcField.getAttribute('aria-label');
+    const endpoint = process.env.RPC_ENDPOINT;
+    if (endpoint) {
+      const estimate = page.locator(`${sidebar} .jp-LLM-estimate`);
+      await page.locator(`${sidebar} .jp-LLM-gpu-layers`).fill('31');
+      await rpcField.fill(endpoint);
+      await rpcField.press('Tab'); // priced when the field is left: each estimate connects to the server
+      await estimate.locator('.jp-LLM-caption', { hasText: `RPC0[${endpoint}]` }).first().waitFor();
+      report.rpc_estimate = await estimate.innerText();
+      await shot(page, '02b-rpc-estimate-light');
+      await rpcField.fill('no-port');
+      await rpcField.press('Tab');
+      await estimate.locator('.jp-LLM-error', { hasText: 'HOST:PORT' }).waitFor();
+      report.rpc_error = await estimate.innerText();
+      await rpcField.fill('');
+      await rpcField.press('Tab');
+      await page.locator(`${sidebar} .jp-LLM-gpu-layers`).fill('auto');
+      await page.waitForFunction(
+        s => {
+          const text = document.querySelector(`${s} .jp-LLM-estimate`)?.textContent ?? '';
+          return text.includes('CPU: needs') && !text.includes('RPC0[');
+        },
+        sidebar,
+        { timeout: STEP_TIMEOUT, polling: 200 }
+      );
+      step('priced an rpc-server from the load form', { endpoint });
+    }
     await cached.locator('.jp-LLM-load-cached').click();
     const card = page.locator(`${sidebar} .jp-LLM-card[data-model="${model}"]`);
     await card.waitFor();
