@@ -194,6 +194,8 @@ def tool_choice(choice: Any, specs: list[dict[str, Any]]) -> str | None:
 def call_schema(specs: list[dict[str, Any]], choice: str) -> dict[str, Any]:
     """The JSON schema of one call of the allowed functions (``choice`` "required": any)."""
     allowed = [s for s in specs if choice == "required" or s["function"]["name"] == choice]
+    if not allowed:  # a choice not normalised by tool_choice(): never an empty grammar
+        raise ValueError(f"no tool matches tool_choice {choice!r}")
     options = []
     for spec in allowed:
         parameters = dict(spec["function"]["parameters"] or {})

@@ -164,6 +164,20 @@ def test_the_call_schema_allows_exactly_the_named_functions() -> None:
     assert validate(ADD, {"a": 1, "b": 2}) == [] and validate(ADD, {"a": 1})
 
 
+def test_a_raw_tool_choice_never_makes_an_empty_grammar() -> None:
+    from jupyter_llm.server.params import HTTPProblem
+    from jupyter_llm.server.tool_shapes import forced_grammar
+
+    specs = tool_specs(TOOLS)
+    raw = forced_grammar(specs, {"type": "function", "function": {"name": "add"}})  # as a client sends it
+    assert raw is not None and raw == forced_grammar(specs, "add") and "root ::=" in raw
+    assert forced_grammar(specs, "none") is None and forced_grammar(specs, None) is None
+    with pytest.raises(HTTPProblem, match="not among the tools"):
+        forced_grammar(specs, {"name": "nope"})
+    with pytest.raises(ValueError, match="no tool matches"):
+        call_schema(specs, "nope")
+
+
 def test_templates_without_tools_get_them_in_the_system_prompt() -> None:
     chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [

@@ -41,7 +41,13 @@ def read_tools(body: Body, *, options: Body | None = None) -> tuple[list[dict[st
 
 def forced_grammar(specs: list[dict[str, Any]], choice: Any) -> str | None:
     """The grammar of a forced call (tool_choice required or named), else None; 400 past the bounds."""
-    if not specs or choice in (None, "none"):
+    if not specs:
+        return None
+    try:
+        choice = tool_choice(choice, specs)  # idempotent: a raw choice must not make an empty grammar
+    except ValueError as exc:
+        raise bad(str(exc), "tool_choice") from None
+    if choice in (None, "none"):
         return None
     try:
         return call_grammar(specs, choice)
