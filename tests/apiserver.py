@@ -34,6 +34,15 @@ def running_server(model_path: Path, root: Path, **settings: Any) -> Iterator[tu
         manager.close()
 
 
+@contextmanager
+def openai_client(server: api.Server) -> Iterator[Any]:
+    """The official openai client on the server's ``/v1``, with its token and no retries."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0) as client:
+        yield client
+
+
 def auth(server: api.Server) -> dict[str, str]:
     return {"Authorization": f"Bearer {server.token}"}
 

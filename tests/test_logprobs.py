@@ -19,7 +19,7 @@ import pytest
 import jupyter_llm as llm
 from jupyter_llm import manager as manager_module
 from jupyter_llm.store.sources import Pulled
-from tests.apiserver import MODEL, auth, running_server, worker_stats
+from tests.apiserver import MODEL, auth, openai_client, running_server, worker_stats
 
 HI = [{"role": "user", "content": "Name three colours."}]
 K = 4
@@ -33,8 +33,7 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture
 def client(served: Any) -> Iterator[openai.OpenAI]:
-    _, server = served
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0) as c:
+    with openai_client(served[1]) as c:
         yield c
 
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.apiserver import MODEL, auth, running_server
+from tests.apiserver import MODEL, auth, openai_client, running_server
 
 HI = [{"role": "user", "content": "Say hello."}]
 
@@ -26,8 +26,7 @@ def served(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture
 def client(served: Any) -> Iterator[openai.OpenAI]:
-    _, server = served
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0) as c:
+    with openai_client(served[1]) as c:
         yield c
 
 

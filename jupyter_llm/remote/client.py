@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotFoundError, RemoteEngineError
 from ..options import SamplingOptions
-from ..runtime.stream import Chunk, Completion
+from ..runtime.stream import Answering, Chunk, Completion
 
 if TYPE_CHECKING:
     import httpx
@@ -197,7 +197,7 @@ class Live:
                 pass
 
 
-class RemoteStream:
+class RemoteStream(Answering):
     """Chunks of one remote answer as they come; ``.result`` is the Completion (as Stream)."""
 
     dropped: int | None = 0
@@ -216,9 +216,6 @@ class RemoteStream:
         self._error: BaseException | None = None
         self._early: list[Chunk] = []
         self._lock = threading.Lock()
-
-    def __iter__(self) -> Iterator[Chunk]:
-        return self
 
     def __next__(self) -> Chunk:
         if self._early:
@@ -283,28 +280,10 @@ class RemoteStream:
         self._early.append(chunk)
         return 0
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None or self._error is not None
-
-    @property
-    def result(self) -> Completion:
-        for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
-
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
-
     def cancel(self) -> None:
         """Stop the answer: its connection is closed (returns at once, from any thread)."""
         if not self.done:
             self._live.cancel()
-
-    def __enter__(self) -> RemoteStream:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if not self.done:

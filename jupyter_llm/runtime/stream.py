@@ -106,7 +106,51 @@ class Completion:
     index: int = 0
 
 
-class Stream:
+class Answering:
+    """What a local :class:`Stream` and a remote engine's stream share: iterating chunks, the
+    completion once it ends, the text so far, and a ``with`` block that cancels an unfinished
+    answer. Subclasses set ``_parts``, ``_result`` and ``_error`` and define ``__next__`` and
+    ``cancel``."""
+
+    _parts: list[str]
+    _result: Completion | None
+    _error: BaseException | None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self
+
+    def __next__(self) -> Chunk:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    @property
+    def result(self) -> Completion:
+        """The completion; reads the rest of the stream first if needed."""
+        for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    def __enter__(self) -> Answering:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.done:
+            self.cancel()
+
+
+class Stream(Answering):
     """Chunks of one generation as they come; ``.result`` is the :class:`Completion`.
 
     Iterating blocks on the worker, never polls. A KeyboardInterrupt while iterating (the
@@ -132,9 +176,6 @@ class Stream:
         """Chat with fitting: how many of the oldest messages the worker dropped to make the
         conversation fit (known once the first message arrived, see :meth:`fitted`)."""
         self._early: list[Chunk] = []
-
-    def __iter__(self) -> Iterator[Chunk]:
-        return self
 
     def __next__(self) -> Chunk:
         if self._early:
@@ -243,34 +284,10 @@ class Stream:
                 if not self._rt.alive:
                     return
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None or self._error is not None
-
-    @property
-    def result(self) -> Completion:
-        """The completion; reads the rest of the stream first if needed."""
-        for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
-
     def cancel(self) -> None:
         """Ask the worker to stop this generation (returns at once; the stream ends "cancelled")."""
         if not self.done:
             self._rt._send_quietly((wire.CANCEL, self._rid))
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.done:
-            self.cancel()
 
     def __del__(self) -> None:
         # May run inside the garbage collector, even in a thread that is halfway through a
@@ -282,4 +299,4 @@ class Stream:
             pass
 
 
-__all__ = ["Chunk", "Completion", "Stream"]
+__all__ = ["Answering", "Chunk", "Completion", "Stream"]

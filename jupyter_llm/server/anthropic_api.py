@@ -258,18 +258,13 @@ async def _events(base: dict[str, Any], job: Any) -> Any:
              "usage": {"input_tokens": 0, "output_tokens": 0}}
     yield _event("message_start", message=start)
     opened = False
-    result = None
     try:
-        async for item in job.events():
-            if not hasattr(item, "n_tokens"):  # the Completion, last
-                result = item
-                continue
-            if not item.text:
-                continue
+        async for text in job.texts():
             if not opened:
                 opened = True
                 yield _event("content_block_start", index=0, content_block={"type": "text", "text": ""})
-            yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": item.text})
+            yield _event("content_block_delta", index=0, delta={"type": "text_delta", "text": text})
+        result = job.result
         if result is None:
             raise bad("the generation was cancelled")
         calls = job.tool_calls

@@ -456,19 +456,19 @@ class Job:
             if self.result is None:
                 self.cancel()
 
+    async def texts(self) -> AsyncIterator[str]:
+        """The first answer's text as it comes (non-empty pieces; the further choices' texts are
+        in ``results``); once it ends ``result`` holds the Completion (None: cancelled)."""
+        async for item in self.events():
+            if hasattr(item, "n_tokens") and item.text and not getattr(item, "index", 0):
+                yield item.text
+
     async def collect(self) -> tuple[str, Any]:
         """The whole text and the Completion."""
-        parts = []
-        result = None
-        async for item in self.events():
-            if hasattr(item, "n_tokens"):
-                if not getattr(item, "index", 0):  # the further choices' texts are in job.results
-                    parts.append(item.text)
-            else:
-                result = item
-        if result is None:
+        parts = [text async for text in self.texts()]
+        if self.result is None:
             raise bad("the generation was cancelled")
-        return "".join(parts), result
+        return "".join(parts), self.result
 
     def cancel(self) -> None:
         """Stop the generation (the client went away); the worker frees the slot right after."""

@@ -332,19 +332,14 @@ async def _events(answer: Answer, job: Any, remember: Any) -> Any:
     opened = False
     where = {"output_index": 0, "item_id": mid}
     try:
-        result = None
-        async for item in job.events():
-            if not hasattr(item, "n_tokens"):  # the Completion, last
-                result = item
-                continue
-            if not item.text:
-                continue
+        async for text in job.texts():
             if not opened:
                 opened = True
                 for piece in _open_message(event, mid):
                     yield piece
-            parts.append(item.text)
-            yield event("response.output_text.delta", **where, content_index=0, delta=item.text, logprobs=[])
+            parts.append(text)
+            yield event("response.output_text.delta", **where, content_index=0, delta=text, logprobs=[])
+        result = job.result
         if result is None:
             raise bad("the generation was cancelled")
         text, calls = "".join(parts), job.tool_calls

@@ -28,6 +28,7 @@ class Sampler:
     def __init__(self, L: Any, chain: Any, grammar: Any, n_vocab: int) -> None:
         self.L, self.chain, self.grammar, self.n_vocab = L, chain, grammar, n_vocab
         self._buf: Any = None
+        self._ids: Any = None
         self._one = (L.llama_token_data * 1)()
 
     def sample(self, ctx: Any, idx: int) -> int:
@@ -56,7 +57,8 @@ class Sampler:
             dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
             assert dtype.itemsize == ctypes.sizeof(self.L.llama_token_data)
             self._buf = np.zeros(self.n_vocab, dtype)
-        self._buf["id"] = np.arange(self.n_vocab, dtype=np.int32)
+            self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._buf["id"] = self._ids  # again each time: the samplers sort the candidates in place
         self._buf["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         self._buf["p"] = 0.0
         data = self._buf.ctypes.data_as(ctypes.POINTER(self.L.llama_token_data))
