@@ -34,7 +34,7 @@ def kernel_round(kernel: object, tokens: int) -> dict[str, float]:
     seen: list[tuple[float, str]] = []
 
     def on_message(msg: dict) -> None:
-        if msg["msg_type"] == "update_display_data":
+        if msg["msg_type"] in ("display_data", "update_display_data"):
             seen.append((time.perf_counter(), msg["content"]["data"].get("text/markdown", "")))
 
     t0 = time.perf_counter()

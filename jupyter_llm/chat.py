@@ -106,6 +106,10 @@ class Turn:
         """What the user must be told about fitting, or None."""
         return fit_notice(self.dropped, self.n_ctx)
 
+    def arrived(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the answer's first chunk (see Answering.arrived)."""
+        return self.stream.arrived(timeout)
+
     def __iter__(self) -> Iterator[Chunk]:
         try:
             if self._calls is None:

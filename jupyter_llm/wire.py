@@ -39,6 +39,10 @@ ERROR = "error"
 LOG = "log"
 CLOSED = "closed"
 PONG = "pong"
+STEP = "step"
+"""Several of the messages above in one: what one decode step of the engine produced for the
+requests it serves (tokens, ends), in order. One write and one wake-up of the kernel's reader
+per step instead of one per generating request."""
 CRASH = "crash"
 """Not sent by the worker: the kernel's reader puts it into every waiting inbox when it dies."""
 

@@ -111,3 +111,49 @@ def test_bad_chat_options_are_usage_errors_that_say_what_to_fix(shell: Any) -> N
         run_chat_cell(shell, None, '--system "unclosed', "Hi")
     with pytest.raises(UsageError, match="markdown"):
         run_chat_cell(shell, None, "--format html", "Hi")
+
+
+class _Displayed:
+    """What IPython's display() was given, and the handles' updates."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def display(self, obj: Any, display_id: bool = False, **kw: Any) -> Any:
+        self.calls.append(("display", repr(obj)))
+        recorder = self
+
+        class Handle:
+            def update(self, obj: Any, **kw: Any) -> None:
+                recorder.calls.append(("update", repr(obj)))
+
+        return Handle()
+
+
+@pytest.mark.parametrize("first_token_soon", [True, False])
+def test_the_cursor_is_drawn_only_when_the_first_token_is_late(monkeypatch: pytest.MonkeyPatch,
+                                                               first_token_soon: bool) -> None:
+    import IPython.display
+
+    from jupyter_llm.notebook.chatcell import PLACEHOLDER_AFTER_S, _CellView
+
+    shown = _Displayed()
+    monkeypatch.setattr(IPython.display, "display", shown.display)
+    waited: list[float] = []
+
+    def arrived(timeout: float) -> bool:
+        waited.append(timeout)
+        return first_token_soon
+
+    view = _CellView(Renderer("markdown"))
+    view.begin(arrived)
+    assert waited == [PLACEHOLDER_AFTER_S]
+    view.update("Hello", "Hello")
+    view.end("Hello there", "stats", {})
+    kinds = [kind for kind, _ in shown.calls]
+    if first_token_soon:  # the first output is the answer itself, then redrawn in place
+        assert kinds == ["display", "update"] and "Hello" in shown.calls[0][1]
+    else:  # the empty answer with its cursor first, then redrawn in place
+        assert kinds[0] == "display" and "Hello" not in shown.calls[0][1] and "▌" in shown.calls[0][1]
+        assert set(kinds[1:]) == {"update"}
+    assert "Hello there" in shown.calls[-1][1] and "▌" not in shown.calls[-1][1]

@@ -53,6 +53,24 @@ def test_chat_streams_into_the_cell_in_several_steps(kernel: Kernel) -> None:
     assert "tok/s" in plain[-1] and not any("<IPython" in p for p in plain), "text/plain carries the answer"
 
 
+def test_a_late_first_token_shows_the_cursor_until_it_comes(kernel: Kernel) -> None:
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1 --parallel 1")
+    # The one slot is busy with a long answer (far more than PLACEHOLDER_AFTER_S on any CPU), so
+    # the cell's first token waits: the empty answer with its cursor is drawn meanwhile.
+    kernel.ok("import threading, time, jupyter_llm as _llm\n_m = _llm.Model('smollm2')\n"
+              "_bg = threading.Thread(target=lambda: _m.chat('Tell a long story.', temperature=0, max_tokens=400))\n"
+              "_bg.start(); time.sleep(0.5)")
+    try:
+        run = kernel.ok("%%chat --new --temperature 0 --max-tokens 8 --seed 1\nSay hi.")
+    finally:
+        kernel.ok("_bg.join()")
+    shown = [m["content"]["data"].get("text/markdown", "") for m in run.messages if m["msg_type"] == "display_data"]
+    assert shown and shown[0].strip() == "▌", shown
+    final = run.updates()[-1]["content"]
+    assert final["metadata"]["jupyter_llm"]["completion_tokens"] > 0
+    assert "▌" not in final["data"]["text/markdown"]
+
+
 def test_chat_metadata_records_how_the_model_was_loaded(kernel: Kernel) -> None:
     from importlib.metadata import version
 

@@ -250,6 +250,23 @@ def test_two_slots_decode_together_and_match_sequential_greedy_runs(rt: Runtime)
     assert [results[0], results[1]] == sequential
 
 
+def test_arrived_waits_for_the_first_chunk_and_keeps_it_for_iteration(rt: Runtime) -> None:
+    sampling = SamplingOptions(temperature=0.0, max_tokens=16)
+    ask = [{"role": "user", "content": "Name a colour."}]
+    expected = rt.chat(ask, sampling).result.text
+    long = SamplingOptions(temperature=0.0, max_tokens=400)
+    busy = [rt.chat([{"role": "user", "content": f"Tell story number {i}."}], long) for i in range(2)]
+    for stream in busy:
+        next(iter(stream))  # both slots generate: 400 tokens take far longer than 50 ms on a CPU
+    waiting = rt.chat(ask, sampling)
+    assert waiting.arrived(0.05) is False  # queued behind them: nothing yet, and nothing consumed
+    for stream in busy:
+        stream.cancel()
+    assert waiting.arrived(60) is True
+    assert waiting.arrived(0) is True  # the kept chunk is still there
+    assert "".join(c.text for c in waiting) == expected == waiting.result.text
+
+
 def test_stats_count_requests_and_tokens(rt: Runtime) -> None:
     before = rt.stats()
     result = rt.generate("Hello", SamplingOptions(temperature=0.0, max_tokens=3)).result

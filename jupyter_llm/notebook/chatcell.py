@@ -9,11 +9,12 @@ prompt is safe; a reference to a cell that has no such input, output or exceptio
 Drawing depends on the front end. Where there is one that renders (a kernel), tokens arrive
 from the worker as fast as it makes them and the output is redrawn at most every
 ``REDRAW_SECONDS`` (less often when a redraw gets expensive), so rendering Markdown never holds
-generation back; the final redraw adds a statistics line naming the model and metadata
-recording how the answer was made (model, sha256, load options, llama.cpp's version, sampling,
-seed, system prompt, what was substituted), so an output can be reproduced. In a terminal
-(no kernel) every display would be printed anew, so the answer is written to stdout as it
-comes, once.
+generation back; the empty answer with its cursor is drawn only when the first token is slow
+(``PLACEHOLDER_AFTER_S``), since drawing costs CPU the prompt's evaluation needs. The final
+redraw adds a statistics line naming the model and metadata recording how the answer was made
+(model, sha256, load options, llama.cpp's version, sampling, seed, system prompt, what was
+substituted), so an output can be reproduced. In a terminal (no kernel) every display would be
+printed anew, so the answer is written to stdout as it comes, once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -32,6 +33,8 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 
 REDRAW_SECONDS = 0.1
+PLACEHOLDER_AFTER_S = 0.3
+"""A cell shows the empty answer (its cursor) only when the first token takes longer than this."""
 TRACEBACK_LINES = 40
 """Lines of a traceback sent to the model at most: the first few and the innermost frames."""
 
@@ -212,7 +215,7 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
                             f"was with {before} so far (`%%chat -m {before}` goes back to it)")
             for note in [*turn.load_notices, *([turn.notice] if turn.notice else [])]:
                 view.notice(note)
-            view.begin()
+            view.begin(getattr(turn, "arrived", None))
             for chunk in turn:
                 text += chunk.text
                 renderer.thinking += getattr(chunk, "thinking", "")  # drawn collapsed above the answer
@@ -397,15 +400,25 @@ class _CellView:
 
         display(Notice(text))
 
-    def begin(self) -> None:
+    def begin(self, arrived: Callable[[float], bool] | None = None) -> None:
+        """The empty answer with its cursor, unless the first chunk comes within
+        ``PLACEHOLDER_AFTER_S`` (``arrived`` waits for it): drawing it at once costs the kernel
+        CPU while the worker evaluates the prompt on the same cores, ~15 ms of first token on 2
+        cores, and for a short prompt the first token is as soon."""
         from IPython.display import display
 
-        # Drawn while the worker evaluates the prompt, off the path to the first token.
+        if arrived is not None and arrived(PLACEHOLDER_AFTER_S):
+            return
         self.handle = display(self.renderer.render("", final=False), display_id=True)
 
     def update(self, text: str, piece: str) -> None:
         now = time.perf_counter()
-        if now - self.last >= self.interval:
+        if self.handle is None:  # the first chunk came before the placeholder was due
+            from IPython.display import display
+
+            self.handle = display(self.renderer.render(text, final=False), display_id=True)
+            self.last = time.perf_counter()
+        elif now - self.last >= self.interval:
             self.handle.update(self.renderer.render(text, final=False))
             self.last = time.perf_counter()
             # Redrawing costs more as the answer grows; keep it under ~5 % of the time so the
@@ -431,7 +444,7 @@ class _TerminalView:
     def notice(self, text: str) -> None:
         print(repr(Notice(text)), flush=True)
 
-    def begin(self) -> None:
+    def begin(self, arrived: Callable[[float], bool] | None = None) -> None:
         pass
 
     def update(self, text: str, piece: str) -> None:

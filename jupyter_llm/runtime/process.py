@@ -410,10 +410,11 @@ class Runtime:
                 break
             self._heard_at = time.monotonic()
             kind = msg[0]
-            if kind in _ROUTED:
-                inbox = self._pending.get(msg[1])
-                if inbox is not None:
-                    inbox.put(msg)
+            if kind in _ROUTED or kind == wire.STEP:  # a step: one decode's messages for several requests
+                for part in msg[1] if kind == wire.STEP else (msg,):
+                    inbox = self._pending.get(part[1])
+                    if inbox is not None:
+                        inbox.put(part)
             elif kind == wire.LOG:
                 self._log(msg[1], msg[2])
             elif kind in (wire.LOADED, wire.LOAD_ERROR):

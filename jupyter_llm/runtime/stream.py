@@ -125,6 +125,11 @@ class Answering:
     def cancel(self) -> None:
         raise NotImplementedError
 
+    def arrived(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the first chunk (kept for iteration) or the end;
+        whether one came. Here: False at once (a stream that cannot tell)."""
+        return self.done
+
     @property
     def done(self) -> bool:
         return self._result is not None or self._error is not None
@@ -192,6 +197,25 @@ class Stream(Answering):
         except KeyboardInterrupt:
             self._interrupted()
             raise
+
+    def arrived(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        try:
+            while not (self._early or self.done):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    msg = self._inbox.get(timeout=left)
+                except queue.Empty:
+                    return False
+                chunk = self._take(msg)
+                if chunk is not None:
+                    self._early.append(chunk)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        return True
 
     def fitted(self) -> int:
         """Wait until the worker has fitted the conversation and return how many messages it

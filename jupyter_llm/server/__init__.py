@@ -10,6 +10,7 @@ the notebook loaded and loads others on demand. Modules:
 - :mod:`.ollama_api`  Ollama's routes (NDJSON streams)
 - :mod:`.openai_api`  OpenAI's routes (server-sent events)
 - :mod:`.backend`     model lookup and loading, the bounded queue, generation jobs
+- :mod:`.handoff`     chunks from a job's thread to the event loop, one wake-up per batch
 - :mod:`.params`      request validation and option mapping
 - :mod:`.responses`   answers, errors in each API's shape, disconnect-aware streams
 - :mod:`.metrics`     Prometheus text format, the workers' stats cache

@@ -9,11 +9,11 @@ model's notices say so; of one with more, the API uses ``parallel`` (its request
 wait for a slot in the server, not in the worker).
 
 Each generation is a :class:`Job`. Its worker stream is read in a pump thread (iterating a
-stream blocks) which hands chunks to the event loop through an asyncio queue; while it runs,
-the model is marked busy (so keep_alive never unloads it mid-answer) and it holds a place in
-the model's bounded queue: ``slots + max_queue`` requests per model are admitted, the next
-gets 503 with Retry-After. :meth:`Job.cancel` (a client that went away) stops the generation
-in the worker, which frees its slot at the next decode step.
+stream blocks) which hands chunks to the event loop (:class:`~.handoff.Handoff`, one wake-up
+per batch of chunks); while it runs, the model is marked busy (so keep_alive never unloads it
+mid-answer) and it holds a place in the model's bounded queue: ``slots + max_queue`` requests
+per model are admitted, the next gets 503 with Retry-After. :meth:`Job.cancel` (a client that
+went away) stops the generation in the worker, which frees its slot at the next decode step.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import ModelLoadError, ModelNotFoundError
 from ..options import DEFAULT_CTX_PER_SLOT, LoadOptions
+from .handoff import Handoff
 from .metrics import Metrics
 from .params import HTTPProblem, bad, check_max_tokens
 
@@ -353,8 +354,7 @@ class Job:
         self.sampling = sampling
         self.grammar = grammar
         self._release = release
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._handoff = Handoff(asyncio.get_running_loop())
         self._stream: Any = None
         self._cancelled = threading.Event()
         self._first: Any = None
@@ -375,7 +375,7 @@ class Job:
 
     def _put(self, item: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._handoff.put(item)
         except RuntimeError:  # the event loop is gone (server stopped): nobody listens any more
             self.cancel()
 
@@ -429,7 +429,7 @@ class Job:
 
     async def prime(self) -> bool:
         """Wait for the first chunk (or the end); raise at once if the request failed."""
-        first = await self._queue.get()
+        first = await self._handoff.get()
         if isinstance(first, BaseException):
             raise first
         self._first = first
@@ -444,7 +444,7 @@ class Job:
                 if not hasattr(item, "n_tokens"):
                     return
             while True:
-                item = await self._queue.get()
+                item = await self._handoff.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):

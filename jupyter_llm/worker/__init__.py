@@ -9,6 +9,7 @@ the two processes) and :mod:`jupyter_llm.errors`. The kernel starts these module
 ``llama``              ctypes helpers: llama.cpp's own words for a failure, metadata, ggml libs
 ``prep``               one thread per request: render, tokenize, fit, sampler (cancellable)
 ``engine``             the decode loop: slots, continuous batching, sampling, ``n`` answers per prompt
+``generation``         one answer being generated: slot, prompt progress, sampler, text out
 ``sampler``            the sampler chain of one answer (grammar, penalties, greedy or random)
 ``logprobs``           log probabilities from the sampled logits rows (only when asked)
 ``fim``                fill-in-the-middle prompts from the vocabulary's FIM tokens

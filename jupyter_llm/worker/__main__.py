@@ -34,6 +34,8 @@ any request that fails                                     ``("error", rid, kind
 ``("ping",)`` (any time, from the first message on)        ``("pong",)``
 ``("close",)``                                             ``("closed",)``, then exit
 (anything, any time)                                       ``("log", level, text)``
+(several generating at once)                               ``("step", [message, …])``: one step's
+                                                           ``tok``/``done``/``error`` messages
 =========================================================  ======================================
 
 ``internal`` holds what is not a load option: ``ollama_template`` (the chat template of an

@@ -6,13 +6,17 @@ because a context is not thread-safe (docs/notes.md §2). The worker's other thr
 and those preparing requests, :mod:`jupyter_llm.worker.prep`) may call the methods marked *other
 threads*: they touch only the vocabulary (read-only), sampler chains not yet queued, and flags.
 
-Each step decodes the next token of every generating sequence in one batch, then one chunk
-(at most ``n_ubatch`` tokens) of the prompt of the oldest request still evaluating one (continuous
-batching, as llama-server does). Prompt chunks get their own decode: batched with another
-sequence's token, llama.cpp would split a chunk's first token off into a ubatch of its own, and
-a lone token is computed differently (see :mod:`jupyter_llm.prompt_cache`). Slot ``i`` is
-sequence ``i`` of a context made with ``kv_unified = False``: each slot owns ``n_ctx / parallel``
-KV cells. Only batch rows whose logits flag is set are sampled (anything else aborts the process).
+Each step decodes one chunk (at most ``n_ubatch`` tokens) of the prompt of the oldest request
+still evaluating one, then the next token of every generating sequence in one batch (continuous
+batching, as llama-server does; the prompt first, so an arrival's first token comes one step
+sooner). The two are separate decodes, measured (docs/notes.md §14): on the CPU a decode's cost
+grows with its tokens, so one mixed batch saves nothing (3 generating tokens + a 50-token chunk:
+164-196 ms mixed, 160 ms apart), and with per-slot KV llama.cpp splits a mixed batch into
+per-sequence ubatches anyway, evaluating the chunk's first token alone, which the prompt cache
+cannot reuse (:mod:`jupyter_llm.worker.prompt_cache`). Slot ``i`` is sequence ``i`` of a context
+made with ``kv_unified = False``: each slot owns ``n_ctx / parallel`` KV cells. Only batch rows
+whose logits flag is set are sampled (anything else aborts the process). What one step samples
+for several requests goes to the kernel as one ``step`` message (one write, one wake-up).
 
 Prompt cache (:class:`~jupyter_llm.prompt_cache.SlotCache`): a slot keeps its KV when its request
 ends; the next request takes the slot holding the longest prefix of its prompt and evaluates
@@ -40,58 +44,17 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .. import wire
 from . import RequestError
+from .generation import Generation
 from .llama import llama_said
 from .prompt_cache import SlotCache, chunk_size
-from .sampler import Sampler, sampler_chain
+from .sampler import sampler_chain
 from .text import TextOut, Vocab
-
-
-@dataclass(eq=False)
-class _Request:
-    rid: int
-    tokens: list[int]
-    chain: Sampler
-    max_tokens: int | None
-    out: TextOut
-    seed: int
-    t_recv: float = field(default_factory=time.perf_counter)
-    t_start: float = 0.0
-    cancelled: bool = False
-    slot: int = -1
-    n_past: int = 0
-    n_prompt_done: int = 0
-    n_cached: int = 0
-    last_token: int = -1
-    n_gen: int = 0
-    n_unsent: int = 0
-    t_first: float = 0.0
-    t_last: float = 0.0
-    index: int = 0
-    """Which of the request's answers this is (``n`` > 1); all share ``rid``."""
-    group: list[_Request] = field(default_factory=list)
-    left: int = 1
-    """On the first answer: all answers (itself first), and how many have not finished."""
-    head: _Request | None = None
-    """The first answer of the group (None on the first itself)."""
-    waiting: bool = False
-    """An answer holding its slot until the first answer's prompt is evaluated and copied."""
-    top: int | None = None
-    """Log probabilities asked for: None none, else the alternatives per token (0…20)."""
-    lp: list[Any] = field(default_factory=list)
-    """Log-probability entries not sent yet (they go with the next text)."""
-    prefix: str = ""
-    """Text sent before the first token's (the reasoning marker the template opened)."""
-
-    @property
-    def plain(self) -> bool:
-        """One answer without log probabilities: its messages carry nothing extra."""
-        return self.top is None and self.head is None and len(self.group) <= 1
 
 
 class Engine:
@@ -116,15 +79,15 @@ class Engine:
         self.n_ctx_seq = L.llama_n_ctx_seq(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)  # owns the token arrays decode reads
-        self.slots: list[_Request | None] = [None] * parallel
+        self.slots: list[Generation | None] = [None] * parallel
         # A recurrent state cannot be cut back to re-evaluate its tail: it is reused as it is.
         recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
         self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
                                exact=batch_invariant and self.n_chunk >= 4 and not recurrent,
                                settle_idle=settle_idle)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.requests: dict[int, _Request] = {}
-        self.pending: deque[_Request] = deque()
+        self.requests: dict[int, Generation] = {}
+        self.pending: deque[Generation] = deque()
         self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "prompt_tokens_cached": 0,
                          "tokens_settled": 0}
         """tokens_in: prompt tokens evaluated; prompt_tokens_cached: prompt tokens reused instead;
@@ -136,6 +99,8 @@ class Engine:
         self._abort_on = False
         self._embedder: Any = None  # an Embedder, made on the first embedding request
         self._logprobs: Any = None  # a Logprobs reader, made on the first request asking for them
+        self._out: list[tuple[Any, ...]] | None = None
+        """While a step samples several requests: their messages, sent as one ``step`` message."""
         self.fault: Callable[[str], None] | None = None
         """Tests only: called at "warm_up" and before each "decode" of generated tokens, to crash
         the worker there (see the worker's ``internal["fault"]``)."""
@@ -172,11 +137,11 @@ class Engine:
         top = extra.get("logprobs")
         seed = sampling["seed"]
         seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
-        group: list[_Request] = []
+        group: list[Generation] = []
         for i in range(n):  # each answer its own seed, so that they differ when sampled
             chain = sampler_chain(self.L, self.text.vocab, sampling, grammar, (seed + i) & 0xFFFFFFFF, self.errors)
             out = TextOut(tuple(sampling["stop"] or ()))
-            req = _Request(rid, tokens, chain, sampling["max_tokens"], out, (seed + i) & 0xFFFFFFFF, index=i,
+            req = Generation(rid, tokens, chain, sampling["max_tokens"], out, (seed + i) & 0xFFFFFFFF, index=i,
                            top=None if top is None else int(top), prefix=str(extra.get("prefix") or ""))
             group.append(req)
         first = group[0]
@@ -239,7 +204,7 @@ class Engine:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-            if isinstance(item, _Request):
+            if isinstance(item, Generation):
                 self.pending.append(item)
                 self.counters["requests"] += 1
             elif item == "close":
@@ -263,7 +228,7 @@ class Engine:
             self._settle_step()
         return True
 
-    def _assign(self, req: _Request, free: list[int]) -> None:
+    def _assign(self, req: Generation, free: list[int]) -> None:
         """Give ``req`` one of the ``free`` slots, reusing the KV of the prefix it already holds."""
         slot = self.cache.pick(req.tokens, free)
         free.remove(slot)
@@ -283,13 +248,16 @@ class Engine:
     def _decode_step(self) -> None:
         active = [r for r in self.slots if r is not None and not r.waiting]
         generating = [r for r in active if r.n_prompt_done == len(r.tokens)]
-        if generating:
-            self._generate_step(generating)
-        prompting = [r for r in active if r.slot >= 0 and r.n_prompt_done < len(r.tokens)]
+        prompting = [r for r in active if r.n_prompt_done < len(r.tokens)]
+        # The prompt chunk first: an arrival's first token then comes one generation step
+        # sooner, and those generating wait for the same two decodes either way.
         if prompting:
             self._prompt_step(min(prompting, key=lambda r: r.t_start))
+        generating = [r for r in generating if r.slot >= 0]  # (a failed prompt decode may end a group)
+        if generating:
+            self._generate_step(generating)
 
-    def _generate_step(self, reqs: list[_Request]) -> None:
+    def _generate_step(self, reqs: list[Generation]) -> None:
         """The next token of every generating sequence, in one decode (not abortable)."""
         for n, req in enumerate(reqs):
             self._put(n, req.last_token, req.n_past, req.slot, True)
@@ -301,10 +269,11 @@ class Engine:
         for req in reqs:
             self.cache.decoded(req.slot, [req.last_token])
             req.n_past += 1
-        for n, req in enumerate(reqs):
-            self._accept(req, req.chain.sample(self.ctx, n), now, n)
+        with self._one_message(len(reqs) > 1):
+            for n, req in enumerate(reqs):
+                self._accept(req, req.chain.sample(self.ctx, n), now, n)
 
-    def _prompt_step(self, req: _Request) -> None:
+    def _prompt_step(self, req: Generation) -> None:
         """One chunk of one request's prompt; samples its first token after the last chunk."""
         left = len(req.tokens) - req.n_prompt_done
         take = chunk_size(left, self.n_chunk)
@@ -324,8 +293,9 @@ class Engine:
                 self.cache.copy(req.slot, other.slot)
                 other.n_past = other.n_prompt_done = req.n_past
                 other.waiting = False
-            for r in (req, *others):  # each samples the same row with its own chain
-                self._accept(r, r.chain.sample(self.ctx, row), now, row)
+            with self._one_message(bool(others)):
+                for r in (req, *others):  # each samples the same row with its own chain
+                    self._accept(r, r.chain.sample(self.ctx, row), now, row)
 
     def _settle_step(self) -> None:
         """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
@@ -350,7 +320,7 @@ class Engine:
         else:
             self.cache.clear(slot)
 
-    def _decode(self, n: int, *, abortable: bool, what: list[_Request]) -> bool:
+    def _decode(self, n: int, *, abortable: bool, what: list[Generation]) -> bool:
         """Decode the first ``n`` batch rows for the requests ``what``. On failure their slots
         drop what the decode left behind (an abort removes only the ubatch in flight), so each
         holds exactly its cached tokens again; a real error also ends them."""
@@ -381,7 +351,7 @@ class Engine:
         b.seq_id[i][0] = seq
         b.logits[i] = logits
 
-    def _accept(self, req: _Request, token: int, now: float, row: int) -> None:
+    def _accept(self, req: Generation, token: int, now: float, row: int) -> None:
         if req.n_gen == 0:
             req.t_first = now
         req.t_last = now
@@ -405,7 +375,7 @@ class Engine:
         else:
             req.last_token = token
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Generation, reason: str, error: str | None = None) -> None:
         if req.slot >= 0:
             # The slot keeps its KV for the next request (also when cancelled: what was
             # evaluated stays valid); after a failed decode nothing is trusted.
@@ -418,7 +388,7 @@ class Engine:
         if head.left <= 0:
             self.requests.pop(req.rid, None)
         if error is not None:
-            self.send((wire.ERROR, req.rid, "RuntimeError", error, {}))
+            self._emit((wire.ERROR, req.rid, "RuntimeError", error, {}))
             return
         if reason != "cancelled":
             rest = req.out.flush()  # a stop-string prefix held back was real text after all
@@ -426,7 +396,7 @@ class Engine:
                 self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
         extra = {} if req.plain else self._extra(req)
-        self.send((wire.DONE, req.rid, {**extra,
+        self._emit((wire.DONE, req.rid, {**extra,
             "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
             "completion_tokens": req.n_gen,
             "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
@@ -434,16 +404,34 @@ class Engine:
             "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
         }))
 
-    def _send_text(self, req: _Request, text: str) -> None:
+    def _send_text(self, req: Generation, text: str) -> None:
         """A TOKEN message; with the answer's index and log probabilities when they were asked for."""
         if req.plain:
-            self.send((wire.TOKEN, req.rid, text, req.n_unsent))
+            self._emit((wire.TOKEN, req.rid, text, req.n_unsent))
         else:
-            self.send((wire.TOKEN, req.rid, text, req.n_unsent, self._extra(req)))
+            self._emit((wire.TOKEN, req.rid, text, req.n_unsent, self._extra(req)))
         req.n_unsent = 0
 
+    @contextmanager
+    def _one_message(self, several: bool) -> Iterator[None]:
+        """What the requests sampled inside send, as one ``step`` message when ``several``: one
+        write per step, as each write wakes the kernel's reader on cores the decode needs."""
+        self._out = [] if several else None
+        try:
+            yield
+        finally:
+            out, self._out = self._out, None
+            if out:
+                self.send(out[0] if len(out) == 1 else (wire.STEP, out))
+
+    def _emit(self, message: tuple[Any, ...]) -> None:
+        if self._out is None:
+            self.send(message)
+        else:
+            self._out.append(message)
+
     @staticmethod
-    def _extra(req: _Request) -> dict[str, Any]:
+    def _extra(req: Generation) -> dict[str, Any]:
         """The answer's index and the log-probability entries not sent yet (when asked for)."""
         if req.top is None:
             return {"index": req.index}

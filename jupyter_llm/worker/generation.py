@@ -1,0 +1,61 @@
+"""One answer the decode engine is generating: its slot, how far its prompt is, its sampler, its text.
+
+Engine-thread state only (:mod:`jupyter_llm.worker.engine`); a request for ``n`` answers is ``n``
+of these sharing one ``rid``, the first holding the group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sampler import Sampler
+from .text import TextOut
+
+
+@dataclass(eq=False)
+class Generation:
+    """One answer in the engine (see the module docstring)."""
+
+    rid: int
+    tokens: list[int]
+    chain: Sampler
+    max_tokens: int | None
+    out: TextOut
+    seed: int
+    t_recv: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    cancelled: bool = False
+    slot: int = -1
+    n_past: int = 0
+    n_prompt_done: int = 0
+    n_cached: int = 0
+    last_token: int = -1
+    n_gen: int = 0
+    n_unsent: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+    index: int = 0
+    """Which of the request's answers this is (``n`` > 1); all share ``rid``."""
+    group: list[Generation] = field(default_factory=list)
+    left: int = 1
+    """On the first answer: all answers (itself first), and how many have not finished."""
+    head: Generation | None = None
+    """The first answer of the group (None on the first itself)."""
+    waiting: bool = False
+    """An answer holding its slot until the first answer's prompt is evaluated and copied."""
+    top: int | None = None
+    """Log probabilities asked for: None none, else the alternatives per token (0…20)."""
+    lp: list[Any] = field(default_factory=list)
+    """Log-probability entries not sent yet (they go with the next text)."""
+    prefix: str = ""
+    """Text sent before the first token's (the reasoning marker the template opened)."""
+
+    @property
+    def plain(self) -> bool:
+        """One answer without log probabilities: its messages carry nothing extra."""
+        return self.top is None and self.head is None and len(self.group) <= 1
+
+
+__all__ = ["Generation"]
