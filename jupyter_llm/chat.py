@@ -106,6 +106,12 @@ class Turn:
         """What the user must be told about fitting, or None."""
         return fit_notice(self.dropped, self.n_ctx)
 
+    @property
+    def filters_calls(self) -> bool:
+        """Whether iterating the turn holds back tool-call markup (tools were offered), so that
+        its chunks are not simply the stream's."""
+        return self._calls is not None
+
     def arrived(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds for the answer's first chunk (see Answering.arrived)."""
         return self.stream.arrived(timeout)

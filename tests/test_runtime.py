@@ -267,6 +267,19 @@ def test_arrived_waits_for_the_first_chunk_and_keeps_it_for_iteration(rt: Runtim
     assert "".join(c.text for c in waiting) == expected == waiting.result.text
 
 
+def test_relay_hands_the_chunks_to_a_callback_in_order_then_returns(rt: Runtime) -> None:
+    sampling = SamplingOptions(temperature=0.0, max_tokens=30)
+    ask = [{"role": "user", "content": "Name three birds."}]
+    iterated = [c.text for c in rt.chat(ask, sampling)]
+    stream = rt.chat(ask, sampling)
+    got: list[tuple[str, str]] = []
+    stream.relay(lambda chunk: got.append((chunk.text, threading.current_thread().name)))
+    assert stream.done
+    assert [text for text, _ in got] == iterated and "".join(iterated) == stream.result.text
+    # handed on where the worker's messages are read, not in a thread woken per chunk
+    assert any(name != threading.current_thread().name for _, name in got)
+
+
 def test_stats_count_requests_and_tokens(rt: Runtime) -> None:
     before = rt.stats()
     result = rt.generate("Hello", SamplingOptions(temperature=0.0, max_tokens=3)).result

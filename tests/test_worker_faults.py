@@ -55,6 +55,22 @@ def test_segfault_while_loading_is_survived(at: str, smollm2_path: Path) -> None
     assert_real_model_works(smollm2_path)
 
 
+def test_a_relaying_stream_ends_with_the_crash_too(smollm2_path: Path) -> None:
+    # The API server's way of reading a stream (Stream.relay): the crash reaches it as well.
+    rt = Runtime.start(smollm2_path, SMALL, name="smollm2", _fault={"at": "decode", "signal": "SIGKILL"})
+    try:
+        stream = rt.generate("Once upon a time", SamplingOptions(temperature=0.0, max_tokens=50))
+        got: list[str] = []
+        t0 = time.monotonic()
+        stream.relay(lambda chunk: got.append(chunk.text))
+        assert time.monotonic() - t0 < 10  # never hangs
+        with pytest.raises(WorkerCrashedError) as info:
+            stream.result  # noqa: B018
+        assert info.value.signal == signal.SIGKILL
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize("sig", ["SIGSEGV", "SIGABRT", "SIGKILL"])
 def test_worker_dying_mid_generation_ends_the_stream_with_the_signal(sig: str, smollm2_path: Path) -> None:
     rt = Runtime.start(smollm2_path, SMALL, name="smollm2", _fault={"at": "decode", "signal": sig})

@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 from .. import config, wire
 from ..errors import JupyterLLMError, ModelLoadError, WorkerCrashedError
 from ..options import AUTO, LoadOptions, SamplingOptions
+from .failure import crash_error, last_words
 from .failure import error_from as _error_from
 from .failure import fresh as _fresh
 from .grammar import MAX_GRAMMAR_BYTES, schema_grammar
@@ -60,6 +60,13 @@ _CLOSE_GRACE_S = 1.0
 """On close, a worker silent this long is killed (a working one answers the ping sent first)."""
 
 
+class _Relay:
+    """A request's inbox that hands each message on at once (see :meth:`Runtime._relay`)."""
+
+    def __init__(self, take: Callable[[tuple[Any, ...]], None]) -> None:
+        self.put = take
+
+
 class Runtime:
     """One model in one worker process. Create with :meth:`start`; always :meth:`close`."""
 
@@ -73,6 +80,9 @@ class Runtime:
         self._log_failed = False
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._route_lock = threading.Lock()
+        """Held while the reader hands a message to a request's inbox, and while a stream turns
+        its inbox into a relay (:meth:`_relay`), so that no message is lost or reordered."""
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.SimpleQueue[Any]] = {}
         self._orphans: deque[int] = deque()
@@ -318,6 +328,24 @@ class Runtime:
             self._pending[rid] = inbox
         return rid, inbox
 
+    def _relay(self, rid: int, inbox: queue.SimpleQueue[Any], take: Callable[[tuple[Any, ...]], None]) -> None:
+        """From now on the reader calls ``take(message)`` for request ``rid`` (in its own thread)
+        instead of queueing it; what is queued already is taken first, in order."""
+        with self._route_lock:
+            while True:
+                try:
+                    take(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            with self._lock:
+                if rid in self._pending:
+                    self._pending[rid] = _Relay(take)  # type: ignore[assignment]
+
+    def _watch(self) -> None:
+        """A liveness check for a caller that waits on a relay instead of an inbox (as _wait's)."""
+        if self._reader.is_alive():
+            self._probe()
+
     def _forget(self, rid: int) -> None:
         with self._lock:
             self._pending.pop(rid, None)
@@ -411,10 +439,11 @@ class Runtime:
             self._heard_at = time.monotonic()
             kind = msg[0]
             if kind in _ROUTED or kind == wire.STEP:  # a step: one decode's messages for several requests
-                for part in msg[1] if kind == wire.STEP else (msg,):
-                    inbox = self._pending.get(part[1])
-                    if inbox is not None:
-                        inbox.put(part)
+                with self._route_lock:
+                    for part in msg[1] if kind == wire.STEP else (msg,):
+                        inbox = self._pending.get(part[1])
+                        if inbox is not None:
+                            inbox.put(part)
             elif kind == wire.LOG:
                 self._log(msg[1], msg[2])
             elif kind in (wire.LOADED, wire.LOAD_ERROR):
@@ -455,43 +484,9 @@ class Runtime:
             inbox.put((wire.CRASH, 0, error))
 
     def _crash_error(self, code: int) -> WorkerCrashedError:
-        last, said = self._last_words()
-        if self._hung:
-            what = f"stopped responding (no answer for {HUNG_AFTER_S:.0f} s) and was killed"
-        elif code < 0:
-            what = f"was killed by {signal.Signals(-code).name}"
-            if code == -signal.SIGKILL:
-                what += " (often the out-of-memory killer)"
-        else:
-            what = f"exited with code {code}"
-        if self.report is None:
-            what += " while loading"
-        message = f"the worker running {self.name} {what}"
-        if last and not self._hung:
-            message += f"; {said}: {last}"
-        advice = ("if it happens again, check that nothing stops the process (a debugger, kill -STOP, a frozen "
-                  "container)" if self._hung else
-                  "if it keeps crashing try a smaller context (--ctx 2048) or fewer GPU layers (--gpu-layers 0)")
-        message += f". The kernel is fine: load it again with `%llm load {self.name}`; {advice}."
-        return WorkerCrashedError(message, signal=-code if code < 0 and not self._hung else None, last_log=last)
-
-    def _last_words(self) -> tuple[str | None, str]:
-        """The last line the worker wrote to stderr (an assert, a traceback), else its last
-        error or warning log line; with how to introduce it."""
-        try:
-            self._errfile.seek(0, os.SEEK_END)
-            size = self._errfile.tell()
-            self._errfile.seek(max(0, size - 8192))
-            tail = self._errfile.read().decode("utf-8", "replace").strip().splitlines()
-        except (OSError, ValueError):
-            tail = []
-        if tail:
-            return tail[-1].strip(), "its last words"
-        for wanted, said in ((4, "llama.cpp's last error"), (3, "llama.cpp's last warning")):
-            for level, text in reversed(self._logs):
-                if level == wanted and text.strip():
-                    return text.strip(), said
-        return None, ""
+        last, said = last_words(self._errfile, self._logs)
+        return crash_error(self.name, code, hung=self._hung, loading=self.report is None, last=last, said=said,
+                           hung_after_s=HUNG_AFTER_S)
 
 
 __all__ = ["LoadReport", "Runtime", "schema_grammar"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ from .. import wire
 if TYPE_CHECKING:
     from ..thinking import ThinkingSplitter
     from .process import Runtime
+
+_WATCH_S = 0.2
+"""How often a relaying stream checks that its worker is alive (as iterating does)."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,29 @@ class Stream(Answering):
             self._interrupted()
             raise
         return True
+
+    def relay(self, deliver: Callable[[Chunk], None]) -> None:
+        """Hand the chunks to ``deliver`` as they come, called in the runtime's reader thread,
+        instead of iterating; returns once the stream ended (``result`` then has the completion
+        or raises the worker's error). For a consumer in another thread (the API server's event
+        loop): iterating would wake a thread per token on the cores the worker's decode needs.
+        The worker's liveness is checked meanwhile, as iterating does."""
+        ended = threading.Event()
+
+        def take(msg: tuple[Any, ...]) -> None:
+            chunk = self._take(msg)
+            if chunk is not None:
+                deliver(chunk)
+            if self.done:
+                ended.set()
+
+        early, self._early = self._early, []
+        for chunk in early:
+            deliver(chunk)
+        if not self.done:
+            self._rt._relay(self._rid, self._inbox, take)
+        while not self.done and not ended.wait(_WATCH_S):
+            self._rt._watch()
 
     def fitted(self) -> int:
         """Wait until the worker has fitted the conversation and return how many messages it

@@ -416,8 +416,16 @@ class Job:
         self._stream = stream
         if self._cancelled.is_set():
             stream.cancel()
-        for chunk in turn if turn is not None else stream:  # a turn holds back tool-call markup
-            self._put(chunk)
+        relay = getattr(stream, "relay", None)
+        if relay is not None and (turn is None or not turn.filters_calls):
+            # Chunks go from the runtime's reader thread straight to the event loop: no thread
+            # of ours wakes per token (each wake-up costs CPU the worker's decode needs).
+            relay(self._put)
+            if turn is not None:
+                turn.finish()
+        else:
+            for chunk in turn if turn is not None else stream:  # a turn holds back tool-call markup
+                self._put(chunk)
         result = stream.result
         if turn is not None:
             self.tool_calls = list(turn.tool_calls)
