@@ -68,6 +68,9 @@ class Pipe:
         from multiprocessing.connection import Connection
 
         self._conn = Connection(fd)
+        self._fd = fd
+        self._inbuf = bytearray()
+        """Bytes read but not yet taken as messages (see :meth:`recv`)."""
         self._sender: Any = None
         self.broken = False
         """A send timed out partway through a message: the stream cannot be used any more."""
@@ -103,11 +106,26 @@ class Pipe:
                 raise TimeoutError("the other side stopped reading")
 
     def recv(self) -> Any:
-        return pickle.loads(self._conn.recv_bytes())
+        """The next message (one reader per pipe). Reads whatever the socket holds in one system
+        call, so a streamed token costs one read, not two (length, then body), and messages that
+        queued up meanwhile cost none. EOFError once the other side closed."""
+        buf = self._inbuf
+        while True:
+            if len(buf) >= 4:
+                (n,) = struct.unpack_from("!i", buf)
+                head, size = (4, n) if n >= 0 else (12, struct.unpack_from("!Q", buf, 4)[0] if len(buf) >= 12 else -1)
+                if size >= 0 and len(buf) >= head + size:
+                    data = bytes(buf[head:head + size])
+                    del buf[:head + size]
+                    return pickle.loads(data)
+            got = os.read(self._fd, 1 << 16)
+            if not got:
+                raise EOFError
+            buf += got
 
     def pending(self) -> bool:
         """Whether something has arrived that is not read yet (does not read it)."""
-        return bool(self._conn.poll(0))
+        return bool(self._inbuf) or bool(self._conn.poll(0))
 
     def close(self) -> None:
         if self._sender is not None:
