@@ -368,6 +368,16 @@ def test_our_api_routes_remote_models_for_the_official_clients(our_server: tuple
     _no_token(err.value.error, json.dumps(manager.snapshot(), default=str))
 
 
+def test_a_remote_answer_read_to_its_end_closes_its_connection(our_server: tuple[ModelManager, Any]) -> None:
+    manager, _ = our_server
+    stream = manager.remotes.model("k2/smollm2").runtime.chat([{"role": "user", "content": "Hi"}],
+                                                                jupyter_llm_sampling())
+    assert "".join(c.text for c in stream) and stream.done
+    # the reader of the HTTP stream ran to its end (its `with` blocks closed the response and the
+    # client), rather than waiting after its last piece for the garbage collector
+    assert stream._pieces.gi_frame is None
+
+
 def test_ps_shows_what_the_ollama_remote_reports(our_server: tuple[ModelManager, Any]) -> None:
     manager, _ = our_server
     jupyter_llm_model = manager.remotes.model("k2/smollm2")

@@ -251,6 +251,7 @@ class RemoteStream(Answering):
                 continue
             if piece.done:
                 self._end(piece)
+                self._close_pieces()  # the reader waits after its last piece: end it, closing the connection now
                 continue
             if piece.text:
                 if self._ttft is None:
@@ -288,8 +289,11 @@ class RemoteStream(Answering):
     def __exit__(self, *exc: object) -> None:
         if not self.done:
             self.cancel()
-            try:
-                with self._lock:
-                    self._pieces.close()
-            except Exception:  # closing a stream that broke is not an error of its own
-                pass
+            self._close_pieces()
+
+    def _close_pieces(self) -> None:
+        try:
+            with self._lock:
+                self._pieces.close()
+        except Exception:  # closing a stream that broke is not an error of its own
+            pass
