@@ -110,16 +110,17 @@ def raw_server(args: argparse.Namespace) -> None:
 
 
 class RawProcess:
-    """The raw loop in its own process with the worker's environment (OpenMP settings etc.)."""
+    """The raw loop in its own process: with the worker's environment (OpenMP settings etc.), or
+    with ``env`` (bench_speed.py gives llama.cpp's default one)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, env: dict[str, str] | None = None) -> None:
         from jupyter_llm.wire import worker_env as _worker_env
 
         self.tokens = int(args.tokens)
         cmd = [sys.executable, __file__, "--raw", "--model", args.model, "--tokens", str(args.tokens),
                "--ctx", str(args.ctx), "--threads", str(args.threads), "--batch", str(args.batch)]
-        self.proc = subprocess.Popen(cmd, env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(cmd, env=_worker_env() if env is None else env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def run(self, prompt: str = PROMPT, tokens: int | None = None) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None

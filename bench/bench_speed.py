@@ -91,30 +91,24 @@ def cpu_seconds(pid: int) -> float:
 # -- single-stream contenders ------------------------------------------------------------------------
 
 class PlainLoop:
-    """The ctypes decode loop of bench_runtime.py, in its own process, llama.cpp's environment
+    """The ctypes decode loop of bench_runtime.py (its RawProcess), in llama.cpp's environment
     (or with ``OMP_WAIT_POLICY=wait_policy``, to show what that setting does). Loaded once; one
     generation per :meth:`run`."""
 
     def __init__(self, args: argparse.Namespace, *, wait_policy: str | None = None) -> None:
-        cmd = [sys.executable, str(ROOT / "bench" / "bench_runtime.py"), "--raw", "--model", args.model,
-               "--tokens", str(args.tokens), "--ctx", str(args.ctx), "--threads", str(args.threads), "--batch", "512"]
+        from bench_runtime import RawProcess
+
         env = clean_env()
         if wait_policy:
             env["OMP_WAIT_POLICY"] = wait_policy
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.raw = RawProcess(argparse.Namespace(**{**vars(args), "batch": 512}), env=env)
 
     def run(self, prompt: str, tokens: int) -> dict[str, float]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
-        self.proc.stdin.flush()
-        out = json.loads(self.proc.stdout.readline())
+        out = self.raw.run(prompt, tokens)
         return {"tok_s": out["tok_per_s"], "ttft_s": out["ttft_s"]}
 
     def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(30)
+        self.raw.close()
 
 
 def plain_loop(args: argparse.Namespace, prompt: str, *, wait_policy: str | None = None) -> dict[str, float]:

@@ -39,7 +39,7 @@ def fresh(error: JupyterLLMError) -> JupyterLLMError:
 
 
 def crash_error(name: str, code: int, *, hung: bool, loading: bool, last: str | None, said: str,
-                hung_after_s: float = 10.0) -> WorkerCrashedError:
+                hung_after_s: float) -> WorkerCrashedError:
     """What to tell the user about the worker running ``name`` that ended with exit ``code``
     (negative: a signal); ``hung``: the kernel killed it for not answering; ``last``: its last
     words (introduced as ``said``)."""

@@ -134,6 +134,13 @@ class Answering:
         whether one came. Here: False at once (a stream that cannot tell)."""
         return self.done
 
+    def relay(self, deliver: Callable[[Chunk], None]) -> None:
+        """Hand every chunk to ``deliver``; returns once the stream ended (``result`` then has the
+        completion or raises its error). Here by iterating; a local stream does it without a
+        thread of the caller's woken per chunk."""
+        for chunk in self:
+            deliver(chunk)
+
     @property
     def done(self) -> bool:
         return self._result is not None or self._error is not None

@@ -416,11 +416,10 @@ class Job:
         self._stream = stream
         if self._cancelled.is_set():
             stream.cancel()
-        relay = getattr(stream, "relay", None)
-        if relay is not None and (turn is None or not turn.filters_calls):
-            # Chunks go from the runtime's reader thread straight to the event loop: no thread
-            # of ours wakes per token (each wake-up costs CPU the worker's decode needs).
-            relay(self._put)
+        if turn is None or not turn.filters_calls:
+            # A local stream's chunks go from the runtime's reader thread straight to the event
+            # loop: no thread of ours wakes per token (each wake-up costs CPU the decode needs).
+            stream.relay(self._put)
             if turn is not None:
                 turn.finish()
         else:
