@@ -25,6 +25,10 @@ CANCEL = "cancel"
 EMBED = "embed"
 CALL = "call"
 CLOSE = "close"
+ATTACH = "attach"
+"""``("attach", rid, has_socket)``: write the answer's text into the HTTP client's socket that
+comes with the message (passed as a descriptor), or, without one, send it all here again
+(:mod:`jupyter_llm.worker.direct`)."""
 PING = "ping"
 """Answered by the worker's control thread at once, even while it loads or decodes: a worker
 that does not answer is hung (stopped, deadlocked), not busy."""
@@ -39,6 +43,9 @@ ERROR = "error"
 LOG = "log"
 CLOSED = "closed"
 PONG = "pong"
+SPILL = "spill"
+"""``("spill", rid, raw)``: an attached answer's client did not take all of a write; ``raw`` are
+the bytes it did not take (the rest of an HTTP chunk), the kernel writes them and all that follows."""
 STEP = "step"
 """Several of the messages above in one: what one decode step of the engine produced for the
 requests it serves (tokens, ends), in order. One write and one wake-up of the kernel's reader
@@ -64,11 +71,22 @@ class Pipe:
     :meth:`send` with a ``timeout``, which writes it without blocking.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, takes_fds: bool = False) -> None:
+        """``takes_fds``: the receiving end of :meth:`send_fd` (the worker's): reads keep the
+        descriptors that come with the bytes, in order, in :attr:`fds`."""
+        from collections import deque
         from multiprocessing.connection import Connection
 
         self._conn = Connection(fd)
         self._fd = fd
+        self._fd_sock: Any = None
+        if takes_fds:
+            import socket
+
+            self._fd_sock = socket.socket(fileno=os.dup(fd))
+        self.fds: deque[int] = deque()
+        """Descriptors received (``takes_fds``), oldest first; each message that says it carries one
+        takes the oldest (they arrive in the order they were sent, with their messages)."""
         self._inbuf = bytearray()
         """Bytes read but not yet taken as messages (see :meth:`recv`)."""
         self._sender: Any = None
@@ -86,6 +104,19 @@ class Pipe:
         n = len(data)
         header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
         self._send_within(memoryview(header + data), time.monotonic() + timeout)
+
+    def send_fd(self, message: tuple[Any, ...], fd: int) -> None:
+        """Send one message with a copy of the descriptor ``fd`` (SCM_RIGHTS); the other end
+        must read with ``takes_fds``. Blocks (the messages that carry one are small)."""
+        import socket
+
+        if self._sender is None:
+            self._sender = socket.socket(fileno=os.dup(self._conn.fileno()))
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        frame = memoryview(struct.pack("!i", len(data)) + data)
+        sent = socket.send_fds(self._sender, [frame], [fd])
+        if sent < len(frame):
+            self._sender.sendall(frame[sent:])
 
     def _send_within(self, data: memoryview, deadline: float) -> None:
         import select
@@ -118,10 +149,20 @@ class Pipe:
                     data = bytes(buf[head:head + size])
                     del buf[:head + size]
                     return pickle.loads(data)
-            got = os.read(self._fd, 1 << 16)
+            got = os.read(self._fd, 1 << 16) if self._fd_sock is None else self._read_with_fds()
             if not got:
                 raise EOFError
             buf += got
+
+    def _read_with_fds(self) -> bytes:
+        import socket
+
+        got, ancillary, _flags, _addr = self._fd_sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(payload) // 4
+                self.fds.extend(struct.unpack(f"{n}i", payload[:n * 4]))
+        return bytes(got)
 
     def pending(self) -> bool:
         """Whether something has arrived that is not read yet (does not read it)."""
@@ -130,6 +171,8 @@ class Pipe:
     def close(self) -> None:
         if self._sender is not None:
             self._sender.close()
+        if self._fd_sock is not None:
+            self._fd_sock.close()
         self._conn.close()
 
 

@@ -47,7 +47,7 @@ from .stream import Extras, Stream
 LogCallback = Callable[[int, str], None]
 log = logging.getLogger("jupyter_llm")
 
-_ROUTED = frozenset({wire.TOKEN, wire.FITTED, wire.DONE, wire.REPLY, wire.ERROR})
+_ROUTED = frozenset({wire.TOKEN, wire.FITTED, wire.DONE, wire.REPLY, wire.ERROR, wire.SPILL})
 """Worker messages that answer one request (their second element is its id)."""
 _LIVENESS_S = 0.2
 """How often a waiting caller checks that the worker still lives (a crash is also pushed to it)."""
@@ -350,10 +350,14 @@ class Runtime:
         with self._lock:
             self._pending.pop(rid, None)
 
-    def _send(self, message: tuple[Any, ...], timeout: float = HUNG_AFTER_S) -> None:
+    def _send(self, message: tuple[Any, ...], timeout: float = HUNG_AFTER_S, *, fd: int | None = None) -> None:
+        """Send a message (with a copy of the descriptor ``fd``, which blocks instead of timing out)."""
         try:
             with self._send_lock:
-                self._conn.send(message, timeout)
+                if fd is None:
+                    self._conn.send(message, timeout)
+                else:
+                    self._conn.send_fd(message, fd)
                 while self._orphans:
                     self._conn.send((wire.CANCEL, self._orphans.popleft()), timeout)
         except TimeoutError:

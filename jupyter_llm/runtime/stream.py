@@ -45,11 +45,17 @@ class Extras:
     """More variables for the chat template (``enable_thinking``…)."""
     markers: tuple[str, str] | None = None
     """Reasoning markers: split the answer's reasoning off its text at them."""
+    direct: tuple[bytes, bytes] | None = None
+    """The API server's fast path (``jupyter_llm/worker/direct.py``): the bytes around a piece's
+    JSON string, for a worker that writes the answer into the client's socket once
+    :meth:`Stream.attach` hands it over. Only for one plain answer (no logprobs, no markers)."""
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, "logprobs": self.logprobs, "variables": self.template or None}
         if self.markers is not None:
             out["think_open"] = self.markers[0]
+        if self.direct is not None:
+            out["direct"] = self.direct
         return out
 
 
@@ -141,6 +147,11 @@ class Answering:
         for chunk in self:
             deliver(chunk)
 
+    def attach(self, fd: int | None, on_spill: Callable[[bytes], None]) -> bool:
+        """Let the worker write the rest of the answer into the socket ``fd`` (asked for with
+        ``Extras.direct``); whether it will. Here: never (a stream without a worker)."""
+        return False
+
     @property
     def done(self) -> bool:
         return self._result is not None or self._error is not None
@@ -192,6 +203,7 @@ class Stream(Answering):
         """Chat with fitting: how many of the oldest messages the worker dropped to make the
         conversation fit (known once the first message arrived, see :meth:`fitted`)."""
         self._early: list[Chunk] = []
+        self._on_spill: Callable[[bytes], None] | None = None
 
     def __next__(self) -> Chunk:
         if self._early:
@@ -251,6 +263,20 @@ class Stream(Answering):
         while not self.done and not ended.wait(_WATCH_S):
             self._rt._watch()
 
+    def attach(self, fd: int | None, on_spill: Callable[[bytes], None]) -> bool:
+        """Hand the worker the HTTP client's socket ``fd`` (a copy goes over the private socket)
+        to write the rest of the answer into, framed as ``extras.direct`` says
+        (``jupyter_llm/worker/direct.py``); call it once, after writing every chunk received so far,
+        then write nothing until the stream ends. Chunks may still come (when the answer ended
+        before the worker got the socket); ``on_spill(raw)`` gets, in order with them, bytes the
+        client did not take from the worker, to be written as they are. ``fd`` None: the worker
+        sends everything here instead. Whether the worker may write (False: it ended already)."""
+        if self.extras.direct is None or self.done:
+            return False
+        self._on_spill = on_spill
+        self._rt._send((wire.ATTACH, self._rid, fd is not None), fd=fd)
+        return fd is not None
+
     def fitted(self) -> int:
         """Wait until the worker has fitted the conversation and return how many messages it
         dropped (0 when nothing was, or the request was not fitted). Raises the worker's error
@@ -281,9 +307,15 @@ class Stream(Answering):
                     return Chunk(msg[2], msg[3])
                 return self._piece(0, msg[2], msg[3], [])
             return self._piece(int(msg[4]["index"]), msg[2], msg[3], msg[4].get("logprobs") or [])
+        if kind == wire.SPILL:
+            if self._on_spill is not None:
+                self._on_spill(msg[2])
+            return None
         if kind == wire.DONE:
             s = msg[2]
             index = int(s.get("index", 0))
+            if s.get("direct_text"):  # what the worker wrote into the client's socket
+                self._texts[index].append(s["direct_text"])
             last = self._piece(index, "", 0, s.get("logprobs") or [], end=True)
             ttft = self._ttft if self._ttft is not None else s.get("worker_ttft_s")
             split = self._split.get(index)

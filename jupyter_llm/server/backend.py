@@ -30,6 +30,7 @@ from ..options import DEFAULT_CTX_PER_SLOT, LoadOptions
 from .handoff import Handoff
 from .metrics import Metrics
 from .params import HTTPProblem, bad, check_max_tokens
+from .responses import Raw
 
 RETRY_AFTER_S = 2
 UNCHANGED: Any = object()
@@ -434,6 +435,19 @@ class Job:
                                         result.ttft_s)
         self._put(result)
 
+    def hand_over(self, handover: Any) -> bool:
+        """After each piece of a Streamed answer: once the first chunk went (nothing received is
+        unwritten then), the worker gets the client's socket to write the rest into (worker/direct.py),
+        or (``handover.socket_fd()`` None) is told to send it all here. True once done."""
+        stream = self._stream
+        if self._first is not None or stream is None:
+            return False
+        try:
+            stream.attach(handover.socket_fd(), lambda raw: self._put(Raw(raw)))
+        except Exception:  # the worker is gone: the stream ends with its error
+            pass
+        return True
+
     async def prime(self) -> bool:
         """Wait for the first chunk (or the end); raise at once if the request failed."""
         first = await self._handoff.get()
@@ -457,7 +471,7 @@ class Job:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if not hasattr(item, "n_tokens"):  # the Completion is the last item
+                if not hasattr(item, "n_tokens") and not isinstance(item, Raw):  # the Completion is the last item
                     return
         finally:
             if self.result is None:

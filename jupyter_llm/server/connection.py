@@ -18,6 +18,9 @@ one that has waited longest for a request head (an idle keep-alive, or a client 
 head), so clients that hold connections without asking cannot lock the others out; if every
 connection is busy with a request, the new one is answered 503 and closed.
 
+Each request's scope carries the connection's :class:`Handover` (``scope[HANDOVER]``): a
+streamed answer uses it to let the worker write into the client's socket (worker/direct.py).
+
 When accept() fails for want of descriptors anyway (something else in the process took
 them), asyncio logs a traceback for every failed accept — 800,000 of them (325 MB) in 40 s
 (issue 11). :func:`uvicorn_server` gives the server's event loop a handler that says it once,
@@ -40,6 +43,34 @@ log = logging.getLogger("jupyter_llm.server")
 
 MAX_HEAD_BYTES = 16 * 1024
 """A request head larger than this is refused by h11 (400); nothing this API needs comes close."""
+
+HANDOVER = "jupyter_llm.handover"
+"""The scope key of the request's :class:`Handover`."""
+
+
+class Handover:
+    """What a streamed answer may do with its connection beyond ASGI (uvicorn's and h11's
+    internals: the transport, h11's body writer)."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def socket_fd(self) -> int | None:
+        """The connection's socket, if another process may write the answer's next HTTP chunks
+        into it now: the answer is chunked (HTTP/1.1), everything written so far has left the
+        transport's buffer, and the connection is open. Else None."""
+        p = self._protocol
+        transport = p.transport
+        if transport.is_closing() or transport.get_write_buffer_size() or p.flow.write_paused:
+            return None
+        if type(getattr(p.conn, "_writer", None)).__name__ != "ChunkedWriter":  # HTTP/1.0: no chunks
+            return None
+        sock = transport.get_extra_info("socket")
+        return None if sock is None else int(sock.fileno())
+
+    def write_raw(self, data: bytes) -> None:
+        """Write bytes already framed for the connection (the rest of a chunk the worker began)."""
+        self._protocol.transport.write(data)
 
 
 @dataclass
@@ -110,6 +141,8 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
         def data_received(self, data: bytes) -> None:
             self._received = True
             super().data_received(data)
+            if self.cycle is not None:  # (a new request's task has not run yet)
+                self.cycle.scope.setdefault(HANDOVER, Handover(self))  # type: ignore[misc]
             self._watch()
 
         def on_response_complete(self) -> None:

@@ -15,6 +15,7 @@ presence/frequency penalties, images, token-id prompts. Tools: see :mod:`jupyter
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 import time
 import uuid
@@ -25,8 +26,10 @@ from .backend import UNCHANGED
 from .choice_shapes import indexed, openai_asks, openai_choices, openai_delta, openai_usage, wants
 from .params import MAX_INPUTS, Body, bad, common_sampling, grammar_for, sampling
 from .responses import (
+    Raw,
     Streamed,
     ctx,
+    direct_framing,
     endpoint,
     json_response,
     problem_from,
@@ -171,16 +174,33 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
     grammar = await run_blocking(grammar_for, schema, "response_format") if schema is not None else None
     specs, tool_pick = read_tools(body) if chat else ([], None)  # a forced call's grammar wins (tool_shapes)
     grammar = (await run_blocking(forced_grammar, specs, tool_pick) if specs else None) or grammar
+    shaped = wants(extras, think)
+    prefix = "chatcmpl" if chat else "cmpl"
+    base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
+            "system_fingerprint": f"jupyter_llm-{__version__}"}
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(content: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {} if content is None else {"content": content})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
+        item = {**base, "object": obj, "choices": [choice]}
+        if include_usage:
+            item["usage"] = None
+        return item
+
+    direct = stream and not shaped and not specs  # the pieces are plain chunks: the worker may write them
+    if direct:
+        extras = dataclasses.replace(extras, direct=direct_framing(lambda text: sse(chunk(text, None))))
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
     job = c.backend.start(loaded, kind, payload, options, grammar,
                           "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens",
                           tools=specs or None, tool_choice=tool_pick, extras=extras, think=think)
     if not await until_disconnect(request, job.prime, job.cancel):
         return _gone()
-    shaped = wants(extras, think)
-    prefix = "chatcmpl" if chat else "cmpl"
-    base = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
-            "system_fingerprint": f"jupyter_llm-{__version__}"}
 
     if not stream:
         collected = await until_disconnect(request, job.collect, job.cancel)
@@ -199,20 +219,6 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
         usage = openai_usage(job.results) if shaped else _usage(result)
         return json_response({**base, "object": obj, "choices": choices, "usage": usage})
 
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(content: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                {} if content is None else {"content": content})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
-        item = {**base, "object": obj, "choices": [choice]}
-        if include_usage:
-            item["usage"] = None
-        return item
-
     async def events() -> Any:
         try:
             for index in range(extras.n):
@@ -221,7 +227,9 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
                 if echo:
                     yield sse(indexed(chunk(echo, None), index))
             async for item in job.events():
-                if hasattr(item, "n_tokens"):
+                if isinstance(item, Raw):  # bytes a slow client left of the worker's chunk
+                    yield item
+                elif hasattr(item, "n_tokens"):
                     piece = chunk(item.text, None)
                     yield sse(openai_delta(piece, item, chat=chat) if shaped else piece)
                 else:
@@ -241,7 +249,7 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
             yield sse({"error": {"message": problem.message, "type": "server_error", "param": None,
                                  "code": problem.code}})
 
-    return Streamed(events(), "text/event-stream", job.cancel)
+    return Streamed(events(), "text/event-stream", job.cancel, job.hand_over if direct else None)
 
 
 def _gone() -> Any:

@@ -199,17 +199,42 @@ async def until_disconnect(request: Any, work: Callable[[], Awaitable[Any]], on_
     return value
 
 
-class Streamed:
-    """A streaming answer (NDJSON or SSE) that also listens for the client's disconnect."""
+class Raw(bytes):
+    """A piece of a streamed answer already framed for the connection (the rest of an HTTP chunk
+    a worker began writing, worker/direct.py): written as it is, past h11."""
 
-    def __init__(self, body: AsyncIterator[bytes], media_type: str, on_disconnect: Callable[[], None]) -> None:
+
+def direct_framing(shape: Callable[[str], bytes]) -> tuple[bytes, bytes]:
+    """The bytes before and after a piece's JSON string in ``shape(text)`` (a chunk as the route
+    writes it), for a worker that writes the pieces itself (``Extras.direct``)."""
+    marker = "\x00piece\x00"
+    prefix, found, suffix = shape(marker).partition(json.dumps(marker, ensure_ascii=False).encode())
+    assert found, "the shape must hold the text as one JSON string"
+    return prefix, suffix
+
+
+class Streamed:
+    """A streaming answer (NDJSON or SSE) that also listens for the client's disconnect.
+
+    ``hand_over(handover)``, if given, is called after each piece went out until it returns
+    True: it may let the worker write the next pieces into the connection itself
+    (:class:`~.connection.Handover`, worker/direct.py); a :class:`Raw` piece is then written as it is.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], media_type: str, on_disconnect: Callable[[], None],
+                 hand_over: Callable[[Any], bool] | None = None) -> None:
         self.body = body
         self.media_type = media_type
         self.on_disconnect = on_disconnect
+        self.hand_over = hand_over
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         import anyio
 
+        from .connection import HANDOVER
+
+        handover = scope.get(HANDOVER)
+        offer = self.hand_over if handover is not None else None
         headers = [(b"content-type", self.media_type.encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in STREAM_HEADERS.items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -226,7 +251,12 @@ class Streamed:
             group.start_soon(watch)
             try:
                 async for piece in self.body:
+                    if isinstance(piece, Raw):
+                        handover.write_raw(piece)
+                        continue
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    if offer is not None and offer(handover):
+                        offer = None
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the connection broke while writing
                 self.on_disconnect()

@@ -14,6 +14,7 @@ the two processes) and :mod:`jupyter_llm.errors`. The kernel starts these module
 ``logprobs``           log probabilities from the sampled logits rows (only when asked)
 ``fim``                fill-in-the-middle prompts from the vocabulary's FIM tokens
 ``text``               tokenizing in chunks, the byte bound, fitting a conversation, text out
+``direct``             a streamed answer written into the API client's socket (the server's fast path)
 ``template``           chat templates rendered with limits (time, output, memory, cancel)
 ``prompt_cache``       which tokens each slot's KV holds; reuse between requests
 ``embedding``          pooled embeddings in a second context

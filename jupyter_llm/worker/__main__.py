@@ -27,6 +27,10 @@ gbnf, fit, extra)`` (fit: ``{"reserve": N}`` or None;      (chat with fit), ``("
 extra: None or ``n``, ``logprobs``, ``variables``,         n_tokens[, {index, logprobs}])`` …,
 ``think_open``, see worker/prep.py)                        ``("done", rid, stats)`` (per answer)
 ``("cancel", rid)``                                        (the generation ends "cancelled")
+``("attach", rid, has_socket)`` (+ the HTTP client's       the answer's text into that socket;
+socket, SCM_RIGHTS; after the first ``tok`` of a ``gen``   ``("spill", rid, raw)`` if the client
+whose extra has ``direct``: worker/direct.py)              stops taking it; ``done`` has
+                                                           ``direct_text``
 ``("embed", rid, texts, normalize)``                       ``("reply", rid, vectors)``
 ``("call", rid, name, args)`` (tokenize, detokenize,       ``("reply", rid, value)``
 render, count, fim, stats)
@@ -243,8 +247,21 @@ class Worker:
                 threading.Thread(target=self._load_and_start, args=msg[1:], name="loader", daemon=True).start()
             elif op == wire.CLOSE:
                 self._close()
+            elif op == wire.ATTACH:
+                self._attach(msg[1], self.conn.fds.popleft() if msg[2] else None)
             else:
                 self._dispatch(op, msg)
+
+    def _attach(self, rid: int, fd: int | None) -> None:
+        """The client's socket of a streamed answer (worker/direct.py), for the engine thread."""
+        import socket
+
+        sock = socket.socket(fileno=fd) if fd is not None else None
+        if self.engine is None:
+            if sock is not None:
+                sock.close()
+            return
+        self.engine.attach(rid, sock)
 
     def _dispatch(self, op: str, msg: tuple[Any, ...]) -> None:
         rid, engine, prep = msg[1], self.engine, self.prep
@@ -317,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     # The kernel answers Ctrl-C / the stop button by cancelling; a SIGINT sent to the kernel's
     # whole process group must not kill the model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    Worker(wire.Pipe(int(args[0]))).serve()
+    Worker(wire.Pipe(int(args[0]), takes_fds=True)).serve()
 
 
 if __name__ == "__main__":

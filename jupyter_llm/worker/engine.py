@@ -50,6 +50,7 @@ from typing import Any
 
 from .. import wire
 from . import RequestError
+from .direct import DirectOut
 from .generation import Generation
 from .llama import llama_said
 from .prompt_cache import SlotCache, chunk_size
@@ -146,6 +147,8 @@ class Engine:
             group.append(req)
         first = group[0]
         first.group, first.left = group, n
+        if extra.get("direct") and first.plain:  # (the kernel asks only for plain answers)
+            first.direct = DirectOut(*map(bytes, extra["direct"]), cancel=lambda: setattr(first, "cancelled", True))
         for req in group[1:]:
             req.head = first
         self.requests[rid] = first
@@ -168,6 +171,10 @@ class Engine:
             for member in req.group:
                 member.cancelled = True
             self._abort = True  # a spurious abort only makes the engine redo one step
+
+    def attach(self, rid: int, sock: Any) -> None:
+        """The kernel's ``attach`` for request ``rid`` (a socket, or None): see :mod:`.direct`."""
+        self.inbox.put(("attach", rid, sock))
 
     def stats(self) -> dict[str, Any]:
         """Slots, busy slots, queued requests, the counters, and how many tokens each slot's KV holds."""
@@ -210,6 +217,9 @@ class Engine:
             elif item == "close":
                 self._shutdown()
                 return False
+            elif item[0] == "attach":  # (an answer ended already leaves the kernel to write it all)
+                req = self.requests.get(item[1])
+                self._emit(DirectOut.attach_to(req.direct if req else None, item[1], item[2]))
             else:
                 self._run_embed(*item)
             item = None
@@ -383,6 +393,8 @@ class Engine:
             self.slots[req.slot] = None
             req.slot = -1
         req.chain.free()
+        if req.direct is not None and error is not None:
+            self._emit(req.direct.end(req.rid))
         head = req.head or req
         head.left -= 1
         if head.left <= 0:
@@ -396,6 +408,9 @@ class Engine:
                 self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
         extra = {} if req.plain else self._extra(req)
+        if req.direct is not None:
+            self._emit(req.direct.end(req.rid))
+            extra["direct_text"] = "".join(req.direct.written)
         self._emit((wire.DONE, req.rid, {**extra,
             "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
             "completion_tokens": req.n_gen,
@@ -406,7 +421,9 @@ class Engine:
 
     def _send_text(self, req: Generation, text: str) -> None:
         """A TOKEN message; with the answer's index and log probabilities when they were asked for."""
-        if req.plain:
+        if req.direct is not None:
+            self._emit(req.direct.piece(req.rid, text, req.n_unsent))
+        elif req.plain:
             self._emit((wire.TOKEN, req.rid, text, req.n_unsent))
         else:
             self._emit((wire.TOKEN, req.rid, text, req.n_unsent, self._extra(req)))
@@ -424,7 +441,9 @@ class Engine:
             if out:
                 self.send(out[0] if len(out) == 1 else (wire.STEP, out))
 
-    def _emit(self, message: tuple[Any, ...]) -> None:
+    def _emit(self, message: tuple[Any, ...] | None) -> None:
+        if message is None:
+            return
         if self._out is None:
             self.send(message)
         else:

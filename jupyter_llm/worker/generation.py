@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .direct import DirectOut
 from .sampler import Sampler
 from .text import TextOut
 
@@ -51,6 +52,8 @@ class Generation:
     """Log-probability entries not sent yet (they go with the next text)."""
     prefix: str = ""
     """Text sent before the first token's (the reasoning marker the template opened)."""
+    direct: DirectOut | None = None
+    """Written into the HTTP client's socket once the kernel attaches it (:mod:`.direct`)."""
 
     @property
     def plain(self) -> bool:
