@@ -105,18 +105,30 @@ class Pipe:
         header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
         self._send_within(memoryview(header + data), time.monotonic() + timeout)
 
-    def send_fd(self, message: tuple[Any, ...], fd: int) -> None:
+    def send_fd(self, message: tuple[Any, ...], fd: int, timeout: float) -> None:
         """Send one message with a copy of the descriptor ``fd`` (SCM_RIGHTS); the other end
-        must read with ``takes_fds``. Blocks (the messages that carry one are small)."""
+        must read with ``takes_fds``. TimeoutError and :attr:`broken` as for :meth:`send`."""
+        import select
         import socket
 
         if self._sender is None:
             self._sender = socket.socket(fileno=os.dup(self._conn.fileno()))
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         frame = memoryview(struct.pack("!i", len(data)) + data)
-        sent = socket.send_fds(self._sender, [frame], [fd])
-        if sent < len(frame):
-            self._sender.sendall(frame[sent:])
+        deadline = time.monotonic() + timeout
+        while True:  # the descriptor goes with the first byte: that send must take at least one
+            try:
+                sent = socket.send_fds(self._sender, [frame], [fd], socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self._sender], [], left)[1]:
+                    raise TimeoutError("the other side stopped reading") from None
+        try:
+            self._send_within(frame[sent:], deadline)
+        except TimeoutError:
+            self.broken = True  # a part of the message went
+            raise
 
     def _send_within(self, data: memoryview, deadline: float) -> None:
         import select

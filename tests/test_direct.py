@@ -143,7 +143,7 @@ def test_a_descriptor_sent_with_a_message_arrives_with_it() -> None:
     x, y = socket.socketpair()
     try:
         sender.send(("gen", 1))
-        sender.send_fd((wire.ATTACH, 1, True), x.fileno())
+        sender.send_fd((wire.ATTACH, 1, True), x.fileno(), 5.0)
         sender.send(("cancel", 1))
         assert receiver.recv() == ("gen", 1)
         assert receiver.recv() == (wire.ATTACH, 1, True)

@@ -351,13 +351,13 @@ class Runtime:
             self._pending.pop(rid, None)
 
     def _send(self, message: tuple[Any, ...], timeout: float = HUNG_AFTER_S, *, fd: int | None = None) -> None:
-        """Send a message (with a copy of the descriptor ``fd``, which blocks instead of timing out)."""
+        """Send a message (with a copy of the descriptor ``fd``, see wire.Pipe.send_fd)."""
         try:
             with self._send_lock:
                 if fd is None:
                     self._conn.send(message, timeout)
                 else:
-                    self._conn.send_fd(message, fd)
+                    self._conn.send_fd(message, fd, timeout)
                 while self._orphans:
                     self._conn.send((wire.CANCEL, self._orphans.popleft()), timeout)
         except TimeoutError:
