@@ -19,10 +19,11 @@ worker CPU seconds in the 10 s after an answer         < 0.05 s (also with the p
 Servers run as their users have them: both keep prompts for reuse (llama-server's
 ``cache_prompt`` and our prompt cache are on by default); the single streams compare against
 the plain loop with our cache off, since the plain loop evaluates every prompt. The ratios
-come from alternating runs (``--pairs``: plain loop then ours, each ratio and first-token
-difference taken against the plain run just before it; the two servers, both up, used in
-turn), so that the machine's drift hits both sides alike; the rounds' own medians (each
-contender alone on the machine) are shown too.
+come from alternating runs (``--pairs``: the plain loop and ours one after the other, each
+ratio and first-token difference taken within the pair; the two servers, both up, used in
+turn; every other pair runs ours first, so that neither side always follows the other), so
+that the machine's drift hits both sides alike; the rounds' own medians (each contender alone
+on the machine) are shown too.
 
 It also shows the plain loop under ``OMP_WAIT_POLICY=PASSIVE`` (the wait policy is chosen by this
 measurement), the second turn's first token with the prompt cache settling while idle (the
@@ -31,7 +32,7 @@ arriving while 3 requests generate costs: its first token, and the longest pause
 generating streams see (continuous batching: ours evaluates it in ``n_ubatch`` chunks between
 their tokens).
 
-    .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N] [--pairs 8]
+    .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N] [--pairs 12]
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def chat_cell(args: argparse.Namespace, kernel: Any) -> dict[str, float]:
 
 def paired(args: argparse.Namespace, prompt: str, kernel: Any) -> dict[str, list[dict[str, float]]]:
     """Alternating runs of ``args.tokens`` tokens: plain loop, Python API, plain loop, ``%%chat``,
-    … (``args.pairs`` times); each of ours against the plain run just before it: the ratio of
-    tok/s and the difference of first-token times. The three are loaded together but only one
+    … (``args.pairs`` times; every other pair ours first); each of ours against the plain run of
+    its pair: the ratio of tok/s and the difference of first-token times. The three are loaded together but only one
     computes at a time (a pause between runs lets OpenMP's spinning threads go to sleep), so
     the machine's drift hits both sides of a pair alike."""
     from bench_chat import kernel_round
@@ -194,12 +195,13 @@ def paired(args: argparse.Namespace, prompt: str, kernel: Any) -> dict[str, list
     out: dict[str, list[dict[str, float]]] = {"Python API": [], "%%chat": []}
     try:
         plain.run(prompt, 8), api(8), chat(8)  # warm-up
-        for _ in range(args.pairs):
+        for k in range(args.pairs):
             for name, ours in (("Python API", api), ("%%chat", chat)):
-                time.sleep(0.3)
-                base = plain.run(prompt, args.tokens)
-                time.sleep(0.3)
-                mine = ours(args.tokens)
+                got: dict[str, dict[str, float]] = {}
+                for side in ("ours", "plain")[::1 if k % 2 else -1]:  # every other pair ours first
+                    time.sleep(0.3)
+                    got[side] = ours(args.tokens) if side == "ours" else plain.run(prompt, args.tokens)
+                base, mine = got["plain"], got["ours"]
                 out[name].append({"ratio": mine["tok_s"] / base["tok_s"], "plain_tok_s": base["tok_s"],
                                   "tok_s": mine["tok_s"], "ttft_ms": (mine["ttft_s"] - base["ttft_s"]) * 1000})
     finally:
@@ -353,9 +355,10 @@ def server_pairs(args: argparse.Namespace, tokenizer: Any, llama_server: Path) -
     try:
         for server in (info, info_l):
             run_clients(server, 1, 8, tokenizer)  # warm-up
-        for _ in range(args.pairs):
+        for k in range(args.pairs):
             got = {}
-            for name, server in (("ours", info), ("llama-server", info_l)):
+            order = (("ours", info), ("llama-server", info_l))
+            for name, server in order[::-1] if k % 2 else order:  # every other pair llama-server first
                 time.sleep(0.3)
                 one = run_clients(server, 1, args.tokens, tokenizer)["tok_s"]
                 four = run_clients(server, args.parallel, args.tokens, tokenizer)["tok_s"]
@@ -382,7 +385,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=2048, help="context per request (and of the single streams)")
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--long-prompt", type=int, default=1500, help="tokens of the long prompt arriving under load")
-    p.add_argument("--pairs", type=int, default=8, help="alternating runs: against the plain loop, and the servers")
+    p.add_argument("--pairs", type=int, default=12, help="alternating runs: against the plain loop, and the servers")
     args = p.parse_args()
 
     build = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-cpp.sh")], capture_output=True, text=True)
