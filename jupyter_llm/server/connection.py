@@ -141,8 +141,8 @@ def protocol_class(limits: Limits) -> type[asyncio.Protocol]:
         def data_received(self, data: bytes) -> None:
             self._received = True
             super().data_received(data)
-            if self.cycle is not None:  # (a new request's task has not run yet)
-                self.cycle.scope.setdefault(HANDOVER, Handover(self))  # type: ignore[misc]
+            if self.cycle is not None and HANDOVER not in self.cycle.scope:  # (its task has not run yet)
+                self.cycle.scope[HANDOVER] = Handover(self)  # type: ignore[literal-required]
             self._watch()
 
         def on_response_complete(self) -> None:
