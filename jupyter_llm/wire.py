@@ -53,6 +53,10 @@ per step instead of one per generating request."""
 CRASH = "crash"
 """Not sent by the worker: the kernel's reader puts it into every waiting inbox when it dies."""
 
+OLLAMA_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+"""The UTC time in Ollama's lines (``created_at``), as the API server and a worker writing
+them (jupyter_llm/worker/direct.py) put it."""
+
 WORKER_MODULE = "jupyter_llm.worker"
 PROBE_MODULE = "jupyter_llm.worker.probe"
 

@@ -20,7 +20,7 @@ from jupyter_llm import wire
 from jupyter_llm.runtime.stream import Stream
 from jupyter_llm.server import connection
 from jupyter_llm.worker.direct import DirectOut
-from tests.apiserver import MODEL, openai_client, running_server, wait_until, worker_stats
+from tests.apiserver import MODEL, auth, openai_client, running_server, wait_until, worker_stats
 
 PREFIX, SUFFIX = b'data: {"delta": ', b"}\n\n"
 
@@ -209,6 +209,28 @@ def test_the_worker_writes_a_streamed_answer_that_equals_the_whole_one(served: A
     assert chunks[-1].usage.completion_tokens == 60 and chunks[-2].choices[0].finish_reason == "length"
     assert "".join(p.choices[0].text for p in pieces if p.choices) == completion.choices[0].text
     assert len(attaches) == 2 and all(took for _, took in attaches)
+
+
+def test_the_worker_writes_ollama_lines_with_their_own_times(served: Any,
+                                                            attaches: list[tuple[bool, bool]]) -> None:
+    """Ollama's lines carry the time each piece was made: the worker writes its clock's."""
+    from datetime import datetime
+
+    import ollama
+
+    _manager, server = served
+    with ollama.Client(host=server.url, headers=auth(server)) as client:
+        options = {"temperature": 0, "num_predict": 40}
+        whole = client.chat(model=MODEL, messages=STORY, options=options)
+        lines = list(client.chat(model=MODEL, messages=STORY, options=options, stream=True))
+        generated = client.generate(model=MODEL, prompt="Once upon a time", options=options)
+        pieces = list(client.generate(model=MODEL, prompt="Once upon a time", options=options, stream=True))
+    assert attaches == [(True, True), (True, True)]
+    assert "".join(line.message.content or "" for line in lines) == whole.message.content
+    assert lines[-1].done and lines[-1].eval_count == whole.eval_count
+    times = [datetime.fromisoformat(str(line.created_at).replace("Z", "+00:00")) for line in lines]
+    assert times == sorted(times) and times[-2] > times[1], "each line has the time it was written"
+    assert "".join(p.response for p in pieces) == generated.response
 
 
 def test_answers_streamed_together_each_equal_their_own(served: Any, attaches: list[tuple[bool, bool]]) -> None:

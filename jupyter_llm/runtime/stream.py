@@ -45,10 +45,11 @@ class Extras:
     """More variables for the chat template (``enable_thinking``…)."""
     markers: tuple[str, str] | None = None
     """Reasoning markers: split the answer's reasoning off its text at them."""
-    direct: tuple[bytes, bytes] | None = None
+    direct: tuple[bytes, ...] | None = None
     """The API server's fast path (``jupyter_llm/worker/direct.py``): the bytes around a piece's
-    JSON string, for a worker that writes the answer into the client's socket once
-    :meth:`Stream.attach` hands it over. Only for one plain answer (no logprobs, no markers)."""
+    JSON string (and its time: ``server.responses.direct_framing``), for a worker that writes the
+    answer into the client's socket once :meth:`Stream.attach` hands it over. Only for one plain
+    answer (no logprobs, no markers)."""
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, "logprobs": self.logprobs, "variables": self.template or None}

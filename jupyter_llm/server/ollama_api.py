@@ -14,11 +14,13 @@ a 400 saying so: images, custom ``template`` and the deprecated ``context``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from ..capabilities import capabilities
+from ..wire import OLLAMA_TIME
 from . import ollama_create, ollama_store
 from .backend import UNCHANGED, Job, Loaded
 from .choice_shapes import ollama_asks, ollama_piece, wants
@@ -34,8 +36,10 @@ from .params import (
     sampling,
 )
 from .responses import (
+    Raw,
     Streamed,
     ctx,
+    direct_framing,
     endpoint,
     json_response,
     ndjson,
@@ -55,7 +59,7 @@ _ROLES = ("system", "user", "assistant", "tool")
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(timezone.utc).strftime(OLLAMA_TIME)
 
 
 def _iso(timestamp: float | None) -> str:
@@ -211,17 +215,21 @@ async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | No
     grammar = (await run_blocking(forced_grammar, specs, pick) if specs else None) or grammar  # (tool_shapes)
     extras, think = ollama_asks(body)  # logprobs, top_logprobs, think (choice_shapes)
     shaped, chat = wants(extras, think), what == "chat"
+
+    def piece(text: str, stamp: str | None = None) -> dict[str, Any]:
+        item: dict[str, Any] = {"model": name, "created_at": stamp or now()}
+        item.update({"response": text} if what == "generate" else {"message": {"role": "assistant", "content": text}})
+        item["done"] = False  # the last item overrides it with the statistics
+        return item
+
+    direct = stream and not shaped and not specs  # plain lines: the worker may write them (worker/direct.py)
+    if direct:
+        extras = dataclasses.replace(extras, direct=direct_framing(lambda text, stamp: ndjson(piece(text, stamp))))
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=keep, num_ctx=num_ctx)
     job = c.backend.start(loaded, kind, payload, options, grammar, "options.num_predict", tools=specs or None,
                           tool_choice=pick, extras=extras, think=think)
     if not await until_disconnect(request, job.prime, job.cancel):
         return _gone()
-
-    def piece(text: str) -> dict[str, Any]:
-        item: dict[str, Any] = {"model": name, "created_at": now()}
-        item.update({"response": text} if what == "generate" else {"message": {"role": "assistant", "content": text}})
-        item["done"] = False  # the last item overrides it with the statistics
-        return item
 
     if not stream:
         collected = await until_disconnect(request, job.collect, job.cancel)
@@ -236,7 +244,9 @@ async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | No
     async def lines() -> Any:
         try:
             async for item in job.events():
-                if hasattr(item, "n_tokens"):
+                if isinstance(item, Raw):  # bytes a slow client left of the worker's line
+                    yield item
+                elif hasattr(item, "n_tokens"):
                     yield ndjson(ollama_piece(piece(item.text), item, chat=chat) if shaped else piece(item.text))
                 else:
                     if job.tool_calls:  # parsed once the answer ended, sent before the last line
@@ -247,7 +257,7 @@ async def _run(request: Any, name: str, body: Body, keep: Any, num_ctx: int | No
         except Exception as exc:  # a worker that died mid-answer: Ollama reports it in the stream
             yield ndjson({"error": problem_from(exc).message})
 
-    return Streamed(lines(), "application/x-ndjson", job.cancel)
+    return Streamed(lines(), "application/x-ndjson", job.cancel, job.hand_over if direct else None)
 
 
 def _final(result: Any, job: Job, loaded: Loaded) -> dict[str, Any]:

@@ -194,7 +194,7 @@ async def _complete(request: Any, body: Body, kind: str, payload: Any, default_m
 
     direct = stream and not shaped and not specs  # the pieces are plain chunks: the worker may write them
     if direct:
-        extras = dataclasses.replace(extras, direct=direct_framing(lambda text: sse(chunk(text, None))))
+        extras = dataclasses.replace(extras, direct=direct_framing(lambda text, _stamp: sse(chunk(text, None))))
     loaded = await run_blocking(c.backend.ensure, name, keep_alive=UNCHANGED)
     job = c.backend.start(loaded, kind, payload, options, grammar,
                           "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens",

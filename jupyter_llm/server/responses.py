@@ -204,13 +204,16 @@ class Raw(bytes):
     a worker began writing, worker/direct.py): written as it is, past h11."""
 
 
-def direct_framing(shape: Callable[[str], bytes]) -> tuple[bytes, bytes]:
-    """The bytes before and after a piece's JSON string in ``shape(text)`` (a chunk as the route
-    writes it), for a worker that writes the pieces itself (``Extras.direct``)."""
-    marker = "\x00piece\x00"
-    prefix, found, suffix = shape(marker).partition(json.dumps(marker, ensure_ascii=False).encode())
+def direct_framing(shape: Callable[[str, str], bytes]) -> tuple[bytes, ...]:
+    """The bytes around a piece's JSON string in ``shape(text, time)`` (a chunk as the route writes
+    it), for a worker that writes the pieces itself (``Extras.direct``): (before, after), or
+    (before the time, between it and the text, after) when the shape holds the time as a string
+    (Ollama's ``created_at``: the worker writes its clock's, as ``wire.OLLAMA_TIME`` says)."""
+    text, stamp = "\x00piece\x00", "\x00time\x00"
+    prefix, found, suffix = shape(text, stamp).partition(json.dumps(text, ensure_ascii=False).encode())
     assert found, "the shape must hold the text as one JSON string"
-    return prefix, suffix
+    before, timed, between = prefix.partition(json.dumps(stamp).encode())
+    return (before + b'"', b'"' + between, suffix) if timed else (prefix, suffix)
 
 
 class Streamed:

@@ -3,8 +3,9 @@
 A token streamed by the kernel's API server used to cost the kernel ~0.5 ms of CPU (its reader
 thread, the event loop, the HTTP framing) on the two cores the decode needs: the server ran at
 0.79-0.87× llama-server with one client (docs/notes.md §14). For a plain streamed answer (one
-choice, no log probabilities, no reasoning split, no tool calls) the server asks for ``direct``
-output: the bytes before and after the JSON string of a piece, as its own formatter makes them.
+choice, no log probabilities, no reasoning split, no tool calls; OpenAI's server-sent events
+and Ollama's lines) the server asks for ``direct`` output: the bytes before and after the JSON
+string of a piece, as its own formatter makes them (and where the time goes, for Ollama's).
 
 - The first piece goes to the kernel as usual (``tok``): the server answers with its status,
   headers and first chunk.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from .. import wire
@@ -38,9 +40,13 @@ _FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 class DirectOut:
     """The direct output of one answer (engine thread only)."""
 
-    def __init__(self, prefix: bytes, suffix: bytes, *, cancel: Callable[[], None]) -> None:
-        """``cancel``: called when the client turns out to be gone (the engine ends the answer)."""
-        self.prefix, self.suffix, self._cancel = prefix, suffix, cancel
+    def __init__(self, *parts: bytes, cancel: Callable[[], None]) -> None:
+        """``parts``: the bytes before and after a piece's JSON string, or before the time, between
+        it and the string, and after (the kernel's ``Extras.direct``). ``cancel``: called when the
+        client turns out to be gone (the engine ends the answer)."""
+        self.prefix, self.suffix = parts[0], parts[-1]
+        self.between = parts[1] if len(parts) == 3 else None
+        self._cancel = cancel
         self.state = "first"
         """first → held (the first piece went to the kernel) → attached → off (the kernel writes)."""
         self.sock: socket.socket | None = None
@@ -110,7 +116,11 @@ class DirectOut:
         return (wire.SPILL, rid, data[sent:])
 
     def _frame(self, text: str) -> bytes:
-        body = self.prefix + json.dumps(text, ensure_ascii=False).encode() + self.suffix
+        body = json.dumps(text, ensure_ascii=False).encode() + self.suffix
+        if self.between is None:
+            body = self.prefix + body
+        else:  # the time of this piece, as Ollama writes it into each line
+            body = self.prefix + datetime.now(timezone.utc).strftime(wire.OLLAMA_TIME).encode() + self.between + body
         return b"%x\r\n%b\r\n" % (len(body), body)
 
     def _off(self) -> None:
