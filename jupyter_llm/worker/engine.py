@@ -100,6 +100,7 @@ class Engine:
         self._abort_on = False
         self._embedder: Any = None  # an Embedder, made on the first embedding request
         self._logprobs: Any = None  # a Logprobs reader, made on the first request asking for them
+        self._attaches_in = self._attaches_out = 0
         self._out: list[tuple[Any, ...]] | None = None
         """While a step samples several requests: their messages, sent as one ``step`` message."""
         self.fault: Callable[[str], None] | None = None
@@ -175,11 +176,13 @@ class Engine:
     def attach(self, rid: int, sock: Any) -> None:
         """The kernel's ``attach`` for request ``rid`` (a socket, or None): see :mod:`.direct`."""
         self.inbox.put(("attach", rid, sock))
+        self._attaches_in += 1  # (one writer per counter: stats() leaves these out of the queue)
 
     def stats(self) -> dict[str, Any]:
         """Slots, busy slots, queued requests, the counters, and how many tokens each slot's KV holds."""
         busy = sum(1 for s in self.slots if s is not None)
-        return {"slots": self.parallel, "busy": busy, "queued": len(self.pending) + self.inbox.qsize(),
+        inbox = self.inbox.qsize() - (self._attaches_in - self._attaches_out)
+        return {"slots": self.parallel, "busy": busy, "queued": len(self.pending) + max(inbox, 0),
                 **self.counters, **self.cache.stats()}
 
     # -- engine thread -------------------------------------------------------------------------
@@ -218,6 +221,7 @@ class Engine:
                 self._shutdown()
                 return False
             elif item[0] == "attach":  # (an answer ended already leaves the kernel to write it all)
+                self._attaches_out += 1
                 req = self.requests.get(item[1])
                 self._emit(DirectOut.attach_to(req.direct if req else None, item[1], item[2]))
             else:
