@@ -83,7 +83,7 @@ class DirectOut:
         if self.state != "held" or sock is None:
             if sock is not None:
                 sock.close()
-            if self.state == "held":
+            if self.state in ("first", "held"):  # (an attach before the first piece: the kernel writes all)
                 self.state = "off"
             return (wire.TOKEN, rid, "".join(held), n) if held else None
         self.sock, self.state = sock, "attached"
