@@ -112,29 +112,10 @@ class Pipe:
     def send_fd(self, message: tuple[Any, ...], fd: int, timeout: float) -> None:
         """Send one message with a copy of the descriptor ``fd`` (SCM_RIGHTS); the other end
         must read with ``takes_fds``. TimeoutError and :attr:`broken` as for :meth:`send`."""
-        import select
-        import socket
-
-        if self._sender is None:
-            self._sender = socket.socket(fileno=os.dup(self._conn.fileno()))
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        frame = memoryview(struct.pack("!i", len(data)) + data)
-        deadline = time.monotonic() + timeout
-        while True:  # the descriptor goes with the first byte: that send must take at least one
-            try:
-                sent = socket.send_fds(self._sender, [frame], [fd], socket.MSG_DONTWAIT)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([], [self._sender], [], left)[1]:
-                    raise TimeoutError("the other side stopped reading") from None
-        try:
-            self._send_within(frame[sent:], deadline)
-        except TimeoutError:
-            self.broken = True  # a part of the message went
-            raise
+        self._send_within(memoryview(struct.pack("!i", len(data)) + data), time.monotonic() + timeout, fd)
 
-    def _send_within(self, data: memoryview, deadline: float) -> None:
+    def _send_within(self, data: memoryview, deadline: float, fd: int | None = None) -> None:
         import select
         import socket
 
@@ -143,7 +124,11 @@ class Pipe:
         whole = len(data)
         while data:
             try:
-                data = data[self._sender.send(data, socket.MSG_DONTWAIT):]
+                if fd is None:
+                    data = data[self._sender.send(data, socket.MSG_DONTWAIT):]
+                else:  # the descriptor goes with the first bytes sent
+                    data = data[socket.send_fds(self._sender, [data], [fd], socket.MSG_DONTWAIT):]
+                    fd = None
                 continue
             except BlockingIOError:
                 pass

@@ -7,6 +7,8 @@ its own store directory (records are read through it, not through JUPYTER_LLM_HO
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,3 +62,19 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) ->
 def worker_stats(manager: ModelManager) -> dict[str, Any]:
     """The loaded default model's slot and queue counters, straight from its worker."""
     return manager.get(MODEL).runtime.stats()
+
+
+def raw_request(server: api.Server, path: str, body: dict[str, Any], *, version: str = "1.1",
+                rcvbuf: int | None = None, close: bool = False) -> socket.socket:
+    """Send a request on a bare socket and return it unread (closing it is the disconnect);
+    ``rcvbuf``: the socket's receive buffer, set before connecting (a client slow to take data)."""
+    data = json.dumps(body).encode()
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
+    head = (f"POST {path} HTTP/{version}\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {server.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n")
+    sock.sendall(head.encode() + data)
+    return sock

@@ -20,7 +20,7 @@ from jupyter_llm import wire
 from jupyter_llm.runtime.stream import Stream
 from jupyter_llm.server import connection
 from jupyter_llm.worker.direct import DirectOut
-from tests.apiserver import MODEL, auth, openai_client, running_server, wait_until, worker_stats
+from tests.apiserver import MODEL, auth, openai_client, raw_request, running_server, wait_until, worker_stats
 
 PREFIX, SUFFIX = b'data: {"delta": ', b"}\n\n"
 
@@ -253,19 +253,9 @@ def test_answers_streamed_together_each_equal_their_own(served: Any, attaches: l
     assert sum(took for _, took in attaches) >= 2
 
 
-def raw_request(server: Any, messages: list[dict[str, str]], max_tokens: int, version: str = "1.1",
-                rcvbuf: int | None = None) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.connect((host, int(port)))
-    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
-    sock.sendall(f"POST /v1/chat/completions HTTP/{version}\r\nHost: {host}:{port}\r\n"
-                 f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-    return sock
+def chat_request(server: Any, messages: list[dict[str, str]], max_tokens: int, **how: Any) -> socket.socket:
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    return raw_request(server, "/v1/chat/completions", body, close=True, **how)
 
 
 def read_all(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -293,7 +283,7 @@ def test_an_http_1_0_client_is_answered_by_the_kernel(served: Any, attaches: lis
     _manager, server = served
     with openai_client(server) as client:
         whole = whole_answer(client, STORY, 30)
-    head, body = read_all(raw_request(server, STORY, 30, version="1.0"))
+    head, body = read_all(chat_request(server, STORY, 30, version="1.0"))
     assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
     assert sse_text(body) == whole
     assert attaches == [(False, False)]
@@ -323,7 +313,7 @@ def test_a_client_that_stops_reading_gets_the_whole_answer(served: Any, attaches
     monkeypatch.setattr(connection.Handover, "write_raw", counted)
     with openai_client(server) as client:
         whole = whole_answer(client, STORY, 200)
-    sock = raw_request(server, STORY, 200, rcvbuf=4096)
+    sock = chat_request(server, STORY, 200, rcvbuf=4096)
     assert wait_until(lambda: bool(attaches), 60)
     assert wait_until(lambda: worker_stats(manager)["busy"] == 0, 60), "the answer ended without the client"
     head, body = read_all(sock)
@@ -335,7 +325,7 @@ def test_a_client_that_stops_reading_gets_the_whole_answer(served: Any, attaches
 
 def test_a_client_that_leaves_frees_its_slot(served: Any, attaches: list[tuple[bool, bool]]) -> None:
     manager, server = served
-    sock = raw_request(server, STORY, 400)
+    sock = chat_request(server, STORY, 400)
     sock.settimeout(30)
     got = b""
     while got.count(b"data: ") < 5:

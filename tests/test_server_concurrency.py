@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.apiserver import MODEL, auth, running_server, wait_until, worker_stats
+from tests.apiserver import MODEL, auth, raw_request, running_server, wait_until, worker_stats
 
 PROMPTS = ["Write a haiku about the sea.", "List three fruits.", "What is 2+2? Explain.",
            "Tell me about Paris in two sentences."]
@@ -42,16 +41,6 @@ def _stream_chat(server: Any, prompt: str) -> str:
 
 def _idle(manager: Any, server: Any) -> bool:
     return worker_stats(manager)["busy"] == 0 and not server.context.backend.in_flight()
-
-
-def _raw_request(server: Any, path: str, body: dict[str, Any]) -> socket.socket:
-    """Send a request on a bare socket and return it unread (closing it is the disconnect)."""
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {server.token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
-    sock.sendall(head.encode() + data)
-    return sock
 
 
 def test_four_concurrent_clients_decode_together_and_match_sequential_greedy_runs(served: Any) -> None:
@@ -93,7 +82,7 @@ def test_a_streaming_client_that_disconnects_frees_its_slot(served: Any) -> None
 
 def test_a_waiting_non_streaming_client_that_disconnects_frees_its_slot(served: Any) -> None:
     manager, server = served
-    sock = _raw_request(server, "/api/generate", {**LONG, "stream": False})
+    sock = raw_request(server, "/api/generate", {**LONG, "stream": False})
     try:
         assert wait_until(lambda: worker_stats(manager)["busy"] == 1, timeout=15)
     finally:
@@ -103,7 +92,7 @@ def test_a_waiting_non_streaming_client_that_disconnects_frees_its_slot(served: 
 
 def test_requests_beyond_the_slots_and_the_queue_get_503_with_retry_after(served: Any) -> None:
     manager, server = served
-    held = [_raw_request(server, "/api/generate", LONG) for _ in range(4 + 2)]  # 4 slots + 2 queued
+    held = [raw_request(server, "/api/generate", LONG) for _ in range(4 + 2)]  # 4 slots + 2 queued
     try:
         assert wait_until(lambda: server.context.backend.in_flight().get(MODEL) == 6, timeout=15)
         assert wait_until(lambda: worker_stats(manager)["busy"] == 4, timeout=15)

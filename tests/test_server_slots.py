@@ -16,8 +16,8 @@ from jupyter_llm.manager import ModelManager
 from jupyter_llm.options import LoadOptions
 from jupyter_llm.store.records import Store
 from jupyter_llm.store.sources import Pulled
-from tests.apiserver import MODEL, auth, wait_until, worker_stats
-from tests.test_server_concurrency import LONG, _raw_request
+from tests.apiserver import MODEL, auth, raw_request, wait_until, worker_stats
+from tests.test_server_concurrency import LONG
 
 PROMPTS = ["Write a haiku about the sea.", "List three fruits.", "What is 2+2? Explain.",
            "Tell me about Paris in two sentences."]
@@ -84,7 +84,7 @@ def test_with_parallel_1_the_server_uses_one_slot_and_its_503_says_so(smollm2_pa
     try:
         manager.load(MODEL, LoadOptions(n_ctx=4 * 2048, parallel=4))  # 2048 per slot: LONG fits
         server = api.serve(manager, port=0, parallel=1, max_queue=1)
-        held = [_raw_request(server, "/api/generate", LONG) for _ in range(2)]  # 1 slot + 1 queued
+        held = [raw_request(server, "/api/generate", LONG) for _ in range(2)]  # 1 slot + 1 queued
         assert wait_until(lambda: server.context.backend.in_flight().get(MODEL) == 2, timeout=30)
         assert wait_until(lambda: worker_stats(manager)["busy"] == 1, timeout=30)
         with httpx.Client(base_url=server.url, headers=auth(server), timeout=30) as client:
