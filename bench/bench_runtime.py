@@ -48,7 +48,7 @@ class RawLoop:
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
         cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified, cp.no_perf, cp.flash_attn_type = False, True, 0  # as the worker (flash_attn off)
+        cp.kv_unified, cp.no_perf = False, True  # flash attention: llama.cpp's default (auto: on for the CPU)
         self.ctx = L.llama_init_from_model(self.model, cp)
         self.n_batch = n_batch
         self.batch = L.llama_batch_init(n_batch, 0, 1)

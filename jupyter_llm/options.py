@@ -98,9 +98,12 @@ def _default_kv_type() -> str:
 
 
 def _default_flash_attn() -> bool:
+    """On unless the environment turns it off: as llama-server's default (``-fa auto``) on the
+    CPU, where it measured ~10 % faster decoding on an AMD EPYC (Zen 3) and level on Zen 4, with
+    a smaller compute buffer; the prompt cache stays exact with it (docs/notes.md §14)."""
     from . import config
 
-    return bool(config.flash_attention())
+    return config.flash_attention() is not False
 
 
 GpuLayers = int | Literal["auto"]
@@ -119,6 +122,7 @@ class LoadOptions:
     kv_type: str = field(default_factory=_default_kv_type)
     """KV cache element type: f16, q8_0 or q4_0 (quantized V needs flash attention)."""
     flash_attn: bool = field(default_factory=_default_flash_attn)
+    """Flash attention; on by default (``JUPYTER_LLM_FLASH_ATTENTION=0`` or ``--no-flash-attn``: off)."""
     threads: int | None = None
     """CPU threads for generation; None = the physical cores this process may use (hyperthreads
     of one core count once, as llama.cpp's own default; docs/notes.md §8)."""

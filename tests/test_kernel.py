@@ -78,7 +78,7 @@ def test_chat_metadata_records_how_the_model_was_loaded(kernel: Kernel) -> None:
     run = kernel.ok('%%chat --new --session p --system "Answer in one word." --temperature 0 --max-tokens 4\n'
                     "Say hi.")
     meta = run.updates()[-1]["content"]["metadata"]["jupyter_llm"]
-    assert (meta["n_ctx"], meta["kv_type"], meta["flash_attn"]) == (2048, "f16", False)
+    assert (meta["n_ctx"], meta["kv_type"], meta["flash_attn"]) == (2048, "f16", True)  # the defaults
     assert meta["system"] == "Answer in one word."
     assert meta["llama_cpp"]["version"] == version("llama-cpp-python")
     assert "CPU" in meta["llama_cpp"]["system_info"], "llama.cpp's own build and CPU features"

@@ -87,7 +87,7 @@ def test_code_format_extracts_the_first_fence() -> None:
 
 def test_quantized_kv_without_flash_attention_says_to_add_it(magics: LLMMagics) -> None:
     with pytest.raises(UsageError, match="--flash-attn"):
-        magics.llm("estimate m --kv-type q8_0")
+        magics.llm("estimate m --kv-type q8_0 --no-flash-attn")
 
 
 def test_devices_lists_host_ram_with_its_llama_cpp_backend(magics: LLMMagics) -> None:

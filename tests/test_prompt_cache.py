@@ -16,11 +16,12 @@ import pytest
 from jupyter_llm.errors import ContextOverflowError
 from jupyter_llm.options import LoadOptions, SamplingOptions
 from jupyter_llm.runtime import Completion, Runtime
-from jupyter_llm.worker.prompt_cache import SlotCache, chunk_size, common_prefix
+from jupyter_llm.worker.prompt_cache import TILED, SlotCache, chunk_ends, chunk_size, common_prefix
 from tests import ggufs
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
-OPTIONS = LoadOptions(gpu_layers=0, n_ctx=4096, parallel=2)  # 2 slots of 2048
+OPTIONS = LoadOptions(gpu_layers=0, n_ctx=4096, parallel=2, flash_attn=False)  # 2 slots of 2048
+"""Without flash attention (the chunk classes of flash attention: the tests after these)."""
 TURNS = ["What is the capital of France?", "What is it famous for?", "Name one museum there."]
 
 
@@ -263,12 +264,38 @@ def test_a_new_conversation_takes_an_empty_slot_rather_than_evict_one(smollm2_pa
     assert new.prompt_tokens_cached == 0  # an empty slot, evaluated afresh
 
 
-# -- flash attention: every decoded token is reused at once ----------------------------------------
+# -- flash attention ----------------------------------------------------------------------------
 
 
-def test_with_flash_attention_the_answer_is_reused_without_settling(tmp_path: Path) -> None:
-    tiny = ggufs.write_tiny_llama(tmp_path / "tiny.gguf", ctx=1024)
-    options = LoadOptions(gpu_layers=0, n_ctx=1024, flash_attn=True)
+FA = LoadOptions(gpu_layers=0, n_ctx=4096, parallel=2, flash_attn=True)
+LONG_TURNS = ["Write three sentences about the sea.", "Now three about mountains, please.", "And one about rivers."]
+
+
+def test_with_flash_attention_on_the_cpu_cached_answers_equal_uncached_ones(smollm2_path: Path) -> None:
+    # ggml's CPU flash attention computes chunks of 64+ rows (tiled) and shorter ones (vector)
+    # differently: the cache reuses only tokens evaluated as a fresh prompt would evaluate them,
+    # and the rest along a fresh evaluation's chunks. The turns' prompts grow across 64 tokens.
+    sampling = SamplingOptions(temperature=0.0, max_tokens=40)
+    with Runtime.start(smollm2_path, FA, name="smollm2-fa") as cached_fa, \
+            Runtime.start(smollm2_path, FA, name="smollm2-fa-plain", _prompt_cache=False) as plain_fa:
+        with_cache = converse(cached_fa, LONG_TURNS, settle=False, sampling=sampling)
+        without = converse(plain_fa, LONG_TURNS, settle=False, sampling=sampling)
+        assert [r.text for r in with_cache] == [r.text for r in without]
+        assert with_cache[-1].prompt_tokens >= 64 + with_cache[-1].prompt_tokens_cached  # a tiled rest
+        assert with_cache[-1].prompt_tokens_cached > 0  # and a reused prefix
+        prompts = (LONG_PROMPT, LONG_PROMPT + " Briefly.")  # one tiled chunk fresh; then a reused prefix
+        again = [cached_fa.generate(prompt, sampling).result for prompt in prompts]
+        assert [r.text for r in again] == [plain_fa.generate(prompt, sampling).result.text for prompt in prompts]
+        assert again[1].prompt_tokens_cached > 0
+        assert cached_fa.stats()["unsettled_tokens"] == 0  # nothing to settle: settling would guess the next prompt
+
+
+LONG_PROMPT = "Here is a list of colours: " + ", ".join(["red", "green", "blue", "yellow", "purple"] * 15) + "."
+
+
+def test_with_a_quantized_kv_cache_flash_attention_reuses_the_answer_without_settling(tmp_path: Path) -> None:
+    tiny = ggufs.write_tiny_llama(tmp_path / "tiny.gguf", ctx=1024, n_embd=128, n_head=4)  # heads of 32: q8_0's block
+    options = LoadOptions(gpu_layers=0, n_ctx=1024, flash_attn=True, kv_type="q8_0")  # not measured: not exact
     with Runtime.start(tiny, options) as rt:
         first = rt.generate("hello world", SamplingOptions(temperature=0.0, max_tokens=8)).result
         stats = rt.stats()
@@ -407,3 +434,36 @@ def test_chunks_never_leave_a_lone_token() -> None:
     assert chunk_size(5, 512) == 5 and chunk_size(1, 512) == 1
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
+
+
+def tiled(memory: FakeMemory, cache: SlotCache, slot: int, n_prompt: int, start: int = 0) -> list[int]:
+    """Evaluate positions start…n_prompt-1 of a prompt (token i = i) as the engine does."""
+    sizes = []
+    while start < n_prompt:
+        take = cache.next_chunk(n_prompt, start)
+        memory.decode(slot, take)
+        cache.decoded(slot, list(range(start, start + take)))
+        sizes.append(take)
+        start += take
+    return sizes
+
+
+def test_with_a_tile_only_tokens_evaluated_as_a_fresh_prompt_would_be_are_reused() -> None:
+    memory = FakeMemory()
+    cache = SlotCache(memory, None, 1, n_swa=0, enabled=True, exact=True, room=16, tile=4)
+    assert list(chunk_ends(37, 16)) == [16, 32, 37] and list(chunk_ends(33, 16)) == [16, 31, 33]
+    assert tiled(memory, cache, 0, 3) == [3]  # a short prompt: one small chunk
+    assert cache.reuse(0, list(range(10))) == 0  # fresh, [0, 10) is one tiled chunk: [0, 3) was small
+    assert tiled(memory, cache, 0, 10) == [10]
+    assert cache.reuse(0, list(range(10))) == 6  # the same prompt: the last chunk again, a tile long
+    assert tiled(memory, cache, 0, 10, 6) == [4]
+    assert cache.reuse(0, list(range(40))) == 10  # [0, 16) is tiled fresh; the rest [10, 16) is 6 long
+    assert tiled(memory, cache, 0, 40, 10) == [6, 16, 8]  # along a fresh evaluation's chunk ends
+    for token in (40, 41):  # generated, one at a time
+        memory.decode(0, 1)
+        cache.decoded(0, [token])
+    assert cache.unsettled == 0 and cache.next_settle(16) is None  # never settled with a tile
+    assert cache.reuse(0, list(range(45))) == 40  # [32, 40) and [32, 45) are both tiled; not the answer
+    assert tiled(memory, cache, 0, 45, 40) == [5]
+    assert cache.reuse(0, list(range(33))) == 31  # fresh: [16, 31), then [31, 33) of two
+    assert cache.classes[0] == bytearray([TILED]) * 31

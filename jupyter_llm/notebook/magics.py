@@ -41,7 +41,7 @@ USAGE = dedent("""
       %llm remote list | rm NAME    remotes, their state and models; stop using one
       %llm help                     this text
 
-    load/estimate options: --gpu-layers N|auto  --ctx N|auto  --kv-type f16|q8_0|q4_0  --flash-attn
+    load/estimate options: --gpu-layers N|auto  --ctx N|auto  --kv-type f16|q8_0|q4_0  --no-flash-attn
                            --threads N  --parallel N  --keep-alive 5m|30s|-1|0  --force
                            --rpc HOST:PORT[,…] (llama.cpp rpc-servers take layers like GPUs; no
                            authentication: only on trusted networks)  --tensor-split 1,1 (per GPU/rpc device)

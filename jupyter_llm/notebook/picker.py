@@ -46,7 +46,7 @@ class ModelPicker(widgets.VBox):
                                                layout=wide)
         self.ctx_auto = widgets.Checkbox(description="auto", value=False, indent=False)
         self.kv_type = widgets.Dropdown(description="KV cache", options=list(KV_TYPES), value="f16", style=style)
-        self.flash_attn = widgets.Checkbox(description="flash attention", value=False, style=style)
+        self.flash_attn = widgets.Checkbox(description="flash attention", value=LoadOptions().flash_attn, style=style)
         self.parallel = widgets.IntSlider(description="Parallel slots", min=1, max=16, value=1, style=style,
                                           layout=wide)
         # llama.cpp rpc-servers; only asked when the field is left (each estimate connects to them)

@@ -153,11 +153,12 @@ class Worker:
         if failed:
             said = llama_said(self.errors, "")
             raise _LoadFailed("model", f"{failed}: {said}" if said else failed)  # the file is at fault
+        exact, tile = params.prompt_exactness(opts, mp.n_gpu_layers)
         engine = Engine(L, self.model, self.ctx, parallel=int(opts["parallel"]), n_threads=n_threads,
                         send=self.channel.send, errors=self.errors,
                         prompt_cache=bool(internal.get("prompt_cache", True)),
                         settle_idle=bool(internal.get("idle_settle", False)),
-                        batch_invariant=not opts.get("flash_attn"))
+                        batch_invariant=exact, tile=tile)
         if internal.get("template_seconds"):
             engine.text.template_seconds = float(internal["template_seconds"])
         engine.text.ollama_template = internal.get("ollama_template")

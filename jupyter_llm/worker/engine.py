@@ -53,7 +53,7 @@ from . import RequestError
 from .direct import DirectOut
 from .generation import Generation
 from .llama import llama_said
-from .prompt_cache import SlotCache, chunk_size
+from .prompt_cache import SlotCache
 from .sampler import sampler_chain
 from .text import TextOut, Vocab
 
@@ -63,10 +63,11 @@ class Engine:
 
     def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
                  send: Callable[[tuple[Any, ...]], None], errors: deque[str], prompt_cache: bool = True,
-                 settle_idle: bool = False, batch_invariant: bool = True) -> None:
+                 settle_idle: bool = False, batch_invariant: bool = True, tile: int = 0) -> None:
         """``batch_invariant``: whether the backend computes a token's KV the same in any prompt
-        chunk of two or more tokens (measured true on the CPU without flash attention); then the
-        prompt cache reuses only such KV, and cached outputs equal uncached ones."""
+        chunk of two or more tokens (``tile``: of two to tile-1, and of tile or more; measured on
+        the CPU, docs/notes.md §14); then the prompt cache reuses only such KV, and cached
+        outputs equal uncached ones."""
         self.L, self.model, self.ctx = L, model, ctx
         self.parallel, self.n_threads = parallel, n_threads
         self.send = send
@@ -85,7 +86,7 @@ class Engine:
         recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
         self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
                                exact=batch_invariant and self.n_chunk >= 4 and not recurrent,
-                               settle_idle=settle_idle)
+                               settle_idle=settle_idle, room=self.n_chunk, tile=tile)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, Generation] = {}
         self.pending: deque[Generation] = deque()
@@ -290,8 +291,7 @@ class Engine:
     def _prompt_step(self, req: Generation) -> None:
         """One chunk of one request's prompt; samples its first token after the last chunk."""
         left = len(req.tokens) - req.n_prompt_done
-        take = chunk_size(left, self.n_chunk)
-        start = req.n_prompt_done
+        take, start = self.cache.next_chunk(len(req.tokens), req.n_prompt_done), req.n_prompt_done
         for j in range(take):
             self._put(j, req.tokens[start + j], req.n_past + j, req.slot, j == left - 1)
         if not self._decode(take, abortable=take > 1, what=[req]):

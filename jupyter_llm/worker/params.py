@@ -15,6 +15,10 @@ KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
 """ggml_type ids of the KV cache element types the options allow."""
 FLASH_ATTN = {False: 0, True: 1}
 """LLAMA_FLASH_ATTN_TYPE_DISABLED / _ENABLED (llama.cpp's "auto" changes greedy output)."""
+FA_TILE_ROWS = 64
+"""ggml's CPU flash attention (GGML_FA_TILE_Q): a chunk of this many rows or more of one sequence
+goes through its tiled kernel, a smaller one through the vector kernel; the two differ in the
+last bits (docs/notes.md §14)."""
 LOAD_MODE_NONE = 0
 LOAD_MODE_MMAP = 1
 
@@ -98,3 +102,17 @@ def base_context_params(L: Any, *, n_ctx: int, n_batch: int, n_ubatch: int, n_se
     cp.n_threads = cp.n_threads_batch = n_threads
     cp.no_perf = True
     return cp
+
+
+def prompt_exactness(opts: dict[str, Any], n_gpu_layers: int) -> tuple[bool, int]:
+    """Whether a prompt chunk's KV is computed the same whatever the chunk (the prompt cache's
+    exact mode), and the chunk length from which it is computed differently (0: none).
+
+    Measured on the CPU (docs/notes.md §14): without flash attention every chunk of two or more
+    tokens is alike; with it and an f16 KV cache, chunks shorter than :data:`FA_TILE_ROWS` and
+    chunks of at least that many are each alike. Flash attention on a GPU or RPC device, or with
+    a quantized KV cache, is not measured: not exact (reused as llama-server does)."""
+    if not opts.get("flash_attn"):
+        return True, 0
+    on_cpu = n_gpu_layers == 0 and not opts.get("rpc")
+    return (True, FA_TILE_ROWS) if on_cpu and opts.get("kv_type", "f16") == "f16" else (False, 0)

@@ -9,22 +9,31 @@ Exactness. On the CPU without flash attention, llama.cpp computes a token's KV b
 same whichever chunk of *two or more* tokens of its sequence it is evaluated in; a token
 evaluated alone (every generated token, and a prompt's lone first token when batched with
 another sequence) goes through other kernels and differs in the last bits, enough to change a
-greedy answer later on (measured; flash attention differs even between chunk sizes). So in
+greedy answer later on (measured). With flash attention on the CPU (f16 KV), a chunk of at least
+``tile`` (64) rows goes through ggml's tiled kernel and a smaller one through its vector kernel,
+which differ too (docs/notes.md §14): there a token's KV also depends on whether its chunk was
+that large, so the cache records each token's *class* (alone, small chunk, tiled chunk), reuses
+only a prefix whose classes are those a fresh evaluation of the new prompt would give (its
+chunks end at :func:`chunk_ends`), and the engine evaluates the rest along those same chunk
+ends, the first of them at least ``tile`` long where a fresh evaluation's is. So in
 ``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``); the
 rest (a turn's answer) is evaluated again, in chunks, as part of the next prompt, so a reused
 prefix gives the same outputs as evaluating the whole prompt. Optionally (``settle_idle``,
 ``JUPYTER_LLM_IDLE_SETTLE=1``) the engine does that work while idle instead (``settle``): the next
 turn's first token comes sooner, but an idle model then burns CPU the user's next cell wants.
 Settling waits for an engine with no request at all, and stops within ~10 ms when one arrives;
-tokens not settled by then are evaluated again as part of the next prompt. Without ``exact`` (flash attention on;
-a recurrent model, whose state cannot be cut back) every decoded token is reused at once, as
-llama-server and Ollama do, and outputs may differ from a fresh evaluation in the last bits.
+tokens not settled by then are evaluated again as part of the next prompt (never with ``tile``:
+a settled token's class would depend on the length of a prompt not seen yet). Without ``exact``
+(flash attention off the CPU or with a quantized KV cache; a recurrent model, whose state cannot
+be cut back) every decoded token is reused at once, as llama-server and Ollama do, and outputs
+may differ from a fresh evaluation in the last bits.
 
 Runs on the engine thread only, except :attr:`SlotCache.stats`, read by the control thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -33,8 +42,11 @@ class SlotCache:
     which tokens are being settled (see the module docstring)."""
 
     def __init__(self, L: Any, mem: Any, parallel: int, *, n_swa: int, enabled: bool, exact: bool,
-                 settle_idle: bool = False) -> None:
+                 settle_idle: bool = False, room: int = 512, tile: int = 0) -> None:
+        """``room``: the most tokens one prompt decode takes (n_ubatch); ``tile``: in exact mode,
+        the chunk length from which the backend computes a chunk's tokens differently (0: none)."""
         self.L, self.mem = L, mem
+        self.room, self.tile = room, tile
         self.settle_idle = settle_idle
         """Settle while the engine is idle (the next turn's first token comes sooner, but an idle
         model then costs CPU: ~1.9 CPU-s after a 256-token answer). Off by default: the unsettled
@@ -48,6 +60,8 @@ class SlotCache:
         """Per slot, the tokens whose KV its sequence holds, at positions 0…len-1."""
         self.settled = [0] * parallel
         """Per slot, how many leading tokens were evaluated in chunks of two or more."""
+        self.classes = [bytearray() for _ in range(parallel)]
+        """Per slot and token (with ``tile``): how it was evaluated, ALONE, SMALL or TILED."""
         self.redo: list[list[int]] = [[] for _ in range(parallel)]
         """Per slot, tokens taken out of the KV to be evaluated again as a chunk (settling)."""
         self.used = [0] * parallel  # when each slot was last taken or released: the oldest goes first
@@ -82,7 +96,37 @@ class SlotCache:
             return self.keep(slot, 0)
         usable = self.settled[slot] if self.exact else len(self.tokens[slot])
         n = min(common_prefix(self.tokens[slot], prompt), usable, max(len(prompt) - 2, 0))
+        if self.tile and self.exact and n > 0:
+            n = self._same_classes(slot, len(prompt), n)
         return self.keep(slot, n)
+
+    def _same_classes(self, slot: int, n_prompt: int, n: int) -> int:
+        """The longest prefix, at most ``n``, whose tokens were evaluated as a fresh evaluation of a
+        prompt of ``n_prompt`` tokens would evaluate them, and after which the engine's first chunk
+        (up to that evaluation's next chunk end) is of the same class as that evaluation's."""
+        start = 0
+        for end in chunk_ends(n_prompt, self.room):
+            cls = TILED if end - start >= self.tile else SMALL
+            seg = self.classes[slot][start:min(end, n)]
+            same = len(seg) - len(seg.lstrip(bytes([cls])))
+            if start + same < min(end, n):  # a token evaluated otherwise: reuse stops before it
+                n = start + same
+            if n < end:  # the first chunk evaluated, [n, end), must be of the class of [start, end)
+                need = self.tile if cls == TILED else 2
+                return n if n == start or end - n >= need else max(start, end - need)
+            start = end
+        return n
+
+    def next_chunk(self, n_prompt: int, done: int) -> int:
+        """How many tokens of a prompt of ``n_prompt`` tokens, ``done`` of them evaluated, the next
+        decode takes: with ``tile``, up to where a fresh evaluation's chunk ends (see the module
+        docstring); else as many as fit."""
+        if not (self.tile and self.exact):
+            return chunk_size(n_prompt - done, self.room)
+        for end in chunk_ends(n_prompt, self.room):
+            if end > done:
+                return end - done
+        raise ValueError(f"{done} of {n_prompt} prompt tokens evaluated: nothing is left")
 
     def keep(self, slot: int, n: int) -> int:
         """Drop the slot's KV from position ``n`` on; returns how many tokens are kept: ``n``, or
@@ -95,6 +139,7 @@ class SlotCache:
             lowest, highest = L.llama_memory_seq_pos_min(mem, slot), L.llama_memory_seq_pos_max(mem, slot)
             if 0 <= lowest <= max(0, n - self.n_swa) and highest == n - 1:
                 del self.tokens[slot][n:]
+                del self.classes[slot][n:]
                 self.settled[slot] = min(self.settled[slot], n)
                 self._count()
                 return n
@@ -105,6 +150,7 @@ class SlotCache:
         """Empty the slot (removing a whole sequence never fails)."""
         self.L.llama_memory_seq_rm(self.mem, slot, -1, -1)
         self.tokens[slot].clear()
+        self.classes[slot].clear()
         self.redo[slot] = []
         self.settled[slot] = 0
         self._count()
@@ -115,6 +161,7 @@ class SlotCache:
         self.clear(dst)
         self.L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
         self.tokens[dst] = list(self.tokens[src])
+        self.classes[dst] = bytearray(self.classes[src])
         self.settled[dst] = self.settled[src]
         self._count()
 
@@ -130,6 +177,9 @@ class SlotCache:
         if len(tokens) >= 2 and self.settled[slot] == len(self.tokens[slot]):
             self.settled[slot] += len(tokens)
         self.tokens[slot].extend(tokens)
+        if self.tile:
+            n = len(tokens)
+            self.classes[slot].extend(bytes([ALONE if n == 1 else TILED if n >= self.tile else SMALL]) * n)
         self._count()
 
     def released(self, slot: int, *, failed: bool) -> None:
@@ -175,7 +225,7 @@ class SlotCache:
         """Tokens of the slot that settling would evaluate again (none if it cannot: a slot of
         one token, or not in exact mode)."""
         tokens, redo = self.tokens[slot], self.redo[slot]
-        if not (self.enabled and self.exact) or len(tokens) + len(redo) < 2:
+        if not (self.enabled and self.exact) or self.tile or len(tokens) + len(redo) < 2:
             return 0
         return len(tokens) - self.settled[slot] + len(redo)
 
@@ -190,6 +240,19 @@ class SlotCache:
     def stats(self) -> dict[str, Any]:
         """How many tokens each slot's KV holds, and how many wait to be settled."""
         return {"slot_tokens": [len(t) for t in self.tokens], "unsettled_tokens": self.unsettled}
+
+
+ALONE, SMALL, TILED = 0, 1, 2
+"""How a token was evaluated (:attr:`SlotCache.classes`): alone, in a chunk shorter than the
+tile, in a chunk of at least the tile."""
+
+
+def chunk_ends(n_prompt: int, room: int) -> Iterator[int]:
+    """Where the chunks of a fresh evaluation of ``n_prompt`` tokens end (:func:`chunk_size` each)."""
+    done = 0
+    while done < n_prompt:
+        done += chunk_size(n_prompt - done, room)
+        yield done
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -212,4 +275,4 @@ def chunk_size(left: int, room: int) -> int:
     return take
 
 
-__all__ = ["SlotCache", "chunk_size", "common_prefix"]
+__all__ = ["SlotCache", "chunk_ends", "chunk_size", "common_prefix"]
