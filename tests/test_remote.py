@@ -325,12 +325,14 @@ def our_server(tmp_path: Path, smollm2_path: Path, llama_server: str, second_ker
         manager.close()
 
 
-def test_our_api_routes_remote_models_for_the_official_clients(our_server: tuple[ModelManager, Any]) -> None:
+def test_our_api_routes_remote_models_for_the_official_clients(our_server: tuple[ModelManager, Any],
+                                                               request: pytest.FixtureRequest) -> None:
     import ollama
     import openai
 
     manager, server = our_server
     oa = openai.OpenAI(base_url=server.url + "/v1", api_key=server.token)
+    request.addfinalizer(oa.close)  # its pooled connection closed now, not by a later garbage collection
     ids = [m.id for m in oa.models.list()]
     assert "big/smollm2" in ids and "k2/smollm2" in ids
     for name in ("big/smollm2", "k2/smollm2"):
@@ -346,6 +348,7 @@ def test_our_api_routes_remote_models_for_the_official_clients(our_server: tuple
     assert completion.choices[0].text and completion.usage.completion_tokens > 0
 
     client = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {server.token}"})
+    request.addfinalizer(client.close)
     assert {"big/smollm2", "k2/smollm2"} <= {m.model for m in client.list().models}
     chunks = list(client.chat(model="k2/smollm2", messages=[{"role": "user", "content": "Hi"}], stream=True,
                               options={"temperature": 0, "seed": 7, "num_predict": 12}))

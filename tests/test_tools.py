@@ -331,11 +331,12 @@ def test_a_tool_result_round_trip_ends_in_text(openai_client: Any, served: Any) 
 
 
 @pytest.fixture
-def ollama_client(served: Any) -> Any:
+def ollama_client(served: Any) -> Iterator[Any]:
     import ollama
 
     _, server = served
-    return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {server.token}"})
+    with ollama.Client(host=server.url, headers={"Authorization": f"Bearer {server.token}"}) as client:
+        yield client  # closed after the test: its pooled socket is not left to the garbage collector
 
 
 @pytest.mark.parametrize("stream", [False, True])
