@@ -9,18 +9,22 @@ Exactness. On the CPU without flash attention, llama.cpp computes a token's KV b
 same whichever chunk of *two or more* tokens of its sequence it is evaluated in; a token
 evaluated alone (every generated token, and a prompt's lone first token when batched with
 another sequence) goes through other kernels and differs in the last bits, enough to change a
-greedy answer later on (measured). With flash attention on the CPU (f16 KV), a chunk of at least
-``tile`` (64) rows goes through ggml's tiled kernel and a smaller one through its vector kernel,
-which differ too (docs/notes.md §14): there a token's KV also depends on whether its chunk was
-that large, so the cache records each token's *class* (alone, small chunk, tiled chunk), reuses
-only a prefix whose classes are those a fresh evaluation of the new prompt would give (its
-chunks end at :func:`chunk_ends`), and the engine evaluates the rest along those same chunk
-ends, the first of them at least ``tile`` long where a fresh evaluation's is. So in
-``exact`` mode the cache reuses only the prefix that was evaluated in chunks (``settled``); the
-rest (a turn's answer) is evaluated again, in chunks, as part of the next prompt, so a reused
-prefix gives the same outputs as evaluating the whole prompt. Optionally (``settle_idle``,
-``JUPYTER_LLM_IDLE_SETTLE=1``) the engine does that work while idle instead (``settle``): the next
-turn's first token comes sooner, but an idle model then burns CPU the user's next cell wants.
+greedy answer later on (measured). So in ``exact`` mode the cache reuses only the prefix that
+was evaluated in chunks (``settled``); the rest (a turn's answer) is evaluated again, in chunks,
+as part of the next prompt, so a reused prefix gives the same outputs as evaluating the whole
+prompt.
+
+With flash attention on the CPU (f16 KV), a chunk of at least ``tile`` (64) rows goes through
+ggml's tiled kernel and a smaller one through its vector kernel, which differ too (docs/notes.md
+§14): a token's KV then also depends on whether its chunk was that large. So the cache records
+each token's *class* (alone, small chunk, tiled chunk), reuses only a prefix whose classes are
+those a fresh evaluation of the new prompt would give (its chunks end at :func:`chunk_ends`),
+and the engine evaluates the rest along those same chunk ends, the first of them at least
+``tile`` long where a fresh evaluation's is.
+
+Optionally (``settle_idle``, ``JUPYTER_LLM_IDLE_SETTLE=1``) the engine evaluates a turn's answer
+again while idle instead (``settle``): the next turn's first token comes sooner, but an idle
+model then burns CPU the user's next cell wants.
 Settling waits for an engine with no request at all, and stops within ~10 ms when one arrives;
 tokens not settled by then are evaluated again as part of the next prompt (never with ``tile``:
 a settled token's class would depend on the length of a prompt not seen yet). Without ``exact``
@@ -46,7 +50,7 @@ class SlotCache:
         """``room``: the most tokens one prompt decode takes (n_ubatch); ``tile``: in exact mode,
         the chunk length from which the backend computes a chunk's tokens differently (0: none)."""
         self.L, self.mem = L, mem
-        self.room, self.tile = room, tile
+        self.room, self.tile = room, (tile if exact else 0)  # the classes matter only when exact
         self.settle_idle = settle_idle
         """Settle while the engine is idle (the next turn's first token comes sooner, but an idle
         model then costs CPU: ~1.9 CPU-s after a 256-token answer). Off by default: the unsettled
@@ -96,7 +100,7 @@ class SlotCache:
             return self.keep(slot, 0)
         usable = self.settled[slot] if self.exact else len(self.tokens[slot])
         n = min(common_prefix(self.tokens[slot], prompt), usable, max(len(prompt) - 2, 0))
-        if self.tile and self.exact and n > 0:
+        if self.tile and n > 0:
             n = self._same_classes(slot, len(prompt), n)
         return self.keep(slot, n)
 
@@ -121,7 +125,7 @@ class SlotCache:
         """How many tokens of a prompt of ``n_prompt`` tokens, ``done`` of them evaluated, the next
         decode takes: with ``tile``, up to where a fresh evaluation's chunk ends (see the module
         docstring); else as many as fit."""
-        if not (self.tile and self.exact):
+        if not self.tile:
             return chunk_size(n_prompt - done, self.room)
         for end in chunk_ends(n_prompt, self.room):
             if end > done:
