@@ -5,6 +5,7 @@ default model, the real worker; the kernel's reader is watched to see what the w
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,34 @@ def test_a_request_arriving_while_others_generate_gets_its_own_answer(runtime: R
     assert late.text == expected
     for s in streams:
         s.cancel()
+
+
+@pytest.fixture(scope="module")
+def cached(smollm2_path: Path):
+    """Four slots with the prompt cache and flash attention on (the defaults)."""
+    with Runtime.start(smollm2_path, LoadOptions(gpu_layers=0, n_ctx=4 * 1024, parallel=4), name="smollm2-group") as rt:
+        yield rt
+
+
+def test_cached_prompts_arriving_together_share_one_decode_and_answer_as_alone(cached: Runtime) -> None:
+    from jupyter_llm.worker.prompt_cache import chunk_ends
+
+    solo = [alone(cached, q) for q in QUESTIONS]  # each question's slot holds it now
+    assert all(solo), solo
+    # A long fresh prompt first (it takes the empty fourth slot); while its chunk is evaluated the
+    # questions arrive again, each with only its last two tokens to evaluate: one decode for all.
+    blocker = cached.generate("Summarise: " + " ".join(f"item{i}" for i in range(150)),
+                              SamplingOptions(temperature=0.0, max_tokens=4))
+    deadline = time.monotonic() + 60
+    while cached.stats()["busy"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    before = cached.stats()
+    streams = [cached.chat([{"role": "user", "content": q}], GREEDY) for q in QUESTIONS]
+    results = [s.result for s in streams]
+    first = blocker.result
+    after = cached.stats()
+    assert [r.text for r in results] == solo  # bit-identical to each evaluated alone, afresh
+    assert [r.prompt_tokens - r.prompt_tokens_cached for r in results] == [2, 2, 2]
+    assert first.prompt_tokens_cached == 0 and first.prompt_tokens < 512
+    decodes = after["prompt_decodes"] - before["prompt_decodes"]
+    assert decodes == len(list(chunk_ends(first.prompt_tokens, 512))) + 1, (decodes, first.prompt_tokens)

@@ -294,11 +294,12 @@ class Runtime:
     def stats(self) -> dict[str, Any]:
         """Slots, busy slots, queued requests (being prepared included), token counters, RSS.
 
-        Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated),
-        ``prompt_tokens_cached`` (reused from a slot's cache instead), ``tokens_out``,
-        ``tokens_settled`` (generated tokens evaluated again while idle, see
-        :mod:`jupyter_llm.worker.prompt_cache`). Now: ``slot_tokens`` (tokens in each slot's KV),
-        ``unsettled_tokens`` (still to be evaluated again)."""
+        Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated, in
+        ``prompt_decodes`` decodes: arrivals' short chunks share one), ``prompt_tokens_cached``
+        (reused from a slot's cache instead), ``tokens_out``, ``tokens_settled`` (generated tokens
+        evaluated again while idle, see :mod:`jupyter_llm.worker.prompt_cache`). Now:
+        ``slot_tokens`` (tokens in each slot's KV), ``unsettled_tokens`` (still to be evaluated
+        again)."""
         return self._call("stats")
 
     # -- plumbing ------------------------------------------------------------------------------

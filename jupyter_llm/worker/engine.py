@@ -9,7 +9,10 @@ threads*: they touch only the vocabulary (read-only), sampler chains not yet que
 Each step decodes one chunk (at most ``n_ubatch`` tokens) of the prompt of the oldest request
 still evaluating one, then the next token of every generating sequence in one batch (continuous
 batching, as llama-server does; the prompt first, so an arrival's first token comes one step
-sooner). The two are separate decodes, measured (docs/notes.md §14): on the CPU a decode's cost
+sooner). Other arrivals whose next chunk is as long join a short chunk's decode (a decode
+costs ~7 ms plus ~4 ms a token: four 2-token re-evaluations of cached prompts take 38 ms
+together, 61 ms apart), bit-identically (per-slot KV: each sequence its own stream). Prompt
+and generation are separate decodes, measured (docs/notes.md §14): on the CPU a decode's cost
 grows with its tokens, so one mixed batch saves nothing (3 generating tokens + a 50-token chunk:
 164-196 ms mixed, 160 ms apart), and with per-slot KV llama.cpp splits a mixed batch into
 per-sequence ubatches anyway, evaluating the chunk's first token alone, which the prompt cache
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import sys
 import time
 from collections import deque
@@ -51,11 +53,14 @@ from typing import Any
 from .. import wire
 from . import RequestError
 from .direct import DirectOut
-from .generation import Generation
+from .generation import Generation, answers
 from .llama import llama_said
 from .prompt_cache import SlotCache
-from .sampler import sampler_chain
-from .text import TextOut, Vocab
+from .text import Vocab
+
+GROUP_TOKENS = 16
+"""At most this many prompt tokens in a decode that several requests' chunks share: sharing saves
+a decode's fixed cost, but each token delays every first token in it (docs/notes.md §14)."""
 
 
 class Engine:
@@ -90,10 +95,10 @@ class Engine:
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, Generation] = {}
         self.pending: deque[Generation] = deque()
-        self.counters = {"requests": 0, "tokens_in": 0, "tokens_out": 0, "prompt_tokens_cached": 0,
-                         "tokens_settled": 0}
-        """tokens_in: prompt tokens evaluated; prompt_tokens_cached: prompt tokens reused instead;
-        tokens_settled: generated tokens evaluated again while idle (see prompt_cache)."""
+        self.counters = {"requests": 0, "tokens_in": 0, "prompt_decodes": 0, "tokens_out": 0,
+                         "prompt_tokens_cached": 0, "tokens_settled": 0}
+        """tokens_in: prompt tokens evaluated, in prompt_decodes decodes; prompt_tokens_cached: prompt
+        tokens reused instead; tokens_settled: generated tokens evaluated again while idle."""
         self._abort = False
         self._settling = False
         self._abort_cb = L.ggml_abort_callback(self._should_abort)  # referenced while set
@@ -137,22 +142,7 @@ class Engine:
             raise RequestError("ValueError", f"{n} answers to one prompt need {n} slots, and this model has "
                                f"{self.parallel}; load it with more (`%llm load MODEL --parallel {n}`, or serve "
                                f"the API with --parallel {n})")
-        top = extra.get("logprobs")
-        seed = sampling["seed"]
-        seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
-        group: list[Generation] = []
-        for i in range(n):  # each answer its own seed, so that they differ when sampled
-            chain = sampler_chain(self.L, self.text.vocab, sampling, grammar, (seed + i) & 0xFFFFFFFF, self.errors)
-            out = TextOut(tuple(sampling["stop"] or ()))
-            req = Generation(rid, tokens, chain, sampling["max_tokens"], out, (seed + i) & 0xFFFFFFFF, index=i,
-                           top=None if top is None else int(top), prefix=str(extra.get("prefix") or ""))
-            group.append(req)
-        first = group[0]
-        first.group, first.left = group, n
-        if extra.get("direct") and first.plain:  # (the kernel asks only for plain answers)
-            first.direct = DirectOut(*map(bytes, extra["direct"]), cancel=lambda: setattr(first, "cancelled", True))
-        for req in group[1:]:
-            req.head = first
+        first = answers(self.L, self.text.vocab, rid, tokens, sampling, grammar, extra, self.errors)[0]
         self.requests[rid] = first
         self.inbox.put(first)
 
@@ -267,7 +257,7 @@ class Engine:
         # The prompt chunk first: an arrival's first token then comes one generation step
         # sooner, and those generating wait for the same two decodes either way.
         if prompting:
-            self._prompt_step(min(prompting, key=lambda r: r.t_start))
+            self._prompt_step(self._prompt_group(prompting))
         generating = [r for r in generating if r.slot >= 0]  # (a failed prompt decode may end a group)
         if generating:
             self._generate_step(generating)
@@ -288,28 +278,45 @@ class Engine:
             for n, req in enumerate(reqs):
                 self._accept(req, req.chain.sample(self.ctx, n), now, n)
 
-    def _prompt_step(self, req: Generation) -> None:
-        """One chunk of one request's prompt; samples its first token after the last chunk."""
-        left = len(req.tokens) - req.n_prompt_done
-        take, start = self.cache.next_chunk(len(req.tokens), req.n_prompt_done), req.n_prompt_done
-        for j in range(take):
-            self._put(j, req.tokens[start + j], req.n_past + j, req.slot, j == left - 1)
-        if not self._decode(take, abortable=take > 1, what=[req]):
+    def _prompt_group(self, prompting: list[Generation]) -> list[tuple[Generation, int]]:
+        """The oldest prompting request and its next chunk's length, with the others whose next
+        chunk is as long, while the chunks together stay short (see the module docstring); in
+        slot order, so that llama.cpp evaluates consecutive slots' chunks as one ubatch."""
+        first, *rest = sorted(prompting, key=lambda r: r.t_start)
+        take = self.cache.next_chunk(len(first.tokens), first.n_prompt_done)
+        group = [first] + [r for r in rest if self.cache.next_chunk(len(r.tokens), r.n_prompt_done) == take]
+        group = group[:max(1, min(GROUP_TOKENS, self.n_chunk) // take)]
+        return [(r, take) for r in sorted(group, key=lambda r: r.slot)]
+
+    def _prompt_step(self, chunks: list[tuple[Generation, int]]) -> None:
+        """One chunk of each request's prompt in one decode; samples the first token of those
+        whose prompt it ends (the answers of one request sample the same row)."""
+        row = 0
+        for req, take in chunks:
+            left, start = len(req.tokens) - req.n_prompt_done, req.n_prompt_done
+            for j in range(take):
+                self._put(row + j, req.tokens[start + j], req.n_past + j, req.slot, j == left - 1)
+            row += take
+        if not self._decode(row, abortable=row > len(chunks), what=[req for req, _ in chunks]):
             return
-        self.counters["tokens_in"] += take
-        self.cache.decoded(req.slot, req.tokens[start:start + take])
-        req.n_past += take
-        req.n_prompt_done += take
-        if take == left:
-            now, row = time.perf_counter(), take - 1
-            others = [r for r in req.group[1:] if r.waiting]
-            for other in others:  # the prompt's KV, evaluated once, for each further answer
-                self.cache.copy(req.slot, other.slot)
-                other.n_past = other.n_prompt_done = req.n_past
-                other.waiting = False
-            with self._one_message(bool(others)):
-                for r in (req, *others):  # each samples the same row with its own chain
-                    self._accept(r, r.chain.sample(self.ctx, row), now, row)
+        self.counters["prompt_decodes"] += 1
+        now, row, first = time.perf_counter(), 0, []
+        for req, take in chunks:
+            start, row = req.n_prompt_done, row + take
+            self.counters["tokens_in"] += take
+            self.cache.decoded(req.slot, req.tokens[start:start + take])
+            req.n_past += take
+            req.n_prompt_done += take
+            if req.n_prompt_done == len(req.tokens):
+                others = [r for r in req.group[1:] if r.waiting]
+                for other in others:  # the prompt's KV, evaluated once, for each further answer
+                    self.cache.copy(req.slot, other.slot)
+                    other.n_past = other.n_prompt_done = req.n_past
+                    other.waiting = False
+                first += [(r, row - 1) for r in (req, *others)]
+        with self._one_message(len(first) > 1):
+            for r, last in first:  # each samples its prompt's last row with its own chain
+                self._accept(r, r.chain.sample(self.ctx, last), now, last)
 
     def _settle_step(self) -> None:
         """Evaluate one chunk of generated tokens again, the way a prompt is (engine idle)."""
@@ -411,7 +418,7 @@ class Engine:
             if rest:
                 self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
-        extra = {} if req.plain else self._extra(req)
+        extra = {} if req.plain else req.extra()
         if req.direct is not None:
             self._emit(req.direct.end(req.rid))
             extra["direct_text"] = "".join(req.direct.written)
@@ -430,7 +437,7 @@ class Engine:
         elif req.plain:
             self._emit((wire.TOKEN, req.rid, text, req.n_unsent))
         else:
-            self._emit((wire.TOKEN, req.rid, text, req.n_unsent, self._extra(req)))
+            self._emit((wire.TOKEN, req.rid, text, req.n_unsent, req.extra()))
         req.n_unsent = 0
 
     @contextmanager
@@ -452,14 +459,6 @@ class Engine:
             self.send(message)
         else:
             self._out.append(message)
-
-    @staticmethod
-    def _extra(req: Generation) -> dict[str, Any]:
-        """The answer's index and the log-probability entries not sent yet (when asked for)."""
-        if req.top is None:
-            return {"index": req.index}
-        lp, req.lp = req.lp, []
-        return {"index": req.index, "logprobs": lp}
 
     def _entry(self, row: int, token: int, top: int) -> Any:
         if self._logprobs is None:

@@ -6,12 +6,14 @@ of these sharing one ``rid``, the first holding the group.
 
 from __future__ import annotations
 
+import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .direct import DirectOut
-from .sampler import Sampler
+from .sampler import Sampler, sampler_chain
 from .text import TextOut
 
 
@@ -60,5 +62,35 @@ class Generation:
         """One answer without log probabilities: its messages carry nothing extra."""
         return self.top is None and self.head is None and len(self.group) <= 1
 
+    def extra(self) -> dict[str, Any]:
+        """The answer's index and the log-probability entries not sent yet (when asked for)."""
+        if self.top is None:
+            return {"index": self.index}
+        lp, self.lp = self.lp, []
+        return {"index": self.index, "logprobs": lp}
 
-__all__ = ["Generation"]
+
+def answers(L: Any, vocab: Any, rid: int, tokens: list[int], sampling: dict[str, Any], grammar: str | None,
+            extra: dict[str, Any], errors: deque[str]) -> list[Generation]:
+    """The ``extra["n"]`` answers of one request (the engine checked it), the first holding the
+    group; each its own sampler and seed, so that they differ when sampled. Raises RequestError
+    when the grammar does not parse."""
+    n, top = int(extra.get("n") or 1), extra.get("logprobs")
+    seed = sampling["seed"]
+    seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
+    group: list[Generation] = []
+    for i in range(n):
+        chain = sampler_chain(L, vocab, sampling, grammar, (seed + i) & 0xFFFFFFFF, errors)
+        group.append(Generation(rid, tokens, chain, sampling["max_tokens"], TextOut(tuple(sampling["stop"] or ())),
+                                (seed + i) & 0xFFFFFFFF, index=i, top=None if top is None else int(top),
+                                prefix=str(extra.get("prefix") or "")))
+    first = group[0]
+    first.group, first.left = group, n
+    if extra.get("direct") and first.plain:  # (the kernel asks only for plain answers)
+        first.direct = DirectOut(*map(bytes, extra["direct"]), cancel=lambda: setattr(first, "cancelled", True))
+    for req in group[1:]:
+        req.head = first
+    return group
+
+
+__all__ = ["Generation", "answers"]
