@@ -1,7 +1,8 @@
 """One answer the decode engine is generating: its slot, how far its prompt is, its sampler, its text.
 
-Engine-thread state only (:mod:`jupyter_llm.worker.engine`); a request for ``n`` answers is ``n``
-of these sharing one ``rid``, the first holding the group.
+Made by the thread preparing the request (:func:`answers`), then engine-thread state only
+(:mod:`jupyter_llm.worker.engine`); a request for ``n`` answers is ``n`` of these sharing one
+``rid``, the first holding the group.
 """
 
 from __future__ import annotations
