@@ -14,6 +14,7 @@ import pytest
 from jupyter_llm import wire
 from jupyter_llm.options import LoadOptions, SamplingOptions
 from jupyter_llm.runtime import Runtime
+from jupyter_llm.worker.prompt_cache import chunk_ends
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=40)
 QUESTIONS = ["Name three rivers of Europe.", "What is a prime number?", "Describe a cat in one sentence."]
@@ -97,8 +98,6 @@ def cached(smollm2_path: Path):
 
 
 def test_cached_prompts_arriving_together_share_one_decode_and_answer_as_alone(cached: Runtime) -> None:
-    from jupyter_llm.worker.prompt_cache import chunk_ends
-
     solo = [alone(cached, q) for q in QUESTIONS]  # each question's slot holds it now
     assert all(solo), solo
     # A long fresh prompt first (it takes the empty fourth slot); while its chunk is evaluated the

@@ -300,7 +300,7 @@ class Engine:
         if not self._decode(row, abortable=row > len(chunks), what=[req for req, _ in chunks]):
             return
         self.counters["prompt_decodes"] += 1
-        now, row, first = time.perf_counter(), 0, []
+        now, row, ended = time.perf_counter(), 0, []
         for req, take in chunks:
             start, row = req.n_prompt_done, row + take
             self.counters["tokens_in"] += take
@@ -313,9 +313,9 @@ class Engine:
                     self.cache.copy(req.slot, other.slot)
                     other.n_past = other.n_prompt_done = req.n_past
                     other.waiting = False
-                first += [(r, row - 1) for r in (req, *others)]
-        with self._one_message(len(first) > 1):
-            for r, last in first:  # each samples its prompt's last row with its own chain
+                ended += [(r, row - 1) for r in (req, *others)]
+        with self._one_message(len(ended) > 1):
+            for r, last in ended:  # each samples its prompt's last row with its own chain
                 self._accept(r, r.chain.sample(self.ctx, last), now, last)
 
     def _settle_step(self) -> None:

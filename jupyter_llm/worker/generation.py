@@ -81,9 +81,10 @@ def answers(L: Any, vocab: Any, rid: int, tokens: list[int], sampling: dict[str,
     seed = random.getrandbits(32) if seed is None else int(seed) & 0xFFFFFFFF
     group: list[Generation] = []
     for i in range(n):
-        chain = sampler_chain(L, vocab, sampling, grammar, (seed + i) & 0xFFFFFFFF, errors)
+        own = (seed + i) & 0xFFFFFFFF  # each answer its own seed
+        chain = sampler_chain(L, vocab, sampling, grammar, own, errors)
         group.append(Generation(rid, tokens, chain, sampling["max_tokens"], TextOut(tuple(sampling["stop"] or ())),
-                                (seed + i) & 0xFFFFFFFF, index=i, top=None if top is None else int(top),
+                                own, index=i, top=None if top is None else int(top),
                                 prefix=str(extra.get("prefix") or "")))
     first = group[0]
     first.group, first.left = group, n
