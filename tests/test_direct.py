@@ -19,7 +19,7 @@ import pytest
 from jupyter_llm import wire
 from jupyter_llm.runtime.stream import Stream
 from jupyter_llm.server import connection
-from jupyter_llm.worker.direct import DirectOut
+from jupyter_llm.worker.direct import DirectOut, Writer
 from tests.apiserver import MODEL, auth, openai_client, raw_request, running_server, wait_until, worker_stats
 
 PREFIX, SUFFIX = b'data: {"delta": ', b"}\n\n"
@@ -62,18 +62,52 @@ def read_available(sock: socket.socket) -> bytes:
 
 # -- the worker's side, on real sockets ------------------------------------------------------------
 
+def writer() -> tuple[Writer, list[tuple[Any, ...]]]:
+    """A real writer thread whose messages for the kernel are collected."""
+    sent: list[tuple[Any, ...]] = []
+    return Writer(sent.append), sent
+
+
 def test_the_first_piece_goes_to_the_kernel_the_held_ones_are_written_at_the_attach() -> None:
-    out = DirectOut(PREFIX, SUFFIX, cancel=lambda: None)
+    out, (w, sent) = DirectOut(PREFIX, SUFFIX, cancel=lambda: None), writer()
     assert out.piece(7, "Hel", 1) == (wire.TOKEN, 7, "Hel", 1)
     assert out.piece(7, "lo", 1) is None and out.piece(7, ' "wo\nrld" é', 2) is None  # held
     ours, client = socket.socketpair()
     with ours, client:
-        assert out.attach(7, socket.socket(fileno=os.dup(ours.fileno()))) is None
+        assert out.attach(7, socket.socket(fileno=os.dup(ours.fileno())), w) is None
         assert out.piece(7, "!", 1) is None
-        assert out.end(7) is None
+        assert DirectOut.last(out, 7, (wire.DONE, 7, {"finish_reason": "stop"})) == []  # behind the writes
+        assert w.drain()
         written = read_available(client)
     assert texts_of(unchunk(written)) == ["lo", ' "wo\nrld" é', "!"]
-    assert out.written == ["lo", ' "wo\nrld" é', "!"]
+    assert sent == [(wire.DONE, 7, {"finish_reason": "stop", "direct_text": 'lo "wo\nrld" é!'})]
+    assert out.sock is None, "the writer closed its socket"
+
+
+def test_the_writer_keeps_each_answer_in_order_while_the_engine_goes_on() -> None:
+    """Pieces queued faster than a client reads still arrive whole and in order, and the
+    answer's end is sent only after its last byte left."""
+    out, (w, sent) = DirectOut(PREFIX, SUFFIX, cancel=lambda: None), writer()
+    out.piece(2, "first", 1)
+    ours, client = socket.socketpair()
+    got = bytearray()
+
+    def read() -> None:  # a client reading as it comes, until the worker's side is closed
+        while part := client.recv(1 << 16):
+            got.extend(part)
+
+    with ours, client:
+        out.attach(2, socket.socket(fileno=os.dup(ours.fileno())), w)
+        reader = threading.Thread(target=read)
+        reader.start()
+        for i in range(300):
+            out.piece(2, f"piece {i} ", 1)
+        DirectOut.last(out, 2, (wire.DONE, 2, {}))
+        assert w.drain()
+        ours.close()  # (the writer closed its own copy)
+        reader.join(10)
+    assert texts_of(unchunk(bytes(got))) == [f"piece {i} " for i in range(300)]
+    assert sent == [(wire.DONE, 2, {"direct_text": "".join(f"piece {i} " for i in range(300))})]
 
 
 def test_an_answer_that_ends_before_the_attach_gives_its_held_pieces_to_the_kernel() -> None:
@@ -81,10 +115,11 @@ def test_an_answer_that_ends_before_the_attach_gives_its_held_pieces_to_the_kern
     out.piece(1, "a", 1)
     out.piece(1, "b", 1)
     out.piece(1, "c", 2)
-    assert out.end(1) == (wire.TOKEN, 1, "bc", 3)
+    done = (wire.DONE, 1, {})
+    assert DirectOut.last(out, 1, done) == [(wire.TOKEN, 1, "bc", 3), (wire.DONE, 1, {"direct_text": ""})]
     ours, client = socket.socketpair()
     with client:
-        assert DirectOut.attach_to(None, 1, ours) is None  # the engine no longer knows the answer
+        assert DirectOut.attach_to(None, 1, ours, writer()[0]) is None  # the engine no longer knows the answer
         assert ours.fileno() == -1, "the socket of an answer that ended is closed"
     assert out.written == []
 
@@ -93,23 +128,27 @@ def test_an_attach_without_a_socket_sends_everything_to_the_kernel() -> None:
     out = DirectOut(PREFIX, SUFFIX, cancel=lambda: None)
     out.piece(3, "a", 1)
     out.piece(3, "b", 1)
-    assert out.attach(3, None) == (wire.TOKEN, 3, "b", 1)
+    assert out.attach(3, None, writer()[0]) == (wire.TOKEN, 3, "b", 1)
     assert out.piece(3, "c", 1) == (wire.TOKEN, 3, "c", 1)
+    assert DirectOut.last(out, 3, (wire.ERROR, 3, "RuntimeError", "x", {})) == [(wire.ERROR, 3, "RuntimeError",
+                                                                                "x", {})]
 
 
 def test_a_client_that_does_not_read_gets_the_rest_through_the_kernel() -> None:
     """The engine never waits for a client: what the socket does not take is spilled, raw."""
-    out = DirectOut(PREFIX, SUFFIX, cancel=lambda: None)
+    out, (w, sent) = DirectOut(PREFIX, SUFFIX, cancel=lambda: None), writer()
     out.piece(5, "first", 1)
     ours, client = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     with ours, client:
-        out.attach(5, socket.socket(fileno=os.dup(ours.fileno())))
+        out.attach(5, socket.socket(fileno=os.dup(ours.fileno())), w)
         piece = "x" * 500
-        messages = [out.piece(5, piece, 1) for _ in range(200)]
-        spills = [m for m in messages if m is not None and m[0] == wire.SPILL]
+        assert all(out.piece(5, piece, 1) is None for _ in range(200)), "the engine only queues"
+        DirectOut.last(out, 5, (wire.DONE, 5, {}))
+        assert w.drain()
+        spills = [m for m in sent if m[0] == wire.SPILL]
         assert len(spills) == 1, "one spill, then the kernel gets plain pieces"
-        after = messages[messages.index(spills[0]) + 1:]
+        after = sent[sent.index(spills[0]) + 1:-1]
         assert after and all(m == (wire.TOKEN, 5, piece, 1) for m in after)
         written = b""
         while True:  # what the worker wrote, then the spilled rest: whole chunks again
@@ -120,19 +159,23 @@ def test_a_client_that_does_not_read_gets_the_rest_through_the_kernel() -> None:
     chunks = unchunk(written + spills[0][2])
     assert texts_of(chunks) == [piece] * (200 - len(after))
     assert out.written == [piece] * (200 - len(after)), "spilled text counts as the worker's"
+    assert sent[-1] == (wire.DONE, 5, {"direct_text": piece * (200 - len(after))})
 
 
 def test_a_client_gone_cancels_the_answer() -> None:
     cancelled = []
-    out = DirectOut(PREFIX, SUFFIX, cancel=lambda: cancelled.append(True))
+    out, (w, sent) = DirectOut(PREFIX, SUFFIX, cancel=lambda: cancelled.append(True)), writer()
     out.piece(9, "a", 1)
     ours, client = socket.socketpair()
     with ours:
-        out.attach(9, socket.socket(fileno=os.dup(ours.fileno())))
+        out.attach(9, socket.socket(fileno=os.dup(ours.fileno())), w)
         client.close()
         assert out.piece(9, "b", 1) is None
+        assert w.drain()
     assert cancelled == [True]
-    assert out.piece(9, "c", 1) == (wire.TOKEN, 9, "c", 1)
+    out.piece(9, "c", 1)
+    assert w.drain()
+    assert sent == [(wire.TOKEN, 9, "c", 1)]
 
 
 def test_a_descriptor_sent_with_a_message_arrives_with_it() -> None:

@@ -52,7 +52,7 @@ from typing import Any
 
 from .. import wire
 from . import RequestError
-from .direct import DirectOut
+from .direct import DirectOut, Writer
 from .generation import Generation, answers
 from .llama import llama_said
 from .prompt_cache import SlotCache
@@ -107,6 +107,7 @@ class Engine:
         self._embedder: Any = None  # an Embedder, made on the first embedding request
         self._logprobs: Any = None  # a Logprobs reader, made on the first request asking for them
         self._attaches_in = self._attaches_out = 0
+        self._writer = Writer(send)
         self._out: list[tuple[Any, ...]] | None = None
         """While a step samples several requests: their messages, sent as one ``step`` message."""
         self.fault: Callable[[str], None] | None = None
@@ -214,7 +215,7 @@ class Engine:
             elif item[0] == "attach":  # (an answer ended already leaves the kernel to write it all)
                 self._attaches_out += 1
                 req = self.requests.get(item[1])
-                self._emit(DirectOut.attach_to(req.direct if req else None, item[1], item[2]))
+                self._emit(DirectOut.attach_to(req.direct if req else None, item[1], item[2], self._writer))
             else:
                 self._run_embed(*item)
             item = None
@@ -404,14 +405,12 @@ class Engine:
             self.slots[req.slot] = None
             req.slot = -1
         req.chain.free()
-        if req.direct is not None and error is not None:
-            self._emit(req.direct.end(req.rid))
         head = req.head or req
         head.left -= 1
         if head.left <= 0:
             self.requests.pop(req.rid, None)
         if error is not None:
-            self._emit((wire.ERROR, req.rid, "RuntimeError", error, {}))
+            self._emit(*DirectOut.last(req.direct, req.rid, (wire.ERROR, req.rid, "RuntimeError", error, {})))
             return
         if reason != "cancelled":
             rest = req.out.flush()  # a stop-string prefix held back was real text after all
@@ -419,16 +418,13 @@ class Engine:
                 self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
         extra = {} if req.plain else req.extra()
-        if req.direct is not None:
-            self._emit(req.direct.end(req.rid))
-            extra["direct_text"] = "".join(req.direct.written)
-        self._emit((wire.DONE, req.rid, {**extra,
+        self._emit(*DirectOut.last(req.direct, req.rid, (wire.DONE, req.rid, {**extra,
             "finish_reason": reason, "prompt_tokens": len(req.tokens), "prompt_tokens_cached": req.n_cached,
             "completion_tokens": req.n_gen,
             "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
             "gen_tok_per_s": (req.n_gen - 1) / gen_s if req.n_gen > 1 and gen_s > 0 else 0.0,
             "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
-        }))
+        })))
 
     def _send_text(self, req: Generation, text: str) -> None:
         """A TOKEN message; with the answer's index and log probabilities when they were asked for."""
@@ -452,13 +448,14 @@ class Engine:
             if out:
                 self.send(out[0] if len(out) == 1 else (wire.STEP, out))
 
-    def _emit(self, message: tuple[Any, ...] | None) -> None:
-        if message is None:
-            return
-        if self._out is None:
-            self.send(message)
-        else:
-            self._out.append(message)
+    def _emit(self, *messages: tuple[Any, ...] | None) -> None:
+        for message in messages:
+            if message is None:
+                pass
+            elif self._out is None:
+                self.send(message)
+            else:
+                self._out.append(message)
 
     def _entry(self, row: int, token: int, top: int) -> Any:
         if self._logprobs is None:
@@ -475,6 +472,7 @@ class Engine:
                     self._finish(member, "cancelled")
             self._finish(req, "cancelled")
         self.pending.clear()
+        self._writer.drain()  # the answers' last bytes and messages, before the worker closes
 
     def free(self) -> None:
         """Free the native objects this engine made (the worker frees context and model)."""
