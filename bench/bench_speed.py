@@ -213,10 +213,11 @@ def paired(args: argparse.Namespace, prompt: str, kernel: Any) -> dict[str, list
 
 # -- servers -------------------------------------------------------------------------------------------
 
-def idle_and_second_turn(args: argparse.Namespace, settle_idle: bool) -> dict[str, float]:
+def idle_and_second_turn(args: argparse.Namespace, settle_idle: bool, flash_attn: bool) -> dict[str, float]:
     """The prompt cache as users have it (on): a 256-token answer, the worker's CPU seconds in
     the 10 s after it, then the second turn's time to first token. ``settle_idle``: the worker
-    re-evaluates the answer while idle (``JUPYTER_LLM_IDLE_SETTLE=1``, the behaviour before)."""
+    re-evaluates the answer while idle (``JUPYTER_LLM_IDLE_SETTLE=1``; the behaviour before
+    was that with flash attention off, as loads were then, so it is measured that way too)."""
     from jupyter_llm.options import LoadOptions, SamplingOptions
     from jupyter_llm.runtime import Runtime
 
@@ -224,7 +225,8 @@ def idle_and_second_turn(args: argparse.Namespace, settle_idle: bool) -> dict[st
     os.environ["JUPYTER_LLM_PROMPT_CACHE"] = "1"
     os.environ["JUPYTER_LLM_IDLE_SETTLE"] = "1" if settle_idle else "0"
     try:
-        rt = Runtime.start(Path(args.model), LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads))
+        rt = Runtime.start(Path(args.model), LoadOptions(gpu_layers=0, n_ctx=args.ctx, threads=args.threads,
+                                                             flash_attn=flash_attn))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -433,10 +435,11 @@ def main() -> None:
             for name, res in got.items():
                 rows.setdefault(name, []).append(res)
                 print(f"round {r + 1}: {name:>13}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
-        cache = {mode: idle_and_second_turn(args, mode == "settle while idle")
-                 for mode in ("default", "settle while idle")}  # once: 2 × (10 s + 256 tokens)
+        cache = {mode: idle_and_second_turn(args, settle, fa)  # once each: 10 s + 256 tokens
+                 for mode, settle, fa in (("default", False, True), ("settle idle", True, True),
+                                          ("FA off", False, False), ("FA off, settle idle", True, False))}
         for mode, res in cache.items():
-            print(f"prompt cache on, {mode:>17}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+            print(f"prompt cache on, {mode:>19}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         pairs = paired(args, prompt, kernel)
         for name, runs in pairs.items():
             for k, run in enumerate(runs):
@@ -477,9 +480,19 @@ def main() -> None:
         ("kernel cell while generating / idle", chat["cell_busy_over_idle"], "≤ 2"),
         ("worker CPU s in 10 s after an answer", chat["idle_cpu_s"], "< 0.05"),
         ("  the same, prompt cache on (default)", cache["default"]["idle_cpu_s"], "< 0.05"),
-        ("  the same, settling while idle (before)", cache["settle while idle"]["idle_cpu_s"], "(was 1.9)"),
+        ("  the same, flash attention off", cache["FA off"]["idle_cpu_s"], "< 0.05"),
+        ("  the same, FA off, settling while idle (before)", cache["FA off, settle idle"]["idle_cpu_s"], "(was 1.9)"),
         ("second-turn TTFT ms, default", cache["default"]["second_ttft_s"] * 1000, "(shown)"),
-        ("second-turn TTFT ms, settling while idle", cache["settle while idle"]["second_ttft_s"] * 1000, "(shown)"),
+        ("  its prompt tokens reused", cache["default"]["second_cached"],
+         f"(of {cache['default']['second_prompt']:.0f})"),
+        ("second-turn TTFT ms, settling while idle", cache["settle idle"]["second_ttft_s"] * 1000, "(shown)"),
+        ("  its prompt tokens reused", cache["settle idle"]["second_cached"], "(shown)"),
+        ("  worker CPU s in the 10 s after the answer", cache["settle idle"]["idle_cpu_s"], "(shown)"),
+        ("second-turn TTFT ms, flash attention off", cache["FA off"]["second_ttft_s"] * 1000, "(shown)"),
+        ("  its prompt tokens reused", cache["FA off"]["second_cached"], "(shown)"),
+        ("second-turn TTFT ms, FA off, settling while idle", cache["FA off, settle idle"]["second_ttft_s"] * 1000,
+         "(shown)"),
+        ("  its prompt tokens reused", cache["FA off, settle idle"]["second_cached"], "(shown)"),
         ("plain loop OMP default / PASSIVE tok/s", plain["tok_s"] / med["plain PASSIVE"]["tok_s"], "(> 1: default)"),
     ]
     print("\nmedians: " + json.dumps(med))

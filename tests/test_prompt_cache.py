@@ -287,7 +287,24 @@ def test_with_flash_attention_on_the_cpu_cached_answers_equal_uncached_ones(smol
         again = [cached_fa.generate(prompt, sampling).result for prompt in prompts]
         assert [r.text for r in again] == [plain_fa.generate(prompt, sampling).result.text for prompt in prompts]
         assert again[1].prompt_tokens_cached > 0
-        assert cached_fa.stats()["unsettled_tokens"] == 0  # nothing to settle: settling would guess the next prompt
+        assert cached_fa.stats()["tokens_settled"] == 0  # by default nothing is settled while idle
+
+
+def test_with_flash_attention_settling_while_idle_tiles_the_answer_and_stays_exact(smollm2_path: Path) -> None:
+    # JUPYTER_LLM_IDLE_SETTLE=1 with flash attention: the answer is evaluated again in tiled
+    # chunks only, as the next (longer) prompt's fresh evaluation would; the next turn then
+    # evaluates only its last tile. The first prompt (< 64 tokens, a small chunk) is tiled too.
+    sampling = SamplingOptions(temperature=0.0, max_tokens=80)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_LLM_IDLE_SETTLE", "1")
+        settling = Runtime.start(smollm2_path, FA, name="smollm2-fa-settle")
+    with settling, Runtime.start(smollm2_path, FA, name="smollm2-fa-plain", _prompt_cache=False) as plain_fa:
+        with_cache = converse(settling, LONG_TURNS, settle=True, sampling=sampling)
+        without = converse(plain_fa, LONG_TURNS, settle=False, sampling=sampling)
+        assert [r.text for r in with_cache] == [r.text for r in without]
+        assert with_cache[0].prompt_tokens < 64 and settling.stats()["tokens_settled"] > 0
+        for after in with_cache[1:]:  # all but one tile (the new message is shorter), answers included
+            assert after.prompt_tokens - after.prompt_tokens_cached == 64
 
 
 LONG_PROMPT = "Here is a list of colours: " + ", ".join(["red", "green", "blue", "yellow", "purple"] * 15) + "."
@@ -462,8 +479,55 @@ def test_with_a_tile_only_tokens_evaluated_as_a_fresh_prompt_would_be_are_reused
     for token in (40, 41):  # generated, one at a time
         memory.decode(0, 1)
         cache.decoded(0, [token])
-    assert cache.unsettled == 0 and cache.next_settle(16) is None  # never settled with a tile
+    assert cache.unsettled == 4 and cache.idle_work == 0  # [38, 42) would be settled, as a tile; not by default
     assert cache.reuse(0, list(range(45))) == 40  # [32, 40) and [32, 45) are both tiled; not the answer
     assert tiled(memory, cache, 0, 45, 40) == [5]
     assert cache.reuse(0, list(range(33))) == 31  # fresh: [16, 31), then [31, 33) of two
     assert cache.classes[0] == bytearray([TILED]) * 31
+
+
+def settle_all(memory: FakeMemory, cache: SlotCache, chunk: int) -> list[int]:
+    """Settle as the idle engine does; returns the chunks' sizes."""
+    sizes = []
+    while job := cache.next_settle(chunk):
+        slot, part = job
+        memory.decode(slot, len(part))
+        cache.decoded(slot, part)
+        sizes.append(len(part))
+    return sizes
+
+
+def generated(memory: FakeMemory, cache: SlotCache, slot: int, tokens: range) -> None:
+    for token in tokens:  # one at a time, as an answer's tokens
+        memory.decode(slot, 1)
+        cache.decoded(slot, [token])
+
+
+def test_with_a_tile_settling_evaluates_tiled_chunks_a_longer_prompt_would_reuse() -> None:
+    memory = FakeMemory()
+    cache = SlotCache(memory, None, 1, n_swa=0, enabled=True, exact=True, settle_idle=True, room=16, tile=4)
+    assert tiled(memory, cache, 0, 3) == [3]  # a small chunk: a longer prompt tiles these positions
+    generated(memory, cache, 0, range(3, 10))
+    assert cache.unsettled == 10 and settle_all(memory, cache, 16) == [10]  # from 0, one tiled chunk
+    assert cache.classes[0] == bytearray([TILED]) * 10 and memory.pos[0] == set(range(10))
+    assert cache.reuse(0, list(range(30))) == 10  # fresh: [0, 16) and [16, 30), both tiled
+    assert tiled(memory, cache, 0, 30, 10) == [6, 14]
+    generated(memory, cache, 0, range(30, 51))  # 51 tokens: the last window [48, 51) holds 3, under a tile
+    assert cache.unsettled == 18 and settle_all(memory, cache, 16) == [14, 4]  # [30, 48); no chunk under a tile
+    assert cache.idle_work == 0 and memory.pos[0] == set(range(48))
+    assert cache.reuse(0, list(range(60))) == 48
+
+
+def test_with_a_tile_a_last_window_shorter_than_the_tile_is_left_to_the_next_prompt() -> None:
+    memory = FakeMemory()
+    cache = SlotCache(memory, None, 1, n_swa=0, enabled=True, exact=True, settle_idle=True, room=16, tile=4)
+    assert tiled(memory, cache, 0, 10) == [10]
+    generated(memory, cache, 0, range(10, 18))  # 18 tokens: the window [16, 18) holds 2
+    assert cache.unsettled == 6 and settle_all(memory, cache, 16) == [6]  # [10, 16) tiled; [16, 18) dropped
+    assert cache.tokens[0] == list(range(16)) and memory.pos[0] == set(range(16))
+    assert cache.unsettled == 0  # 18 tokens again: fresh, [16, 18) would be a small chunk
+    generated(memory, cache, 0, range(16, 17))
+    assert cache.unsettled == 0  # a window of one token: nothing to settle yet
+    short = SlotCache(FakeMemory(), None, 1, n_swa=0, enabled=True, exact=True, settle_idle=True, room=6, tile=4)
+    short.tokens[0], short.classes[0] = list(range(8)), bytearray(8)
+    assert short.next_settle(6) is None  # no room for a tile and a rest

@@ -26,8 +26,9 @@ Optionally (``settle_idle``, ``JUPYTER_LLM_IDLE_SETTLE=1``) the engine evaluates
 again while idle instead (``settle``): the next turn's first token comes sooner, but an idle
 model then burns CPU the user's next cell wants.
 Settling waits for an engine with no request at all, and stops within ~10 ms when one arrives;
-tokens not settled by then are evaluated again as part of the next prompt (never with ``tile``:
-a settled token's class would depend on the length of a prompt not seen yet). Without ``exact``
+tokens not settled by then are evaluated again as part of the next prompt. With ``tile`` it
+evaluates in tiled chunks only, what any longer prompt's fresh evaluation would tile; the last
+few tokens whose class depends on the length of a prompt not seen yet are left to that prompt. Without ``exact``
 (flash attention off the CPU or with a quantized KV cache; a recurrent model, whose state cannot
 be cut back) every decoded token is reused at once, as llama-server and Ollama do, and outputs
 may differ from a fresh evaluation in the last bits.
@@ -199,8 +200,9 @@ class SlotCache:
         """The next chunk to evaluate again and its slot (the most recently used first), or None.
 
         Starting a slot takes its unsettled tokens out of the KV (from the first one, or one
-        earlier so that the chunk has two tokens): they come back chunk by chunk, through
-        :meth:`decoded`; if settling is interrupted, :meth:`interrupted` forgets the rest.
+        earlier so that the chunk has two tokens; with ``tile``, see :meth:`_span`): they come
+        back chunk by chunk, through :meth:`decoded`; if settling is interrupted,
+        :meth:`interrupted` forgets the rest.
         """
         waiting = [i for i in range(len(self.tokens)) if self._unsettled(i)]
         if not waiting:
@@ -208,14 +210,16 @@ class SlotCache:
             return None
         slot = max(waiting, key=self.used.__getitem__)
         if not self.redo[slot]:
-            start = max(0, min(self.settled[slot], len(self.tokens[slot]) - 2))
-            rest = self.tokens[slot][start:]
+            start, end = self._span(slot) or (0, 0)
+            rest = self.tokens[slot][start:end]
             if self.keep(slot, start) != start:
                 return None  # the memory could not be cut: the slot was emptied
             self.redo[slot] = rest
             self._count()
         redo = self.redo[slot]
         take = chunk_size(len(redo), chunk)
+        if self.tile and 0 < len(redo) - take < self.tile:
+            take = len(redo) - self.tile  # every chunk tiled (_span: chunk >= 2 * tile)
         part, self.redo[slot] = redo[:take], redo[take:]
         return slot, part
 
@@ -228,10 +232,36 @@ class SlotCache:
     def _unsettled(self, slot: int) -> int:
         """Tokens of the slot that settling would evaluate again (none if it cannot: a slot of
         one token, or not in exact mode)."""
-        tokens, redo = self.tokens[slot], self.redo[slot]
-        if not (self.enabled and self.exact) or self.tile or len(tokens) + len(redo) < 2:
+        if not (self.enabled and self.exact):
             return 0
-        return len(tokens) - self.settled[slot] + len(redo)
+        if self.redo[slot]:
+            return len(self.redo[slot])
+        start, end = self._span(slot) or (0, 0)
+        return end - start
+
+    def _span(self, slot: int) -> tuple[int, int] | None:
+        """The tokens settling would evaluate again, ``[start, end)``, or None.
+
+        Without ``tile``: from the first unsettled token (or one earlier, so that no chunk has a
+        lone token) to the end. With it, settling evaluates in tiled chunks only, since a fresh
+        evaluation of any longer prompt computes these positions in chunks of at least ``tile``
+        (which chunk boundaries does not matter, docs/notes.md §14): from the first token not
+        tiled to the end of the slot's last ``room`` window if that window holds ``tile`` tokens
+        or more, else to the window's start (a shorter next prompt could end the window in a small
+        chunk: those tokens are left to it); a chunk shorter than ``tile`` starts earlier."""
+        tokens = self.tokens[slot]
+        n = len(tokens)
+        if not self.tile:
+            return None if n < 2 or self.settled[slot] >= n else (max(0, min(self.settled[slot], n - 2)), n)
+        if self.room < 2 * self.tile:
+            return None  # no room for a tiled chunk and what follows it
+        window = n % self.room
+        end = n if window == 0 or window >= self.tile else n - window
+        tiled = self.classes[slot][:end]
+        first = len(tiled) - len(tiled.lstrip(bytes([TILED])))
+        if end < self.tile or first >= end:
+            return None
+        return min(first, end - self.tile), end
 
     def _count(self) -> None:
         self.unsettled = sum(self._unsettled(i) for i in range(len(self.tokens)))
