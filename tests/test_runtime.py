@@ -355,12 +355,15 @@ def test_text_out_holds_back_a_possible_stop_string_prefix() -> None:
     out = TextOut(("STOP",))
     assert out.feed(b"hello ST") == ("hello ", False)
     assert out.feed(b"O") == ("", False)
-    assert out.feed(b"P and more") == ("", True)
+    assert out.feed(b"P and more") == ("", True) and out.matched == "STOP"
+    out = TextOut(("and", "b"))
+    assert out.feed(b"a b and") == ("a ", True) and out.matched == "b"  # the earliest in the text
     out = TextOut(("STOP",))
     assert out.feed(b"a ST") == ("a ", False)
     assert out.feed(b"ay") == ("STay", False)
     assert out.feed(b" ST") == (" ", False)
     assert out.flush() == "ST"  # at the end a held prefix is just text
+    assert out.matched is None
 
 
 def test_workers_run_with_openmps_default_wait_policy_unless_the_user_set_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,7 +85,12 @@ def test_stop_sequences_end_the_answer(client: anthropic.Anthropic) -> None:
     cut = client.messages.create(model=MODEL, max_tokens=24, messages=HI, extra_body=T0,
                                  stop_sequences=[word])
     assert cut.content[0].text == text[:text.index(word)]
-    assert cut.stop_reason in ("end_turn", "stop_sequence")  # the worker does not yet say which it was
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", word)
+    assert (whole.stop_reason, whole.stop_sequence) != ("stop_sequence", word)
+    with client.messages.stream(model=MODEL, max_tokens=24, messages=HI, extra_body=T0,
+                                stop_sequences=["zzqx", word]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", word)
 
 
 def test_a_streamed_message_sends_the_events_in_order_and_joins_to_the_whole(client: anthropic.Anthropic) -> None:

@@ -115,6 +115,8 @@ class Completion:
     thinking: str | None = None
     """The reasoning, when thinking was asked for (``text`` is the answer without it)."""
     index: int = 0
+    stop_sequence: str | None = None
+    """The stop string that ended the answer (``finish_reason`` is then ``"stop"``), else None."""
 
 
 class Answering:
@@ -324,7 +326,7 @@ class Stream(Answering):
                 "".join(self._texts[index]), s["finish_reason"], s["prompt_tokens"], s["completion_tokens"],
                 ttft, s["gen_tok_per_s"], s["prompt_tok_per_s"], time.perf_counter() - self._t0, s["seed"],
                 s.get("prompt_tokens_cached", 0), tuple(self._lps[index]) if "logprobs" in s else None,
-                split.thinking if split is not None else None, index)
+                split.thinking if split is not None else None, index, s.get("stop_sequence"))
             if "index" not in s:  # cancelled before the worker made the answers: they all end here
                 for i in range(1, self.extras.n):
                     self._results.setdefault(i, dataclasses.replace(self._results[index], index=i))

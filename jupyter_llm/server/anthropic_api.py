@@ -16,10 +16,10 @@ then ``message_delta`` (stop reason and usage, the input tokens included) and ``
 Errors have Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``
 (:func:`.auth.error_body`), so the client raises its usual exceptions.
 
-The stop reason is ``end_turn``, ``max_tokens`` or ``tool_use``: an answer ended by one of
-``stop_sequences`` is reported as ``end_turn`` (the worker does not say which way a
-generation stopped). Refused with a 400: images, documents and other non-text blocks;
-extended thinking; a last assistant message (prefill).
+The stop reason is ``end_turn``, ``max_tokens``, ``tool_use`` or ``stop_sequence`` (with the
+matched string in ``stop_sequence``; the worker reports which one ended the text).
+Refused with a 400: images, documents and other non-text blocks; extended thinking; a last
+assistant message (prefill).
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def _sampling_fields(body: Body) -> dict[str, Any]:
 def _stop_reason(result: Any, calls: list[Any]) -> str:
     if calls:
         return "tool_use"
-    return "max_tokens" if result.finish_reason == "length" else "end_turn"
+    if result.finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if getattr(result, "stop_sequence", None) else "end_turn"
 
 
 def _tool_use(call: Any) -> dict[str, Any]:
@@ -241,7 +243,7 @@ async def create(request: Any) -> Any:
         content = [{"type": "text", "text": text}] if text or not calls else []
         content += [_tool_use(call) for call in calls]
         return json_response({**base, "content": content, "stop_reason": _stop_reason(result, calls),
-                              "stop_sequence": None,
+                              "stop_sequence": None if calls else getattr(result, "stop_sequence", None),
                               "usage": {"input_tokens": result.prompt_tokens,
                                         "output_tokens": result.completion_tokens}})
     return Streamed(_events(base, job), "text/event-stream", job.cancel)
@@ -281,7 +283,8 @@ async def _events(base: dict[str, Any], job: Any) -> Any:
                          delta={"type": "input_json_delta", "partial_json": json.dumps(call.arguments)})
             yield _event("content_block_stop", index=index)
             index += 1
-        yield _event("message_delta", delta={"stop_reason": _stop_reason(result, calls), "stop_sequence": None},
+        matched = None if calls else getattr(result, "stop_sequence", None)
+        yield _event("message_delta", delta={"stop_reason": _stop_reason(result, calls), "stop_sequence": matched},
                      usage={"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens})
         yield _event("message_stop")
     except Exception as exc:  # a worker that died mid-answer

@@ -327,6 +327,8 @@ class TextOut:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stop = tuple(s for s in stop if s)
         self._held = ""
+        self.matched: str | None = None
+        """The stop string that ended the text (the earliest in it; Anthropic's ``stop_sequence``)."""
 
     def feed(self, piece: bytes) -> tuple[str, bool]:
         """Add one token's bytes; returns (text ready to emit, whether a stop string matched)."""
@@ -334,9 +336,10 @@ class TextOut:
         if not self._stop:
             out, self._held = self._held, ""
             return out, False
-        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := self._held.find(s)) >= 0]
         if hits:
-            out, self._held = self._held[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self._held = self._held[:at], ""
             return out, True
         keep = 0  # the longest tail that could still grow into a stop string is held back
         for s in self._stop:
