@@ -213,6 +213,13 @@ def paired(args: argparse.Namespace, prompt: str, kernel: Any) -> dict[str, list
 
 # -- servers -------------------------------------------------------------------------------------------
 
+SECOND_TURN = (("default", False, True, "< 0.05"), ("settling while idle", True, True, "(shown)"),
+               ("flash attention off", False, False, "< 0.05"),
+               ("FA off, settling while idle (before)", True, False, "(was 1.9)"))
+"""The loads of :func:`idle_and_second_turn`: name, settling while idle, flash attention, and the
+target of the idle CPU seconds."""
+
+
 def idle_and_second_turn(args: argparse.Namespace, settle_idle: bool, flash_attn: bool) -> dict[str, float]:
     """The prompt cache as users have it (on): a 256-token answer, the worker's CPU seconds in
     the 10 s after it, then the second turn's time to first token. ``settle_idle``: the worker
@@ -436,10 +443,9 @@ def main() -> None:
                 rows.setdefault(name, []).append(res)
                 print(f"round {r + 1}: {name:>13}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         cache = {mode: idle_and_second_turn(args, settle, fa)  # once each: 10 s + 256 tokens
-                 for mode, settle, fa in (("default", False, True), ("settle idle", True, True),
-                                          ("FA off", False, False), ("FA off, settle idle", True, False))}
+                 for mode, settle, fa, _ in SECOND_TURN}
         for mode, res in cache.items():
-            print(f"prompt cache on, {mode:>19}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
+            print(f"prompt cache on, {mode:>36}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
         pairs = paired(args, prompt, kernel)
         for name, runs in pairs.items():
             for k, run in enumerate(runs):
@@ -479,20 +485,10 @@ def main() -> None:
         ("  the same, ours in ms", ours["long_stall_s"] * 1000, "(shown)"),
         ("kernel cell while generating / idle", chat["cell_busy_over_idle"], "≤ 2"),
         ("worker CPU s in 10 s after an answer", chat["idle_cpu_s"], "< 0.05"),
-        ("  the same, prompt cache on (default)", cache["default"]["idle_cpu_s"], "< 0.05"),
-        ("  the same, flash attention off", cache["FA off"]["idle_cpu_s"], "< 0.05"),
-        ("  the same, FA off, settling while idle (before)", cache["FA off, settle idle"]["idle_cpu_s"], "(was 1.9)"),
-        ("second-turn TTFT ms, default", cache["default"]["second_ttft_s"] * 1000, "(shown)"),
-        ("  its prompt tokens reused", cache["default"]["second_cached"],
-         f"(of {cache['default']['second_prompt']:.0f})"),
-        ("second-turn TTFT ms, settling while idle", cache["settle idle"]["second_ttft_s"] * 1000, "(shown)"),
-        ("  its prompt tokens reused", cache["settle idle"]["second_cached"], "(shown)"),
-        ("  worker CPU s in the 10 s after the answer", cache["settle idle"]["idle_cpu_s"], "(shown)"),
-        ("second-turn TTFT ms, flash attention off", cache["FA off"]["second_ttft_s"] * 1000, "(shown)"),
-        ("  its prompt tokens reused", cache["FA off"]["second_cached"], "(shown)"),
-        ("second-turn TTFT ms, FA off, settling while idle", cache["FA off, settle idle"]["second_ttft_s"] * 1000,
-         "(shown)"),
-        ("  its prompt tokens reused", cache["FA off, settle idle"]["second_cached"], "(shown)"),
+        *((row, value, target) for mode, _, _, idle_target in SECOND_TURN for row, value, target in (
+            (f"second turn, prompt cache on, {mode}: TTFT ms", cache[mode]["second_ttft_s"] * 1000, "(shown)"),
+            ("  its prompt tokens reused", cache[mode]["second_cached"], f"(of {cache[mode]['second_prompt']:.0f})"),
+            ("  worker CPU s in the 10 s before it", cache[mode]["idle_cpu_s"], idle_target))),
         ("plain loop OMP default / PASSIVE tok/s", plain["tok_s"] / med["plain PASSIVE"]["tok_s"], "(> 1: default)"),
     ]
     print("\nmedians: " + json.dumps(med))

@@ -192,12 +192,14 @@ def _sampling_fields(body: Body) -> dict[str, Any]:
     return fields
 
 
-def _stop_reason(result: Any, calls: list[Any]) -> str:
+def _stop(result: Any, calls: list[Any]) -> dict[str, Any]:
+    """The message's ``stop_reason`` and ``stop_sequence`` (the string, when one ended it)."""
     if calls:
-        return "tool_use"
+        return {"stop_reason": "tool_use", "stop_sequence": None}
     if result.finish_reason == "length":
-        return "max_tokens"
-    return "stop_sequence" if getattr(result, "stop_sequence", None) else "end_turn"
+        return {"stop_reason": "max_tokens", "stop_sequence": None}
+    matched = result.stop_sequence
+    return {"stop_reason": "stop_sequence" if matched else "end_turn", "stop_sequence": matched}
 
 
 def _tool_use(call: Any) -> dict[str, Any]:
@@ -242,8 +244,7 @@ async def create(request: Any) -> Any:
         calls = job.tool_calls
         content = [{"type": "text", "text": text}] if text or not calls else []
         content += [_tool_use(call) for call in calls]
-        return json_response({**base, "content": content, "stop_reason": _stop_reason(result, calls),
-                              "stop_sequence": None if calls else getattr(result, "stop_sequence", None),
+        return json_response({**base, "content": content, **_stop(result, calls),
                               "usage": {"input_tokens": result.prompt_tokens,
                                         "output_tokens": result.completion_tokens}})
     return Streamed(_events(base, job), "text/event-stream", job.cancel)
@@ -283,8 +284,7 @@ async def _events(base: dict[str, Any], job: Any) -> Any:
                          delta={"type": "input_json_delta", "partial_json": json.dumps(call.arguments)})
             yield _event("content_block_stop", index=index)
             index += 1
-        matched = None if calls else getattr(result, "stop_sequence", None)
-        yield _event("message_delta", delta={"stop_reason": _stop_reason(result, calls), "stop_sequence": matched},
+        yield _event("message_delta", delta=_stop(result, calls),
                      usage={"input_tokens": result.prompt_tokens, "output_tokens": result.completion_tokens})
         yield _event("message_stop")
     except Exception as exc:  # a worker that died mid-answer

@@ -424,7 +424,7 @@ class Engine:
             "prompt_tok_per_s": len(req.tokens) / prompt_s if req.t_first and prompt_s > 0 else 0.0,
             "gen_tok_per_s": (req.n_gen - 1) / gen_s if req.n_gen > 1 and gen_s > 0 else 0.0,
             "seed": req.seed, "worker_ttft_s": req.t_first - req.t_recv if req.t_first else None,
-            **({"stop_sequence": req.out.matched} if req.out.matched else {}),
+            "stop_sequence": req.out.matched,
         })))
 
     def _send_text(self, req: Generation, text: str) -> None:

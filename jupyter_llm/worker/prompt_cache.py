@@ -27,9 +27,9 @@ again while idle instead (``settle``): the next turn's first token comes sooner,
 model then burns CPU the user's next cell wants.
 Settling waits for an engine with no request at all, and stops within ~10 ms when one arrives;
 tokens not settled by then are evaluated again as part of the next prompt. With ``tile`` it
-evaluates in tiled chunks only, what any longer prompt's fresh evaluation would tile; the last
-few tokens whose class depends on the length of a prompt not seen yet are left to that prompt. Without ``exact``
-(flash attention off the CPU or with a quantized KV cache; a recurrent model, whose state cannot
+evaluates in tiled chunks only, what any longer prompt's fresh evaluation would tile; the last few
+tokens whose class depends on the length of a prompt not seen yet are left to that prompt.
+Without ``exact`` (flash attention off the CPU or with a quantized KV cache; a recurrent model, whose state cannot
 be cut back) every decoded token is reused at once, as llama-server and Ollama do, and outputs
 may differ from a fresh evaluation in the last bits.
 
@@ -245,7 +245,7 @@ class SlotCache:
         Without ``tile``: from the first unsettled token (or one earlier, so that no chunk has a
         lone token) to the end. With it, settling evaluates in tiled chunks only, since a fresh
         evaluation of any longer prompt computes these positions in chunks of at least ``tile``
-        (which chunk boundaries does not matter, docs/notes.md §14): from the first token not
+        (where their boundaries fall does not matter, docs/notes.md §14): from the first token not
         tiled to the end of the slot's last ``room`` window if that window holds ``tile`` tokens
         or more, else to the window's start (a shorter next prompt could end the window in a small
         chunk: those tokens are left to it); a chunk shorter than ``tile`` starts earlier."""
@@ -257,8 +257,9 @@ class SlotCache:
             return None  # no room for a tiled chunk and what follows it
         window = n % self.room
         end = n if window == 0 or window >= self.tile else n - window
-        tiled = self.classes[slot][:end]
-        first = len(tiled) - len(tiled.lstrip(bytes([TILED])))
+        # runs for every slot at each decoded token (_count): find scans without copying the classes
+        classes = self.classes[slot]
+        first = min((i for i in (classes.find(ALONE, 0, end), classes.find(SMALL, 0, end)) if i >= 0), default=end)
         if end < self.tile or first >= end:
             return None
         return min(first, end - self.tile), end
