@@ -84,9 +84,15 @@ def test_the_first_piece_goes_to_the_kernel_the_held_ones_are_written_at_the_att
     assert out.sock is None, "the writer closed its socket"
 
 
+PIECES = 200
+
+
 def test_the_writer_keeps_each_answer_in_order_while_the_engine_goes_on() -> None:
     """Pieces queued faster than a client reads still arrive whole and in order, and the
     answer's end is sent only after its last byte left."""
+    # PIECES: a socketpair takes 278 such sends before it is full even with a reader that
+    # never got the CPU (each send's buffer overhead counts), so no spill (tested below) can
+    # happen here however slow the machine
     out, (w, sent) = DirectOut(PREFIX, SUFFIX, cancel=lambda: None), writer()
     out.piece(2, "first", 1)
     ours, client = socket.socketpair()
@@ -100,14 +106,14 @@ def test_the_writer_keeps_each_answer_in_order_while_the_engine_goes_on() -> Non
         out.attach(2, socket.socket(fileno=os.dup(ours.fileno())), w)
         reader = threading.Thread(target=read)
         reader.start()
-        for i in range(300):
+        for i in range(PIECES):
             out.piece(2, f"piece {i} ", 1)
         DirectOut.last(out, 2, (wire.DONE, 2, {}))
         assert w.drain()
         ours.close()  # (the writer closed its own copy)
         reader.join(10)
-    assert texts_of(unchunk(bytes(got))) == [f"piece {i} " for i in range(300)]
-    assert sent == [(wire.DONE, 2, {"direct_text": "".join(f"piece {i} " for i in range(300))})]
+    assert texts_of(unchunk(bytes(got))) == [f"piece {i} " for i in range(PIECES)]
+    assert sent == [(wire.DONE, 2, {"direct_text": "".join(f"piece {i} " for i in range(PIECES))})]
 
 
 def test_an_answer_that_ends_before_the_attach_gives_its_held_pieces_to_the_kernel() -> None:
