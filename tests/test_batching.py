@@ -68,7 +68,9 @@ def test_answers_generated_together_equal_each_alone_and_share_step_messages(
     assert all(solo), solo
     assert not any(m[0] == wire.STEP for m in received)  # one request at a time: plain messages
     received.clear()
+    greedy_steps = runtime.stats()["greedy_steps"]
     assert together(runtime, QUESTIONS) == solo
+    assert runtime.stats()["greedy_steps"] > greedy_steps  # their steps sampled by one argmax
     steps = [m for m in received if m[0] == wire.STEP]
     assert steps, "three requests generating together sent no step message"
     for step in steps:  # each part is a message of its own kind, for a request of this turn
@@ -76,6 +78,17 @@ def test_answers_generated_together_equal_each_alone_and_share_step_messages(
         assert {part[0] for part in step[1]} <= {wire.TOKEN, wire.DONE, wire.ERROR}
     rids = {part[1] for step in steps for part in step[1]}
     assert len(rids) >= 2
+
+
+def test_a_greedy_answer_generated_beside_a_sampled_one_is_as_alone(runtime: Runtime) -> None:
+    expected = alone(runtime, QUESTIONS[0])
+    hot = SamplingOptions(temperature=0.9, seed=7, max_tokens=200)
+    before = runtime.stats()["greedy_steps"]
+    other = runtime.chat([{"role": "user", "content": QUESTIONS[1]}], hot)
+    assert next(iter(other)).text is not None  # generating now
+    assert runtime.chat([{"role": "user", "content": QUESTIONS[0]}], GREEDY).result.text == expected
+    assert runtime.stats()["greedy_steps"] == before  # a step with a sampled answer: each row its own chain
+    other.cancel()
 
 
 def test_a_request_arriving_while_others_generate_gets_its_own_answer(runtime: Runtime) -> None:

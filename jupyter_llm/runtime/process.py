@@ -297,7 +297,8 @@ class Runtime:
         Counters since the load: ``requests``, ``tokens_in`` (prompt tokens evaluated, in
         ``prompt_decodes`` decodes: arrivals' short chunks share one), ``prompt_tokens_cached``
         (reused from a slot's cache instead), ``tokens_out``, ``tokens_settled`` (generated tokens
-        evaluated again while idle, see :mod:`jupyter_llm.worker.prompt_cache`). Now:
+        evaluated again while idle, see :mod:`jupyter_llm.worker.prompt_cache`), ``greedy_steps``
+        (generation steps of several greedy answers sampled by one argmax). Now:
         ``slot_tokens`` (tokens in each slot's KV), ``unsettled_tokens`` (still to be evaluated
         again)."""
         return self._call("stats")

@@ -56,6 +56,7 @@ from .direct import DirectOut, Writer
 from .generation import Generation, answers
 from .llama import llama_said
 from .prompt_cache import SlotCache
+from .sampler import greedy_rows
 from .text import Vocab
 
 GROUP_TOKENS = 16
@@ -96,9 +97,9 @@ class Engine:
         self.requests: dict[int, Generation] = {}
         self.pending: deque[Generation] = deque()
         self.counters = {"requests": 0, "tokens_in": 0, "prompt_decodes": 0, "tokens_out": 0,
-                         "prompt_tokens_cached": 0, "tokens_settled": 0}
-        """tokens_in: prompt tokens evaluated, in prompt_decodes decodes; prompt_tokens_cached: prompt
-        tokens reused instead; tokens_settled: generated tokens evaluated again while idle."""
+                         "prompt_tokens_cached": 0, "tokens_settled": 0, "greedy_steps": 0}
+        """tokens_in: prompt tokens evaluated, in prompt_decodes decodes; prompt_tokens_cached: those
+        reused; tokens_settled: generated ones evaluated again while idle; greedy_steps: see greedy_rows."""
         self._abort = False
         self._settling = False
         self._abort_cb = L.ggml_abort_callback(self._should_abort)  # referenced while set
@@ -275,9 +276,11 @@ class Engine:
         for req in reqs:
             self.cache.decoded(req.slot, [req.last_token])
             req.n_past += 1
+        rows = greedy_rows(self.L, self.ctx, [req.chain for req in reqs])
+        self.counters["greedy_steps"] += rows is not None
         with self._one_message(len(reqs) > 1):
             for n, req in enumerate(reqs):
-                self._accept(req, req.chain.sample(self.ctx, n), now, n)
+                self._accept(req, rows[n] if rows else req.chain.sample(self.ctx, n), now, n)
 
     def _prompt_group(self, prompting: list[Generation]) -> list[tuple[Generation, int]]:
         """The oldest prompting request and its next chunk's length, with the others whose next
