@@ -17,6 +17,9 @@ change ``os.environ`` and see the effect. Explicit arguments always win over the
 ``JUPYTER_LLM_RETRIES``            transient-error retries per download (default 5)
 ``JUPYTER_LLM_PROMPT_CACHE``       0 turns off reusing a conversation's evaluated prefix between
                                    requests (default on; benchmarks compare without it)
+``JUPYTER_LLM_PROMPT_RAM``         MiB of host memory per loaded model for copies of the KV of
+                                   slots another prompt took over, restored when their prompt
+                                   comes back (default 1024; 0: off)
 ``JUPYTER_LLM_IDLE_SETTLE``       1 lets an idle worker re-evaluate the last answer for the prompt
                                    cache at once (next turn's first token sooner; default off: an
                                    idle model costs no CPU)
@@ -158,6 +161,19 @@ def idle_settle() -> bool:
     """Whether an idle worker re-evaluates the last answer for the prompt cache at once (default
     off: an idle model costs no CPU, and the next prompt evaluates that answer instead)."""
     return (_env("JUPYTER_LLM_IDLE_SETTLE") or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def prompt_ram() -> int:
+    """Bytes of host memory a worker may keep copies of slots' KV in (``JUPYTER_LLM_PROMPT_RAM``,
+    MiB, default 1024: llama-server keeps 8 GiB by default, a notebook's kernel shares the
+    machine with the user's own data); 0 when the prompt cache is off."""
+    if not prompt_cache():
+        return 0
+    raw = (_env("JUPYTER_LLM_PROMPT_RAM") or "1024").strip()
+    try:
+        return max(0, int(float(raw) * 2**20))
+    except ValueError:
+        raise ValueError(f"JUPYTER_LLM_PROMPT_RAM={raw!r} is not a number; unset it or give MiB, e.g. 1024") from None
 
 
 def prompt_cache() -> bool:

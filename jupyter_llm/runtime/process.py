@@ -142,7 +142,7 @@ class Runtime:
             if _prompt_cache is None:
                 _prompt_cache = config.prompt_cache()
             internal = {"extra_bufts": bool(_extra_bufts), "prompt_cache": bool(_prompt_cache),
-                        "idle_settle": config.idle_settle(),
+                        "idle_settle": config.idle_settle(), "prompt_ram": config.prompt_ram(),
                         "fault": dict(_fault) if _fault else None, "template_seconds": _template_seconds,
                         "ollama_template": ollama_template}
             rt._send((wire.LOAD, str(path), options.to_dict(), internal))
@@ -298,9 +298,10 @@ class Runtime:
         ``prompt_decodes`` decodes: arrivals' short chunks share one), ``prompt_tokens_cached``
         (reused from a slot's cache instead), ``tokens_out``, ``tokens_settled`` (generated tokens
         evaluated again while idle, see :mod:`jupyter_llm.worker.prompt_cache`), ``greedy_steps``
-        (generation steps of several greedy answers sampled by one argmax). Now:
+        (generation steps of several greedy answers sampled by one argmax), ``prompt_tokens_restored``
+        (reused from host-memory copies of slots taken over). Now:
         ``slot_tokens`` (tokens in each slot's KV), ``unsettled_tokens`` (still to be evaluated
-        again)."""
+        again), ``ram_prompts``/``ram_bytes`` (those copies)."""
         return self._call("stats")
 
     # -- plumbing ------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ any request that fails                                     ``("error", rid, kind
 Ollama manifest, Go syntax, see :mod:`jupyter_llm.worker.gotemplate`), ``extra_bufts`` (llama.cpp's
 CPU extra buffer types: weight repacking, which segfaults quantized models on Intel AMX CPUs; on
 where the kernel's repack probe found it safe and faster), and switches only tests and benchmarks
-change: ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
+change: ``prompt_ram`` (bytes for host-memory copies of slots taken over, 0: none,
+:mod:`jupyter_llm.worker.prompt_store`), ``prompt_cache`` (reuse a slot's KV for the next prompt's common prefix; off
 evaluates every prompt afresh), ``template_seconds`` (the chat template's time limit) and
 ``fault`` (``{"at": "load"|"warm_up"|"decode", "signal": "SIGSEGV"|"SIGABRT"|"SIGKILL"|"SIGSTOP"|…}``:
 die, or stop, there, the way llama.cpp's faults end the process, so that every path of crash
@@ -72,6 +73,7 @@ from . import RequestError, lora, params
 from .engine import Engine
 from .llama import llama_said, model_meta
 from .prep import Prep
+from .prompt_store import PromptStore
 
 _CLOSE_PREP_S = 2.0
 """How long closing waits for the requests being prepared to stop (each stops within a chunk)."""
@@ -154,11 +156,12 @@ class Worker:
             said = llama_said(self.errors, "")
             raise _LoadFailed("model", f"{failed}: {said}" if said else failed)  # the file is at fault
         exact, tile = params.prompt_exactness(opts, mp.n_gpu_layers)
+        ram = int(internal.get("prompt_ram") or 0)  # bytes for copies of slots taken over (prompt_store)
         engine = Engine(L, self.model, self.ctx, parallel=int(opts["parallel"]), n_threads=n_threads,
                         send=self.channel.send, errors=self.errors,
                         prompt_cache=bool(internal.get("prompt_cache", True)),
                         settle_idle=bool(internal.get("idle_settle", False)),
-                        batch_invariant=exact, tile=tile)
+                        batch_invariant=exact, tile=tile, store=PromptStore(L, self.ctx, ram) if ram else None)
         if internal.get("template_seconds"):
             engine.text.template_seconds = float(internal["template_seconds"])
         engine.text.ollama_template = internal.get("ollama_template")

@@ -69,11 +69,11 @@ class Engine:
 
     def __init__(self, L: Any, model: Any, ctx: Any, *, parallel: int, n_threads: int,
                  send: Callable[[tuple[Any, ...]], None], errors: deque[str], prompt_cache: bool = True,
-                 settle_idle: bool = False, batch_invariant: bool = True, tile: int = 0) -> None:
+                 settle_idle: bool = False, batch_invariant: bool = True, tile: int = 0, store: Any = None) -> None:
         """``batch_invariant``: whether the backend computes a token's KV the same in any prompt
         chunk of two or more tokens (``tile``: of two to tile-1, and of tile or more; measured on
         the CPU, docs/notes.md §14); then the prompt cache reuses only such KV, and cached
-        outputs equal uncached ones."""
+        outputs equal uncached ones. ``store``: a PromptStore for what slots taken over held."""
         self.L, self.model, self.ctx = L, model, ctx
         self.parallel, self.n_threads = parallel, n_threads
         self.send = send
@@ -92,7 +92,7 @@ class Engine:
         recurrent = L.llama_model_is_recurrent(model) or L.llama_model_is_hybrid(model)
         self.cache = SlotCache(L, self.mem, parallel, n_swa=L.llama_model_n_swa(model), enabled=prompt_cache,
                                exact=batch_invariant and self.n_chunk >= 4 and not recurrent,
-                               settle_idle=settle_idle, room=self.n_chunk, tile=tile)
+                               settle_idle=settle_idle, room=self.n_chunk, tile=tile, store=store)
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.requests: dict[int, Generation] = {}
         self.pending: deque[Generation] = deque()
