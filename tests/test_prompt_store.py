@@ -177,6 +177,18 @@ def test_a_copy_llama_cpp_refuses_leaves_the_slot_empty_and_evaluated_afresh() -
     assert cache.tokens[0] == [] and llama.seqs[0] == [] and cache.restored == 0
 
 
+def test_a_restored_state_that_cannot_be_cut_counts_nothing_restored() -> None:
+    memory = FakeLlama()
+    cache = SlotCache(memory, None, 1, n_swa=0, enabled=True, exact=False, store=PromptStore(memory, None, 10_000))
+    filled(memory, cache, 0, list(range(100, 140)))
+    cache.reuse(0, list(range(500, 540)))
+    filled(memory, cache, 0, list(range(500, 540)))
+    # now as a recurrent state: emptied whole, never cut at a position
+    memory.llama_memory_seq_rm = lambda _mem, seq, p0, p1: p0 < 0 and not memory.seqs[seq].clear()  # type: ignore
+    assert cache.reuse(0, [*range(100, 130), 7, 7]) == 0  # restored, then the cut at 30 refused
+    assert cache.restored == 0 and cache.tokens[0] == []
+
+
 def test_only_settled_tokens_count_as_worth_a_copy() -> None:
     llama = FakeLlama()
     store = PromptStore(llama, None, budget=10_000)

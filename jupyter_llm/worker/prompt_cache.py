@@ -111,9 +111,11 @@ class SlotCache:
         if not self.enabled:
             return self.keep(slot, 0)
         n = self._usable(self.tokens[slot], self.settled[slot], self.classes[slot], prompt)
-        if self.store is not None:
-            n = self._from_store(slot, prompt, n)
-        return self.keep(slot, n)
+        restored = self._from_store(slot, prompt, n) if self.store is not None else 0
+        n = restored or n  # (a refused restore emptied the slot: keep then keeps nothing)
+        kept = self.keep(slot, n)
+        self.restored += kept if restored else 0  # (kept < n: the restored state could not be cut there)
+        return kept
 
     def _usable(self, tokens: list[int], settled: int, classes: bytearray, prompt: list[int]) -> int:
         """How much of ``prompt`` a slot holding ``tokens`` (``settled``, ``classes``) may reuse."""
@@ -126,7 +128,7 @@ class SlotCache:
     def _from_store(self, slot: int, prompt: list[int], n: int) -> int:
         """Before ``slot`` drops what ``prompt`` cannot reuse (``n`` tokens kept), copy it to the
         store if that is worth it; if a copy there holds more of ``prompt``, restore it instead.
-        Returns how many tokens the slot then holds for ``prompt``."""
+        Returns how many tokens of ``prompt`` the restored copy holds (0: none restored)."""
         assert self.store is not None
         best, got = None, n
         for saved in self.store.candidates(prompt):
@@ -137,13 +139,12 @@ class SlotCache:
         if reusable - n >= STORE_MIN:
             self.store.save(slot, self.tokens[slot], self.settled[slot], self.classes[slot])
         if best is None:
-            return n
+            return 0
         ok = self.store.restore(best, slot)
         self.tokens[slot], self.settled[slot], self.classes[slot] = best.tokens, best.settled, best.classes
         if not ok:  # (not seen: a copy of this very context) the slot is empty again
             self.clear(slot)
             return 0
-        self.restored += got
         return got
 
     def _same_classes(self, classes: bytearray, n_prompt: int, n: int) -> int:
