@@ -180,8 +180,11 @@ def test_a_fresh_worker_answers_the_second_turn_as_the_continued_one(cached: Run
 # -- cancellation ----------------------------------------------------------------------------------
 
 
-def test_a_cancelled_prompt_keeps_what_was_evaluated_and_the_retry_matches(smollm2_path: Path) -> None:
-    # Small chunks so that a cancel lands in the middle of the prompt, with chunks done before it.
+def test_a_cancelled_prompt_keeps_what_was_evaluated_and_the_retry_matches(smollm2_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small chunks so that a cancel lands in the middle of the prompt, with chunks done before it;
+    # no host-memory copies, so that the prompt taken over is evaluated again (test_prompt_store).
+    monkeypatch.setenv("JUPYTER_LLM_PROMPT_RAM", "0")
     options = LoadOptions(gpu_layers=0, n_ctx=2048, n_batch=32, n_ubatch=32)
     prompt = "Here is a list of animals: " + ", ".join(["cat", "dog", "horse", "cow", "sheep", "goat"] * 20) + "."
     with Runtime.start(smollm2_path, options, name="smollm2") as rt:
