@@ -87,14 +87,15 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float, unit: str = "seconds") -> float:
+    """The variable as a number (``unit``: what its error message asks for)."""
     raw = _env(name)
     if raw is None:
         return default
     try:
         return float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; unset it or give seconds, e.g. 3") from None
+        raise ValueError(f"{name}={raw!r} is not a number; unset it or give {unit}, e.g. {default:g}") from None
 
 
 def home() -> Path:
@@ -154,7 +155,7 @@ def read_timeout() -> float:
 
 def retries() -> int:
     """How many times a transient download error is retried (with backoff)."""
-    return int(_float("JUPYTER_LLM_RETRIES", 5))
+    return int(_float("JUPYTER_LLM_RETRIES", 5, "a count"))
 
 
 def idle_settle() -> bool:
@@ -169,11 +170,7 @@ def prompt_ram() -> int:
     machine with the user's own data); 0 when the prompt cache is off."""
     if not prompt_cache():
         return 0
-    raw = (_env("JUPYTER_LLM_PROMPT_RAM") or "1024").strip()
-    try:
-        return max(0, int(float(raw) * 2**20))
-    except ValueError:
-        raise ValueError(f"JUPYTER_LLM_PROMPT_RAM={raw!r} is not a number; unset it or give MiB, e.g. 1024") from None
+    return max(0, int(_float("JUPYTER_LLM_PROMPT_RAM", 1024, "MiB") * 2**20))
 
 
 def prompt_cache() -> bool:
@@ -233,7 +230,7 @@ def server_max_connections() -> int:
     are answered 503 and closed (default: a quarter of the process's file limit, at most 256)."""
     raw = _env("JUPYTER_LLM_SERVER_MAX_CONNECTIONS")
     if raw is not None:
-        return max(1, int(_float("JUPYTER_LLM_SERVER_MAX_CONNECTIONS", 0)))
+        return max(1, int(_float("JUPYTER_LLM_SERVER_MAX_CONNECTIONS", 0, "a count")))
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -244,7 +241,7 @@ def server_max_connections() -> int:
 def embed_max_tokens() -> int:
     """``JUPYTER_LLM_EMBED_MAX_TOKENS``: tokens one embedding request may hold over all its
     inputs (default 8192, ~30 s on 2 busy cores); more get a 400: split them, then."""
-    return max(1, int(_float("JUPYTER_LLM_EMBED_MAX_TOKENS", 8192)))
+    return max(1, int(_float("JUPYTER_LLM_EMBED_MAX_TOKENS", 8192, "tokens")))
 
 
 def pull_deadline() -> float | None:
@@ -264,7 +261,7 @@ def pull_min_rate() -> float:
     Default 1000 (a poor mobile link still does several times that); 0 turns the check off. A
     read timeout alone never stops a source that sends a byte every few seconds.
     """
-    return max(_float("JUPYTER_LLM_PULL_MIN_RATE", 1000.0), 0.0)
+    return max(_float("JUPYTER_LLM_PULL_MIN_RATE", 1000.0, "bytes/s"), 0.0)
 
 
 def max_loaded() -> int | None:

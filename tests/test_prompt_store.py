@@ -102,9 +102,6 @@ class FakeLlama:
     def decode(self, seq: int, tokens: list[int]) -> None:
         self.seqs.setdefault(seq, []).extend(tokens)
 
-    def llama_get_memory(self, _ctx: Any) -> None:
-        return None
-
     def llama_memory_seq_rm(self, _mem: Any, seq: int, p0: int, p1: int) -> bool:
         held = self.seqs.setdefault(seq, [])
         del held[max(p0, 0):]

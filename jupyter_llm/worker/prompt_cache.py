@@ -117,10 +117,13 @@ class SlotCache:
         self.restored += kept if restored else 0  # (kept < n: the restored state could not be cut there)
         return kept
 
+    def _reusable(self, tokens: list[int], settled: int) -> int:
+        """How many leading tokens of a slot holding ``tokens`` (``settled``) a prompt may reuse."""
+        return settled if self.exact else len(tokens)
+
     def _usable(self, tokens: list[int], settled: int, classes: bytearray, prompt: list[int]) -> int:
         """How much of ``prompt`` a slot holding ``tokens`` (``settled``, ``classes``) may reuse."""
-        usable = settled if self.exact else len(tokens)
-        n = min(common_prefix(tokens, prompt), usable, max(len(prompt) - 2, 0))
+        n = min(common_prefix(tokens, prompt), self._reusable(tokens, settled), max(len(prompt) - 2, 0))
         if self.tile and n > 0:
             n = self._same_classes(classes, len(prompt), n)
         return n
@@ -131,20 +134,18 @@ class SlotCache:
         Returns how many tokens of ``prompt`` the restored copy holds (0: none restored)."""
         assert self.store is not None
         best, got = None, n
-        for saved in self.store.candidates(prompt):
+        for saved in reversed(self.store.saved):  # the most recent first: ties go to it
             usable = self._usable(saved.tokens, saved.settled, saved.classes, prompt)
             if usable > got:
                 best, got = saved, usable
-        reusable = self.settled[slot] if self.exact else len(self.tokens[slot])  # what a copy could give back
-        if reusable - n >= STORE_MIN:
+        if self._reusable(self.tokens[slot], self.settled[slot]) - n >= STORE_MIN:  # what a copy could give back
             self.store.save(slot, self.tokens[slot], self.settled[slot], self.classes[slot])
         if best is None:
             return 0
-        ok = self.store.restore(best, slot)
-        self.tokens[slot], self.settled[slot], self.classes[slot] = best.tokens, best.settled, best.classes
-        if not ok:  # (not seen: a copy of this very context) the slot is empty again
-            self.clear(slot)
+        self.clear(slot)
+        if not self.store.restore(best, slot):  # (not seen: a copy of this very context) the slot stays empty
             return 0
+        self.tokens[slot], self.settled[slot], self.classes[slot] = best.tokens, best.settled, best.classes
         return got
 
     def _same_classes(self, classes: bytearray, n_prompt: int, n: int) -> int:

@@ -62,18 +62,10 @@ class PromptStore:
         self.bytes += wrote
         return True
 
-    def candidates(self, prompt: list[int]) -> list[Saved]:
-        """The copies sharing a prefix with ``prompt``, the longest shared first."""
-        from .prompt_cache import common_prefix
-
-        shared = [(common_prefix(s.tokens, prompt), k, s) for k, s in enumerate(self.saved)]
-        return [s for n, _, s in sorted(shared, key=lambda x: (-x[0], -x[1])) if n > 0]
-
     def restore(self, saved: Saved, slot: int) -> bool:
-        """Put the copy into ``slot`` (emptied first) and forget it: the slot holds it now, and is
-        copied again if it is ever taken over. False when llama.cpp refused it (the slot is empty)."""
+        """Put the copy into ``slot`` (which the caller emptied) and forget it: the slot holds it
+        now, and is copied again if it is ever taken over. False when llama.cpp refused it."""
         self._drop([saved])
-        self.L.llama_memory_seq_rm(self.L.llama_get_memory(self.ctx), slot, -1, -1)
         n = len(saved.data)
         return int(self.L.llama_state_seq_set_data(self.ctx, _pointer(saved.data), n, slot)) == n
 
