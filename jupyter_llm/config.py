@@ -23,6 +23,9 @@ change ``os.environ`` and see the effect. Explicit arguments always win over the
 ``JUPYTER_LLM_IDLE_SETTLE``       1 lets an idle worker re-evaluate the last answer for the prompt
                                    cache at once (next turn's first token sooner; default off: an
                                    idle model costs no CPU)
+``JUPYTER_LLM_WORKER_SLICE_US``    µs of CPU time slice asked for a worker's threads (Linux 6.12+),
+                                   so that its tokens reach the kernel sooner (default 300; 0:
+                                   the system's; 100-100000)
 ``JUPYTER_LLM_REPACK``             weight repacking for the CPU (llama.cpp's extra buffer types):
                                    ``auto`` (default: where a probe found it safe and faster on
                                    this CPU, per weight type), ``on`` or ``off``
@@ -176,6 +179,17 @@ def prompt_ram() -> int:
 def prompt_cache() -> bool:
     """Whether workers reuse the KV of a slot's previous prompt and answer (default on)."""
     return (_env("JUPYTER_LLM_PROMPT_CACHE") or "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def worker_slice_us() -> int:
+    """``JUPYTER_LLM_WORKER_SLICE_US``: the time slice a worker asks for its threads (default
+    300 µs, 0: the system's own; :mod:`jupyter_llm.worker.sched` says why). Linux takes
+    0.1-100 ms."""
+    value = _float("JUPYTER_LLM_WORKER_SLICE_US", 300, "microseconds")
+    if value != 0 and not 100 <= value <= 100_000:
+        raise ValueError(f"JUPYTER_LLM_WORKER_SLICE_US={value:g}: give 100-100000 microseconds, 0 for the "
+                         "system's own slice, or unset it (300)")
+    return int(value)
 
 
 def repack() -> str:

@@ -122,12 +122,13 @@ class Runtime:
                              "memory estimate first (ModelManager.load does)")
         path = Path(path)
         name = name or path.stem
+        slice_us = config.worker_slice_us()  # a bad value fails here, not in the worker
         parent, child = socket.socketpair()
         # the worker's stdout and stderr (asserts, tracebacks): read back to explain a crash
         errfile = tempfile.TemporaryFile(prefix="jupyter_llm-worker-")  # noqa: SIM115 (owned by the Runtime)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", wire.WORKER_MODULE, str(child.fileno())],
+                [sys.executable, "-m", wire.WORKER_MODULE, str(child.fileno()), str(slice_us)],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=errfile, stderr=errfile,
                 env=wire.worker_env(), start_new_session=True,  # the kernel's SIGINT is not the worker's
             )

@@ -20,6 +20,7 @@ the two processes) and :mod:`jupyter_llm.errors`. The kernel starts these module
 ``embedding``          pooled embeddings in a second context
 ``probe``              ``python -m jupyter_llm.worker.probe``: dry-run loads and backend devices
 ``repack_probe``       ``python -m jupyter_llm.worker.repack_probe``: is weight repacking safe and faster here
+``sched``              a short CPU time slice for the worker's threads, so tokens reach the kernel sooner
 =====================  =====================================================================
 """
 

@@ -4,7 +4,8 @@ llama.cpp ends the whole process on some inputs (docs/notes.md §2: SIGSEGV in t
 path on AMX CPUs, SIGABRT on absurd headers, the OOM killer on huge KV caches), so the kernel
 never calls it directly: :mod:`jupyter_llm.runtime` starts ``python -m jupyter_llm.worker FD`` and talks to it
 over a private socket (``FD``), never over stdout, which llama.cpp may print to. The worker's
-stdout and stderr go to a file the kernel reads back when the worker dies.
+stdout and stderr go to a file the kernel reads back when the worker dies. ``SLICE_US``, when
+given, is the CPU time slice the worker asks for its threads (:mod:`jupyter_llm.worker.sched`).
 
 Threads. The **control** thread (main) reads the socket from the first message to the last: it
 answers pings at once (also while the model loads and while the engine decodes: that is how the
@@ -69,7 +70,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import wire
-from . import RequestError, lora, params
+from . import RequestError, lora, params, sched
 from .engine import Engine
 from .llama import llama_said, model_meta
 from .prep import Prep
@@ -333,8 +334,10 @@ def _fault_injector(spec: dict[str, str] | None) -> Callable[[str], None] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``python -m jupyter_llm.worker FD``."""
+    """Entry point: ``python -m jupyter_llm.worker FD [SLICE_US]``."""
     args = sys.argv[1:] if argv is None else argv
+    # before any thread starts, so that all inherit it (llama.cpp's included): worker/sched.py
+    sched.shorten_slice(int(args[1]) if len(args) > 1 else 0)
     # The kernel answers Ctrl-C / the stop button by cancelling; a SIGINT sent to the kernel's
     # whole process group must not kill the model.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
