@@ -69,13 +69,16 @@ def api_round(model: object, tokens: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--model", default=None, help="a GGUF (default: the tests' SmolLM2 Q4_1, fetched if missing)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--prompt-cache", action="store_true", help="leave the workers' prompt cache on")
     p.add_argument("--ttft-pairs", type=int, default=15)
     args = p.parse_args()
+    from tests.model import default_model
+
+    args.model = args.model or str(default_model())  # a fresh clone has none yet
     threads = os.cpu_count() or 1
 
     from jupyter_llm.manager import get_manager

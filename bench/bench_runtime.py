@@ -266,7 +266,7 @@ def chat_cache(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--model", default=None, help="a GGUF (default: the tests' SmolLM2 Q4_1, fetched if missing)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--ctx", type=int, default=4096)
@@ -276,6 +276,9 @@ def main() -> None:
     p.add_argument("--chat-only", action="store_true", help="only the prompt-cache measurement")
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from tests.model import default_model
+
+    args.model = args.model or str(default_model())  # a fresh clone has none yet
     import os
 
     args.threads = args.threads or os.cpu_count() or 1

@@ -38,7 +38,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
     "Describe, in detail, a day in the life of a medieval blacksmith.",
@@ -248,7 +247,7 @@ def run_clients(info: dict[str, str], n: int, tokens: int, tokenizer: Tokenizer)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=None, help="a GGUF (default: the tests' SmolLM2 Q4_1, fetched if missing)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per client")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -259,6 +258,9 @@ def main() -> None:
     parser.add_argument("--ours-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from tests.model import default_model
+
+    args.model = args.model or str(default_model())  # a fresh clone has none yet
     if args.ours_server:
         return serve_ours(args)
     if args.raw:

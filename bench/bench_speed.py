@@ -54,7 +54,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = ("Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the sea, "
             "the weather and the village in detail.")
 PROMPTS = [f"Request {i}: {p}" for i, p in enumerate((
@@ -387,7 +386,7 @@ def server_pairs(args: argparse.Namespace, tokenizer: Any, llama_server: Path) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", default=None, help="a GGUF (default: the tests' SmolLM2 Q4_1, fetched if missing)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=physical_cores(), help="default: physical cores, as ours")
@@ -396,6 +395,9 @@ def main() -> None:
     p.add_argument("--long-prompt", type=int, default=1500, help="tokens of the long prompt arriving under load")
     p.add_argument("--pairs", type=int, default=12, help="alternating runs: against the plain loop, and the servers")
     args = p.parse_args()
+    from tests.model import default_model
+
+    args.model = args.model or str(default_model())  # a fresh clone has none yet
 
     build = subprocess.run(["bash", str(ROOT / "scripts" / "build-llama-cpp.sh")], capture_output=True, text=True)
     if build.returncode != 0:
