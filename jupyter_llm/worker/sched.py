@@ -33,7 +33,7 @@ def _syscalls() -> tuple[ctypes.CDLL, int, int] | None:
     if not sys.platform.startswith("linux") or numbers is None:
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     return libc, numbers[0], numbers[1]
@@ -68,4 +68,4 @@ def shorten_slice(slice_us: int) -> bool:
     if policy not in (_SCHED_OTHER, _SCHED_BATCH):
         return False  # a real-time or idle policy set by the user: theirs to keep
     packed = ctypes.create_string_buffer(_ATTR.pack(_ATTR.size, policy, 0, nice, 0, slice_us * 1000, 0, 0), _ATTR.size)
-    return bool(calls[0].syscall(calls[1], 0, packed, 0) == 0)
+    return calls[0].syscall(calls[1], 0, packed, 0) == 0
