@@ -246,10 +246,11 @@ def with_thinking(model: LoadedModel | RemoteModel, extras: Extras | None, think
 
 def session_turn(manager: ModelManager, session: ChatSession, user: str, sampling: SamplingOptions, *,
                  model: str | None = None, system: str | None = None, new: bool = False,
-                 json_schema: dict[str, Any] | None = None, think: Any = None) -> Turn:
+                 json_schema: dict[str, Any] | None = None, think: Any = None, every: float = 0.0) -> Turn:
     """The next turn of ``session``: reset it when asked (or when the system prompt changed),
     pick the model (:func:`choose_model`, loading it on demand) and start the turn fitted to
-    the context. The history goes on with whichever model answers. ``think``: as for :func:`start`."""
+    the context. The history goes on with whichever model answers. ``think``: as for :func:`start`;
+    ``every``: the chunks' interval for a local model (:attr:`~jupyter_llm.runtime.stream.Extras.every`)."""
     if new or (system is not None and system != session.system):
         session.reset(system=system)
     name = choose_model(manager, session, model)
@@ -258,11 +259,13 @@ def session_turn(manager: ModelManager, session: ChatSession, user: str, samplin
         session.model = remote.name
         return start(remote, session.prompt_messages(user), sampling, json_schema=json_schema, fit=True,
                      session=session, user=user)
+    from .runtime.stream import Extras
+
     loaded_now = manager.load(name) if name is not None and not manager.is_loaded(name) else None
     loaded = manager.get(name)
     session.model = loaded.name
     turn = start(loaded, session.prompt_messages(user), sampling, json_schema=json_schema, fit=True,
-                 session=session, user=user, think=think)
+                 session=session, user=user, think=think, extras=Extras(every=every) if every else None)
     if loaded_now is not None:
         turn.load_notices = list(loaded_now.notices)
     return turn

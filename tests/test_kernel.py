@@ -53,6 +53,37 @@ def test_chat_streams_into_the_cell_in_several_steps(kernel: Kernel) -> None:
     assert "tok/s" in plain[-1] and not any("<IPython" in p for p in plain), "text/plain carries the answer"
 
 
+def test_chat_takes_the_text_in_groups_and_shows_all_of_it(kernel: Kernel) -> None:
+    # The cell redraws every 0.1 s, so the worker sends its text at most every 0.05 s (the first
+    # piece at once), not a message per token waking the kernel: the same answer in fewer messages.
+    kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1")
+    kernel.ok("""
+from jupyter_llm.manager import get_manager
+_rt = get_manager().get('smollm2').runtime
+_chat, _streams = _rt.chat, []
+def _spy(*a, **k):
+    _streams.append(_chat(*a, **k))
+    return _streams[-1]
+_rt.chat = _spy
+""")
+    try:
+        run = kernel.ok("%%chat --new --temperature 0 --max-tokens 120 --seed 1\nTell a long story about a ship.")
+    finally:
+        kernel.ok("_rt.chat = _chat")
+    shown = run.updates()[-1]["content"]["data"]["text/plain"]
+    got = json.loads(kernel.ok("import json\n_s = _streams[-1]\nprint(json.dumps([_s.extras.every, len(_s._parts), "
+                               "_s.result.completion_tokens, _s.result.text, _s.result.total_s]))").texts()[-1])
+    every, messages, tokens, text, seconds = got
+    assert every == 0.05 and tokens == 120
+    # at most one message per interval (plus the first and the last), fewer than the tokens
+    assert 2 <= messages <= seconds / every + 2 and messages < tokens, f"{messages} messages, {seconds:.2f} s"
+    assert text.strip() and text.strip() in shown
+    same = kernel.ok("import jupyter_llm as _llm\nprint(json.dumps(''.join(_llm.Model('smollm2').chat("
+                     "[{'role': 'user', 'content': 'Tell a long story about a ship.'}], stream=True, "
+                     "temperature=0, max_tokens=120, seed=1))))").texts()[-1]
+    assert json.loads(same) == text  # nothing lost or reordered in the grouping
+
+
 def test_a_late_first_token_shows_the_cursor_until_it_comes(kernel: Kernel) -> None:
     kernel.ok("%llm load smollm2 --ctx 2048 --keep-alive -1 --parallel 1")
     # The one slot is busy with a long answer (far more than PLACEHOLDER_AFTER_S on any CPU), so

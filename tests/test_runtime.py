@@ -280,6 +280,40 @@ def test_relay_hands_the_chunks_to_a_callback_in_order_then_returns(rt: Runtime)
     assert any(name != threading.current_thread().name for _, name in got)
 
 
+def test_every_holds_the_text_back_after_the_first_piece_and_loses_none(rt: Runtime) -> None:
+    from jupyter_llm.runtime.stream import Extras
+
+    ask = [{"role": "user", "content": "Name three birds and say why."}]
+    sampling = SamplingOptions(temperature=0.0, max_tokens=40)
+    each = list(rt.chat(ask, sampling))
+    stream = rt.chat(ask, sampling, extras=Extras(every=60.0))
+    held = list(stream)
+    # the first text at once (its token counted), the rest in one message when the answer ended
+    assert len(each) > 10 and len(held) == 2 and held[0] == each[0]
+    assert "".join(c.text for c in held) == "".join(c.text for c in each) == stream.result.text
+    assert sum(c.n_tokens for c in held) == sum(c.n_tokens for c in each) == stream.result.completion_tokens
+    # at a short interval the pieces go together, several tokens to a message
+    stream = rt.chat(ask, sampling, extras=Extras(every=0.03))
+    grouped = list(stream)
+    assert 2 < len(grouped) < len(each) and "".join(c.text for c in grouped) == stream.result.text
+
+
+def test_text_held_back_by_every_is_sent_when_the_answer_is_cancelled(rt: Runtime) -> None:
+    from jupyter_llm.runtime.stream import Extras
+
+    ask = [{"role": "user", "content": "Tell a long story about the sea."}]
+    stream = rt.chat(ask, SamplingOptions(temperature=0.0, max_tokens=400), extras=Extras(every=60.0))
+    first = next(stream)
+    time.sleep(0.5)  # tens of tokens generated and held
+    stream.cancel()
+    result = stream.result
+    assert result.finish_reason == "cancelled" and result.completion_tokens > 5
+    assert stream.text.startswith(first.text) and stream.text == result.text
+    # every token generated reached the kernel: the same greedy answer cut at that many tokens
+    cut = rt.chat(ask, SamplingOptions(temperature=0.0, max_tokens=result.completion_tokens)).result
+    assert cut.completion_tokens == result.completion_tokens and cut.text == result.text
+
+
 def test_stats_count_requests_and_tokens(rt: Runtime) -> None:
     before = rt.stats()
     result = rt.generate("Hello", SamplingOptions(temperature=0.0, max_tokens=3)).result

@@ -6,11 +6,12 @@ traceback made compact (IPython ≥ 9 records each cell's exception; no exceptio
 ours is involved). Unknown ``{names}`` and ``{{escaped}}`` braces stay as typed, so code in a
 prompt is safe; a reference to a cell that has no such input, output or exception is an error.
 
-Drawing depends on the front end. Where there is one that renders (a kernel), tokens arrive
-from the worker as fast as it makes them and the output is redrawn at most every
-``REDRAW_SECONDS`` (less often when a redraw gets expensive), so rendering Markdown never holds
-generation back; the empty answer with its cursor is drawn only when the first token is slow
-(``PLACEHOLDER_AFTER_S``), since drawing costs CPU the prompt's evaluation needs. The final
+Drawing depends on the front end. Where there is one that renders (a kernel), the output is
+redrawn at most every ``REDRAW_SECONDS`` (less often when a redraw gets expensive), so rendering
+Markdown never holds generation back, and the worker sends the text twice as often (the first
+piece at once), not every token: each message takes the kernel's CPU from the decode. The
+empty answer with its cursor is drawn only when the first token is slow (``PLACEHOLDER_AFTER_S``),
+since drawing costs CPU the prompt's evaluation needs. The final
 redraw adds a statistics line naming the model and metadata recording how the answer was made
 (model, sha256, load options, llama.cpp's version, sampling, seed, system prompt, what was
 substituted), so an output can be reproduced. In a terminal (no kernel) every display would be
@@ -207,7 +208,8 @@ def run_chat_cell(shell: Any, manager: Any, line: str, cell: str) -> Any:
         else:
             think = {"true": True, "false": False}.get(args.think, args.think)
             turn = chat.session_turn(manager, session, user, sampling, model=args.model, system=args.system,
-                                     new=args.new, json_schema={} if args.format == "json" else None, think=think)
+                                     new=args.new, json_schema={} if args.format == "json" else None, think=think,
+                                     every=view.every)
         model = turn.model
         with chat.using(manager, model):
             if args.model is None and before is not None and before != model.name:
@@ -389,6 +391,11 @@ class Renderer:
 class _CellView:
     """One output redrawn in place, at most every ``REDRAW_SECONDS``."""
 
+    every = REDRAW_SECONDS / 2
+    """The worker sends the text at most this often (chat.session_turn's ``every``): a redraw
+    shows it at most this much later, and the kernel is not woken for every token while the
+    worker decodes on the same cores (docs/notes.md §14)."""
+
     def __init__(self, renderer: Renderer) -> None:
         self.renderer = renderer
         self.handle: Any = None
@@ -437,6 +444,9 @@ class _CellView:
 
 class _TerminalView:
     """The answer written to stdout as it comes, then the statistics line."""
+
+    every = 0.0
+    """Each piece as it comes: a terminal shows every one."""
 
     def __init__(self, renderer: Renderer) -> None:
         self.renderer = renderer

@@ -50,6 +50,10 @@ class Extras:
     JSON string (and its time: ``server.responses.direct_framing``), for a worker that writes the
     answer into the client's socket once :meth:`Stream.attach` hands it over. Only for one plain
     answer (no logprobs, no markers)."""
+    every: float = 0.0
+    """Seconds the worker may hold text back after the first piece, sending what it has at most
+    that often (0: each piece as it comes). For a consumer that shows it at intervals (``%%chat``'s
+    cell): each message wakes the kernel on the cores the decode needs (docs/notes.md §14)."""
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, "logprobs": self.logprobs, "variables": self.template or None}
@@ -57,6 +61,8 @@ class Extras:
             out["think_open"] = self.markers[0]
         if self.direct is not None:
             out["direct"] = self.direct
+        if self.every:
+            out["every"] = self.every
         return out
 
 

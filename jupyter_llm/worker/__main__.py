@@ -26,7 +26,7 @@ kernel → worker                                            worker → kernel
 ``("gen", rid, "prompt"|"chat"|"fim", payload, sampling,   ``("fit", rid, dropped, n_prompt)``
 gbnf, fit, extra)`` (fit: ``{"reserve": N}`` or None;      (chat with fit), ``("tok", rid, text,
 extra: None or ``n``, ``logprobs``, ``variables``,         n_tokens[, {index, logprobs}])`` …,
-``think_open``, see worker/prep.py)                        ``("done", rid, stats)`` (per answer)
+``think_open``, ``every``, see worker/prep.py)             ``("done", rid, stats)`` (per answer)
 ``("cancel", rid)``                                        (the generation ends "cancelled")
 ``("attach", rid, has_socket)`` (+ the HTTP client's       the answer's text into that socket;
 socket, SCM_RIGHTS; after the first ``tok`` of a ``gen``   ``("spill", rid, raw)`` if the client

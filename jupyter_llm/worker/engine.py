@@ -132,8 +132,8 @@ class Engine:
 
     def enqueue(self, rid: int, tokens: list[int], sampling: dict[str, Any], grammar: str | None,
                 extra: dict[str, Any] | None = None) -> None:
-        """Queue a prepared prompt for generation; raises RequestError on bad input. ``extra``:
-        ``n`` answers, ``logprobs`` (alternatives per token, or None), ``prefix`` (text first)."""
+        """Queue a prepared prompt for generation; raises RequestError on bad input. ``extra``: ``n``
+        answers, ``logprobs`` (alternatives per token, or None), ``prefix`` (text first), ``every`` (Generation's)."""
         extra = extra or {}
         if not tokens:
             raise RequestError("ValueError", "the prompt is empty")
@@ -389,8 +389,8 @@ class Engine:
         if req.top is not None:
             req.lp.append(self._entry(row, token, req.top))
         text, stopped = req.out.feed(self.text.piece(token))
-        if req.prefix:
-            text, req.prefix = req.prefix + text, ""
+        text = req.due(req.prefix + text, now)
+        req.prefix = ""
         if text:
             self._send_text(req, text)
         if stopped:
@@ -412,13 +412,13 @@ class Engine:
         head.left -= 1
         if head.left <= 0:
             self.requests.pop(req.rid, None)
+        # what `every` held back (sent also on a cancel or failure), a stop string's prefix that was text
+        rest = req.held + ("" if reason == "cancelled" or error is not None else req.out.flush())
+        if rest:
+            self._send_text(req, rest)
         if error is not None:
             self._emit(*DirectOut.last(req.direct, req.rid, (wire.ERROR, req.rid, "RuntimeError", error, {})))
             return
-        if reason != "cancelled":
-            rest = req.out.flush()  # a stop-string prefix held back was real text after all
-            if rest:
-                self._send_text(req, rest)
         prompt_s, gen_s = req.t_first - req.t_start, req.t_last - req.t_first
         extra = {} if req.plain else req.extra()
         self._emit(*DirectOut.last(req.direct, req.rid, (wire.DONE, req.rid, {**extra,

@@ -57,11 +57,26 @@ class Generation:
     """Text sent before the first token's (the reasoning marker the template opened)."""
     direct: DirectOut | None = None
     """Written into the HTTP client's socket once the kernel attaches it (:mod:`.direct`)."""
+    every: float = 0.0
+    """Seconds text may be held back after the first piece (the kernel's ``Extras.every``)."""
+    held: str = ""
+    t_sent: float = 0.0
 
     @property
     def plain(self) -> bool:
         """One answer without log probabilities: its messages carry nothing extra."""
         return self.top is None and self.head is None and len(self.group) <= 1
+
+    def due(self, text: str, now: float) -> str:
+        """What to send now: ``text`` after what was held back, or "" while ``every`` holds it
+        (the first text goes at once; each message wakes the kernel on the cores the decode needs)."""
+        if self.t_sent and now - self.t_sent < self.every:
+            self.held += text
+            return ""
+        text, self.held = self.held + text, ""
+        if text:
+            self.t_sent = now
+        return text
 
     def extra(self) -> dict[str, Any]:
         """The answer's index and the log-probability entries not sent yet (when asked for)."""
@@ -85,7 +100,7 @@ def answers(L: Any, vocab: Any, rid: int, tokens: list[int], sampling: dict[str,
         chain = sampler_chain(L, vocab, sampling, grammar, own, errors)
         group.append(Generation(rid, tokens, chain, sampling["max_tokens"], TextOut(tuple(sampling["stop"] or ())),
                                 own, index=i, top=None if top is None else int(top),
-                                prefix=str(extra.get("prefix") or "")))
+                                prefix=str(extra.get("prefix") or ""), every=float(extra.get("every") or 0.0)))
     first = group[0]
     first.group, first.left = group, n
     if extra.get("direct") and first.plain:  # (the kernel asks only for plain answers)
