@@ -11,10 +11,10 @@ redrawn at most every ``REDRAW_SECONDS`` (less often when a redraw gets expensiv
 Markdown never holds generation back, and the worker sends the text twice as often (the first
 piece at once), not every token: each message takes the kernel's CPU from the decode. The
 empty answer with its cursor is drawn only when the first token is slow (``PLACEHOLDER_AFTER_S``),
-since drawing costs CPU the prompt's evaluation needs. The final
-redraw adds a statistics line naming the model and metadata recording how the answer was made
-(model, sha256, load options, llama.cpp's version, sampling, seed, system prompt, what was
-substituted), so an output can be reproduced. In a terminal (no kernel) every display would be
+since drawing costs CPU the prompt's evaluation needs. The final redraw adds a statistics line
+naming the model and metadata recording how the answer was made (model, sha256, load options,
+llama.cpp's version, sampling, seed, system prompt, what was substituted), so an output can be
+reproduced. In a terminal (no kernel) every display would be
 printed anew, so the answer is written to stdout as it comes, once.
 """
 

@@ -389,8 +389,7 @@ class Engine:
         if req.top is not None:
             req.lp.append(self._entry(row, token, req.top))
         text, stopped = req.out.feed(self.text.piece(token))
-        text = req.due(req.prefix + text, now)
-        req.prefix = ""
+        text = req.due(text, now)
         if text:
             self._send_text(req, text)
         if stopped:

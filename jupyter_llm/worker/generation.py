@@ -68,12 +68,13 @@ class Generation:
         return self.top is None and self.head is None and len(self.group) <= 1
 
     def due(self, text: str, now: float) -> str:
-        """What to send now: ``text`` after what was held back, or "" while ``every`` holds it
-        (the first text goes at once; each message wakes the kernel on the cores the decode needs)."""
+        """What to send now: ``text`` after the prefix and what was held back, or "" while
+        ``every`` holds it (the first text goes at once; each message wakes the kernel on the
+        cores the decode needs)."""
         if self.t_sent and now - self.t_sent < self.every:
             self.held += text
             return ""
-        text, self.held = self.held + text, ""
+        text, self.held, self.prefix = self.prefix + self.held + text, "", ""
         if text:
             self.t_sent = now
         return text
