@@ -15,6 +15,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.testing.globalipapp import start_ipython
 
+from jupyter_llm.notebook import chatcell
 from jupyter_llm.notebook.chatcell import Notice, Renderer, prompt_from_cell
 
 
@@ -45,6 +46,18 @@ def test_prompts_refer_to_inputs_outputs_and_errors_by_execution_count(shell: An
     assert [u["ref"] for u in used] == [f"{{In[{given}]}}", f"{{Out[{given}]}}", "{Err}", f"{{Err[{raised}]}}"]
     assert used[2]["as"] == f"Err[{raised}]", "{Err} records which cell's exception it was"
     assert used[1]["text"] == "42"
+
+
+def test_the_recorded_exceptions_are_read_only_for_a_cell_that_names_one(shell: Any, monkeypatch: Any) -> None:
+    raised = run(shell, "{}['gone']")
+    reads: list[int] = []
+    real = chatcell.recorded_errors
+    monkeypatch.setattr(chatcell, "recorded_errors", lambda s: reads.append(1) or real(s))
+    assert prompt_from_cell("Nothing of the notebook here, {{Err}} escaped", shell)[0].endswith("{{Err}} escaped")
+    assert reads == [], "a prompt naming no exception does not work through the tracebacks"
+    text, _ = prompt_from_cell(f"{{Err}} and {{Err[{raised}]}}", shell)
+    assert text.count("KeyError: 'gone'") == 2
+    assert reads == [1], "read once for all of a cell's references"
 
 
 def test_a_reference_to_nothing_says_what_exists(shell: Any) -> None:

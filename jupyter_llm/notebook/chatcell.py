@@ -66,16 +66,24 @@ def _chat_args(line: str) -> None:
 
 # -- the prompt --------------------------------------------------------------------------------
 
-def substitute(text: str, namespace: Mapping[str, Any], errors: Mapping[int, str] | None = None
+def substitute(text: str, namespace: Mapping[str, Any],
+               errors: Mapping[int, str] | Callable[[], Mapping[int, str] | None] | None = None
                ) -> tuple[str, list[dict[str, Any]]]:
     """Replace the references in ``text`` (see the module doc); returns the text and, for the
     output's metadata, what each reference was replaced with.
 
     ``namespace`` is the notebook's (``In`` and ``Out`` are IPython's there); ``errors`` maps
-    execution counts to their compact tracebacks (:func:`recorded_errors`). A notebook
+    execution counts to their compact tracebacks (:func:`recorded_errors`), or is a function
+    returning them, called once and only for a cell that names an exception. A notebook
     variable named ``Err`` wins over the recorded exceptions.
     """
     used: list[dict[str, Any]] = []
+    known: list[Mapping[int, str] | None] = []
+
+    def recorded() -> Mapping[int, str] | None:
+        if not known:
+            known.append(errors() if callable(errors) else errors)
+        return known[0]
 
     def repl(match: re.Match[str]) -> str:
         kind, index, name = match.groups()
@@ -84,12 +92,12 @@ def substitute(text: str, namespace: Mapping[str, Any], errors: Mapping[int, str
         if name is not None and name in namespace:
             value = str(namespace[name])
         elif name == "Err":
-            count, value = _last_error(errors)
+            count, value = _last_error(recorded())
             entry["as"] = f"Err[{count}]"
         elif name is not None:
             return ref
         else:
-            value = _cell(kind, int(index), namespace, errors)
+            value = _cell(kind, int(index), namespace, recorded() if kind == "Err" else None)
         entry["text"] = value
         used.append(entry)
         return value
@@ -98,9 +106,11 @@ def substitute(text: str, namespace: Mapping[str, Any], errors: Mapping[int, str
 
 
 def prompt_from_cell(cell: str, shell: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The user message of a ``%%chat`` cell, references replaced (:func:`substitute`)."""
+    """The user message of a ``%%chat`` cell, references replaced (:func:`substitute`). The
+    recorded exceptions are made compact only when the cell names one: a notebook's every
+    traceback is not worked through again at every turn."""
     namespace = shell.user_ns if shell is not None else {}
-    return substitute(cell.strip(), namespace, recorded_errors(shell))
+    return substitute(cell.strip(), namespace, lambda: recorded_errors(shell))
 
 
 def recorded_errors(shell: Any) -> dict[int, str] | None:
