@@ -32,7 +32,7 @@ arriving while 3 requests generate costs: its first token, and the longest pause
 generating streams see (continuous batching: ours evaluates it in ``n_ubatch`` chunks between
 their tokens).
 
-    .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N] [--stream-pairs 24] [--pairs 12]
+    .venv/bin/python bench/bench_speed.py [--rounds 3] [--tokens 128] [--threads N] [--stream-pairs 48] [--pairs 12]
 """
 
 from __future__ import annotations
@@ -394,9 +394,10 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--long-prompt", type=int, default=1500, help="tokens of the long prompt arriving under load")
     # Single pairs of 128 tokens swing by ±15 % on this shared machine (a run's %%chat pairs read
-    # 0.85-1.18), so 12 pairs' median moved by 0.04 between runs: the single streams, ~6 s a pair,
-    # get twice as many; the servers' pairs (~25 s each) vary less between runs.
-    p.add_argument("--stream-pairs", type=int, default=24, help="alternating runs against the plain loop")
+    # 0.85-1.18) and their first tokens by ±40 ms (the prompt's evaluation), so the median of 12
+    # moved by 0.04 and by 10 ms between runs: the single streams, ~6.5 s a pair, get 48; the
+    # servers' pairs (~25 s each) vary less between runs.
+    p.add_argument("--stream-pairs", type=int, default=48, help="alternating runs against the plain loop")
     p.add_argument("--pairs", type=int, default=12, help="alternating runs of the two servers")
     args = p.parse_args()
     from tests.model import default_model
