@@ -22,8 +22,8 @@ the plain loop with our cache off, since the plain loop evaluates every prompt. 
 come from alternating runs (``--stream-pairs`` of the plain loop and ours one after the other,
 each ratio and first-token difference taken within the pair; ``--pairs`` of the two servers,
 both up, used in turn; every other pair runs ours first, so that neither side always follows
-the other), so that the machine's drift hits both sides alike; the rounds' own medians (each contender alone
-on the machine) are shown too.
+the other), so that the machine's drift hits both sides alike; the rounds' own medians (each
+contender alone on the machine) are shown too.
 
 It also shows the plain loop under ``OMP_WAIT_POLICY=PASSIVE`` (the wait policy is chosen by this
 measurement), the second turn's first token with the prompt cache settling while idle (the
@@ -167,10 +167,10 @@ def chat_cell(args: argparse.Namespace, kernel: Any) -> dict[str, float]:
 
 def paired(args: argparse.Namespace, prompt: str, kernel: Any) -> dict[str, list[dict[str, float]]]:
     """Alternating runs of ``args.tokens`` tokens: plain loop, Python API, plain loop, ``%%chat``,
-    … (``args.stream_pairs`` times; every other pair ours first); each of ours against the plain run of
-    its pair: the ratio of tok/s and the difference of first-token times. The three are loaded together but only one
-    computes at a time (a pause between runs lets OpenMP's spinning threads go to sleep), so
-    the machine's drift hits both sides of a pair alike."""
+    … (``args.stream_pairs`` times; every other pair ours first); each of ours against the plain
+    run of its pair: the ratio of tok/s and the difference of first-token times. The three are
+    loaded together but only one computes at a time (a pause between runs lets OpenMP's spinning
+    threads go to sleep), so the machine's drift hits both sides of a pair alike."""
     from bench_chat import kernel_round
 
     import jupyter_llm as llm

@@ -14,8 +14,8 @@ empty answer with its cursor is drawn only when the first token is slow (``PLACE
 since drawing costs CPU the prompt's evaluation needs. The final redraw adds a statistics line
 naming the model and metadata recording how the answer was made (model, sha256, load options,
 llama.cpp's version, sampling, seed, system prompt, what was substituted), so an output can be
-reproduced. In a terminal (no kernel) every display would be
-printed anew, so the answer is written to stdout as it comes, once.
+reproduced. In a terminal (no kernel) every display would be printed anew, so the answer is
+written to stdout as it comes, once.
 """
 
 from __future__ import annotations
@@ -78,12 +78,7 @@ def substitute(text: str, namespace: Mapping[str, Any],
     variable named ``Err`` wins over the recorded exceptions.
     """
     used: list[dict[str, Any]] = []
-    known: list[Mapping[int, str] | None] = []
-
-    def recorded() -> Mapping[int, str] | None:
-        if not known:
-            known.append(errors() if callable(errors) else errors)
-        return known[0]
+    recorded = functools.cache(errors if callable(errors) else lambda: errors)
 
     def repl(match: re.Match[str]) -> str:
         kind, index, name = match.groups()
